@@ -1,0 +1,5 @@
+import sys
+
+from medadapt.cli import main
+
+sys.exit(main())

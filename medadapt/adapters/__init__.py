@@ -1,0 +1,65 @@
+"""The adapter methods: one file each, one registry line each.
+
+To add a method: write ``medadapt/adapters/<name>.py`` with a config dataclass (subclass of
+:class:`~medadapt.adapters.base.AdapterConfig`, usually :class:`BlockAdapterConfig` with a
+``build(dim, layout)``) and add it to ``METHODS`` below.
+"""
+
+from __future__ import annotations
+
+from medadapt.adapters.adaptformer import AdaptFormerConfig
+from medadapt.adapters.aim import AIMConfig
+from medadapt.adapters.base import AdapterConfig, BlockAdapterConfig, TokenLayout
+from medadapt.adapters.bitfit import BitFitConfig
+from medadapt.adapters.ciat import CIATConfig
+from medadapt.adapters.cladapter import CLAdapterConfig
+from medadapt.adapters.convpass import ConvpassConfig
+from medadapt.adapters.dka import DKAConfig
+from medadapt.adapters.finetune import FullFineTuneConfig, LinearProbeConfig
+from medadapt.adapters.houlsby import HoulsbyConfig
+from medadapt.adapters.lka import LKAConfig
+from medadapt.adapters.lora import LoRAConfig
+from medadapt.adapters.vpt import VPTConfig
+
+METHODS: dict[str, type[AdapterConfig]] = {
+    "dka": DKAConfig,
+    "lka": LKAConfig,
+    "cladapter": CLAdapterConfig,
+    "adapter": HoulsbyConfig,
+    "adaptformer": AdaptFormerConfig,
+    "convpass": ConvpassConfig,
+    "lora": LoRAConfig,
+    "bitfit": BitFitConfig,
+    "vpt": VPTConfig,
+    "ciat": CIATConfig,
+    "aim": AIMConfig,
+    "linear": LinearProbeConfig,
+    "full": FullFineTuneConfig,
+}
+
+
+def list_methods() -> list[str]:
+    """Names accepted by :func:`medadapt.inject`."""
+    return list(METHODS)
+
+
+def make_config(method: str, options: dict) -> AdapterConfig:
+    """The method's config from keyword options; unknown names are reported with the valid ones."""
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r}; choose one of {list_methods()}")
+    config_cls = METHODS[method]
+    import dataclasses
+
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"method {method!r} has no option(s) {unknown}; its options are {valid}")
+    return config_cls(**options)
+
+
+def method_summaries() -> dict[str, str]:
+    return {name: cls.summary for name, cls in METHODS.items()}
+
+
+__all__ = ["METHODS", "AdapterConfig", "BlockAdapterConfig", "TokenLayout", "list_methods",
+           "make_config", "method_summaries"]

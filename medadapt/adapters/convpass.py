@@ -1,0 +1,46 @@
+"""Convpass: convolutional bypasses beside attention and MLP (Jie and Deng, 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from medadapt.adapters.base import BlockAdapterConfig, BottleneckAdapter, TokenLayout
+
+
+class ConvBypass(BottleneckAdapter):
+    """Down -> QuickGELU -> 3x3 (3x3x3 in 3D) full convolution -> QuickGELU -> Up.
+
+    Prefix tokens (CLS) bypass the convolution, as in the original design.
+    """
+
+    def __init__(self, dim: int, layout: TokenLayout, bottleneck: int = 8, dropout: float = 0.1):
+        super().__init__(dim, layout, bottleneck, "quickgelu", dropout, activate_before_mix=True)
+        conv = nn.Conv2d if layout.spatial_dims == 2 else nn.Conv3d
+        self.conv = conv(bottleneck, bottleneck, 3, padding=1)
+        # Identity-like start so the bypass begins as a plain adapter (as Convpass initialises).
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            centre = (slice(None), slice(None)) + (1,) * layout.spatial_dims
+            self.conv.weight[centre] += torch.eye(bottleneck)
+            self.conv.bias.zero_()
+
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        return self.act(self.layout.map_spatial(h, self.conv))
+
+
+@dataclass
+class ConvpassConfig(BlockAdapterConfig):
+    """Convpass options: bottleneck 8, parallel to attention and MLP, scale 1."""
+
+    summary: ClassVar[str] = "Convpass: 3x3 convolutional bypass beside attention and MLP"
+    has_spatial_part: ClassVar[bool] = True
+
+    bottleneck: int = 8
+    dropout: float = 0.1
+
+    def build(self, dim: int, layout: TokenLayout) -> nn.Module:
+        return ConvBypass(dim, layout, self.bottleneck, self.dropout)

@@ -1,0 +1,70 @@
+"""LoRA: a low-rank update B A beside frozen linear layers (Hu et al., 2022); mergeable."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from medadapt.adapters.base import AdapterConfig
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / rank) * B(A(dropout(x))), with B zero-initialised.
+
+    Arguments:
+      base: the frozen nn.Linear it wraps.
+      rank: rank of the update.
+      alpha: scaling numerator.
+      dropout: dropout on the LoRA path's input.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.enabled:
+            out = out + self.lora_b(self.lora_a(self.dropout(x))) * self.scaling
+        return out
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded into its weight."""
+        self.base.weight += (self.lora_b.weight @ self.lora_a.weight) * self.scaling
+        return self.base
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA options.
+
+    Arguments:
+      rank, alpha, dropout: see :class:`LoRALinear`.
+      target_modules: regular expression for the linear layers to wrap, matched against names
+        relative to each target block; None uses the backbone's attention projections (qkv).
+    """
+
+    kind: ClassVar[str] = "linear"
+    summary: ClassVar[str] = "LoRA: low-rank updates of the attention projections (mergeable)"
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | None = None
+
+    def build(self, base: nn.Linear) -> nn.Module:
+        return LoRALinear(base, self.rank, self.alpha, self.dropout)
