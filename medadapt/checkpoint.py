@@ -25,7 +25,7 @@ FORMAT = "medadapt-adapters"
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
-    data = t.detach().to("cpu").contiguous()
+    data = t.detach().to("cpu").contiguous().reshape(-1)
     h = hashlib.sha256(str((tuple(data.shape), str(data.dtype))).encode())
     h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return h.hexdigest()[:16]

@@ -180,10 +180,15 @@ class CNNFamily(Family):
     def site(self, encoder, block_name, block, site):
         if site not in ("block", "input"):
             return None
-        return Site(block_name, self.block_channels(block), dict(kind="channels_first"))
+        dim = self.block_in_channels(block) if site == "input" else self.block_channels(block)
+        return Site(block_name, dim, dict(kind="channels_first"))
 
     def block_channels(self, block: nn.Module) -> int:
         return _last_conv_channels(block)
+
+    def block_in_channels(self, block: nn.Module) -> int:
+        first = next(m for m in block.modules() if isinstance(m, nn.Conv2d))
+        return first.in_channels
 
 
 class TimmConvNeXt(CNNFamily):
@@ -225,6 +230,9 @@ class EfficientNetFamily(CNNFamily):
 
     def block_channels(self, block):
         return block._bn2.num_features
+
+    def block_in_channels(self, block):
+        return block._block_args.input_filters
 
     def block_keeps_shape(self, block):
         args = block._block_args
