@@ -1,0 +1,424 @@
+"""Data-fraction splits: a fixed test set and, per fraction and fold, a small training subset.
+
+The protocol (DKA paper, below-100 % experiments):
+
+- one fixed test set, stratified by class, drawn once for a seed;
+- for each fraction and fold, a training subset of the remaining pool, stratified by class
+  with at least one image per class (a fraction that would give a class zero images is
+  bumped to one, and the actual counts are recorded beside the fraction);
+- sampling is by group (BraTS case, ISIC 2019 lesion, BUSI image), so no group is on both
+  sides; images with identical content (by SHA-1 of the file bytes) are joined into one
+  group, so a duplicated image cannot straddle train and test either;
+- folds of one fraction are disjoint while the pool allows, then wrap around;
+- every draw comes from a generator seeded by (seed, fraction, fold): the same seed gives
+  the same split, adding a fraction leaves the others unchanged.
+
+The JSON holds datalists with paths relative to its ``root``; `load_split` returns them with
+absolute paths, ready for ``train#dataset#data`` in a bundle. The "val" part is the fixed
+test set unless the JSON has a "val" list of its own (kept simple on purpose: with a few
+training images there is nothing to spare for a validation subset). In a bundle::
+
+    "imports": ["$import medadapt.data"],
+    "splits_json": "splits.json", "fraction": 0.0063, "fold": 0,
+    "train#dataset#data": "$medadapt.data.load_split(@splits_json, @fraction, @fold, 'train')",
+    "validate#dataset#data": "$medadapt.data.load_split(@splits_json, part='val')"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medadapt.data.errors import DatasetError
+
+FORMAT = "medadapt-splits/1"
+PATH_KEYS = ("image", "label")
+
+
+# ---------------------------------------------------------------------------- public API
+def make_splits(
+    datalist: Sequence[dict],
+    fractions: Sequence[float],
+    folds: int = 5,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    group_key: str = "group",
+    label_key: str | None = None,
+    root: str | os.PathLike | None = None,
+    duplicates: str = "group",
+    classes: Sequence[str] | None = None,
+    dataset: str | None = None,
+) -> dict:
+    """Split ``datalist`` into a fixed test set and per-(fraction, fold) training subsets.
+
+    Arguments:
+        datalist: entries with "image" paths; ``group_key`` and ``label_key`` as below.
+        fractions: fractions of the non-test pool to train on, each in (0, 1].
+        folds: training subsets drawn per fraction.
+        seed: seed of every random draw.
+        test_fraction: share of each class's images held out as the fixed test set, in (0, 1).
+        group_key: entries sharing this value always land on the same side (patient, lesion,
+            case). Entries without it are their own group.
+        label_key: class key to stratify by (e.g. "class"); None for segmentation datasets
+            without classes.
+        root: folder the JSON paths are made relative to (default: the common folder of all
+            image paths).
+        duplicates: what to do with images of identical content: "group" joins them into one
+            group and records them in the JSON; "raise" raises naming the files.
+        classes: class names, stored in the JSON for readers.
+        dataset: dataset name, stored in the JSON.
+
+    Returns the JSON-ready dict (see `save_splits`).
+    """
+    fractions = _check_arguments(datalist, fractions, folds, test_fraction, duplicates)
+    entries = sorted((dict(e) for e in datalist), key=lambda e: (str(e.get(group_key, "")), _first_image(e)))
+    root = Path(root).expanduser().resolve() if root is not None else _common_root(entries)
+
+    # Groups: the given key, joined through identical content.
+    hashes = [content_hash(e["image"]) for e in entries]
+    base_groups = [str(e.get(group_key, _first_image(e))) for e in entries]
+    groups, duplicate_sets = _join_duplicates(base_groups, hashes, entries, root)
+    if duplicate_sets and duplicates == "raise":
+        listing = "; ".join(" == ".join(d) for d in duplicate_sets[:10])
+        raise DatasetError(f"{len(duplicate_sets)} set(s) of identical images found: {listing}")
+    strata = _group_strata(entries, groups, label_key)
+
+    rng = np.random.default_rng([seed, 0])
+    test_groups, notes = _draw_test(strata, groups, test_fraction, rng)
+    pool_strata = {s: [g for g in gs if g not in test_groups] for s, gs in strata.items()}
+    sizes = Counter(groups)
+
+    by_group = defaultdict(list)
+    for entry, group in zip(entries, groups):
+        by_group[group].append(entry)
+    test = [e for g in sorted(test_groups) for e in by_group[g]]
+
+    result_fractions = [_draw_fraction(f, folds, seed, pool_strata, sizes, by_group) for f in fractions]
+
+    splits = {
+        "format": FORMAT,
+        "dataset": dataset,
+        "root": str(root),
+        "seed": seed,
+        "folds": folds,
+        "test_fraction": test_fraction,
+        "group_key": group_key,
+        "label_key": label_key,
+        "classes": list(classes) if classes is not None else None,
+        "counts": _counts(entries, groups, test_groups, label_key),
+        "duplicates": duplicate_sets,
+        "notes": notes,
+        "test": [_relative(e, root) for e in test],
+        "fractions": [
+            {**rec, "folds": [{**f, "train": [_relative(e, root) for e in f["train"]]} for f in rec["folds"]]}
+            for rec in result_fractions
+        ],
+    }
+    known = {_image_key(e): h for e, h in zip(entries, hashes)}
+    check_no_leakage(splits, known_hashes=known)
+    return splits
+
+
+def save_splits(splits: dict, path: str | os.PathLike) -> Path:
+    """Write ``splits`` as indented JSON to ``path`` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(splits, indent=1))
+    return path
+
+
+def load_split(
+    splits: str | os.PathLike | dict,
+    fraction: float | None = None,
+    fold: int = 0,
+    part: str = "train",
+    root: str | os.PathLike | None = None,
+) -> list[dict]:
+    """One datalist of a splits JSON, with absolute paths.
+
+    Arguments:
+        splits: path to the JSON written by ``medadapt split`` / `save_splits`, or its dict.
+        fraction: the training fraction (matched to the stored one within 1e-9); needed for
+            part "train".
+        fold: fold index for part "train".
+        part: "train", "val" (the JSON's "val" list if it has one, else the fixed test set)
+            or "test".
+        root: dataset folder to resolve paths against, if it moved since the JSON was
+            written (default: the JSON's "root").
+    """
+    if not isinstance(splits, dict):
+        splits = json.loads(Path(splits).read_text())
+    if splits.get("format") != FORMAT:
+        raise ValueError(f"not a medadapt splits file (format {splits.get('format')!r}, expected {FORMAT!r})")
+    base = Path(root) if root is not None else Path(splits["root"])
+    if part in ("val", "test"):
+        entries = splits["val"] if part == "val" and "val" in splits else splits["test"]
+    elif part == "train":
+        if fraction is None:
+            raise ValueError("fraction is required for part='train'")
+        record = next((r for r in splits["fractions"] if math.isclose(r["fraction"], float(fraction), abs_tol=1e-9)), None)
+        if record is None:
+            raise KeyError(f"fraction {fraction} not in the splits file; it has {[r['fraction'] for r in splits['fractions']]}")
+        if not 0 <= fold < len(record["folds"]):
+            raise KeyError(f"fold {fold} not in the splits file; it has folds 0..{len(record['folds']) - 1}")
+        entries = record["folds"][fold]["train"]
+    else:
+        raise ValueError(f"part must be 'train', 'val' or 'test', got {part!r}")
+    return [_absolute(e, base) for e in entries]
+
+
+def content_hash(paths: str | Sequence[str]) -> str:
+    """SHA-1 of the bytes of one file, or of several files in order (a multi-modal case)."""
+    digest = hashlib.sha1()
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_no_leakage(splits: dict, known_hashes: dict | None = None) -> None:
+    """Raise if any group or any image content is in both a training subset and the test set.
+
+    `make_splits` calls it on its own result; call it on a JSON edited by hand.
+
+    Arguments:
+        splits: the splits dict.
+        known_hashes: content hashes already computed, keyed by the tuple of absolute image
+            paths, so that no file is read twice.
+    """
+    root = Path(splits["root"])
+    key = splits.get("group_key") or "group"
+    memo = dict(known_hashes or {})
+
+    def digest(entry: dict) -> str:
+        paths = _image_key(_absolute(entry, root))
+        if paths not in memo:
+            memo[paths] = content_hash(list(paths))
+        return memo[paths]
+
+    test_groups = {str(e.get(key, e["image"])) for e in splits["test"]}
+    test_hashes = {digest(e) for e in splits["test"]}
+    for record in splits["fractions"]:
+        for fold in record["folds"]:
+            for entry in fold["train"]:
+                group = str(entry.get(key, entry["image"]))
+                where = f"fraction {record['fraction']} fold {fold['fold']}: {entry.get('case', entry['image'])}"
+                if group in test_groups:
+                    raise DatasetError(f"{where} is in training and its group {group!r} is in the test set")
+                if digest(entry) in test_hashes:
+                    raise DatasetError(f"{where} has the same content as an image of the test set")
+
+
+def split_summary(splits: dict) -> str:
+    """A table of the absolute training counts per fraction and fold, for printing."""
+    counts = splits["counts"]
+    lines = [
+        f"{splits.get('dataset') or 'dataset'}: {counts['total']} images, test {counts['test']}, pool {counts['pool']}"
+        f", seed {splits['seed']}"
+    ]
+    for record in splits["fractions"]:
+        per_fold = ", ".join(str(f["count"]) for f in record["folds"])
+        bumped = f" (bumped to 1: classes {record['bumped']})" if record["bumped"] else ""
+        lines.append(f"  fraction {record['fraction']:g}: train images per fold [{per_fold}]{bumped}")
+    if splits["duplicates"]:
+        lines.append(f"  {len(splits['duplicates'])} set(s) of identical images kept in one group each")
+    lines += [f"  note: {n}" for n in splits["notes"]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- internals
+def _check_arguments(datalist, fractions, folds, test_fraction, duplicates) -> list[float]:
+    if not datalist:
+        raise DatasetError("cannot split an empty datalist: no cases were found")
+    if not fractions:
+        raise ValueError("fractions (--fractions): give at least one fraction in (0, 1]")
+    checked = []
+    for f in fractions:
+        f = float(f)
+        if not 0.0 < f <= 1.0 or math.isnan(f):
+            raise ValueError(f"fractions (--fractions): {f} is not in (0, 1]; a fraction is the share of the training pool")
+        checked.append(f)
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"fractions (--fractions): {checked} repeats a value")
+    if int(folds) < 1:
+        raise ValueError(f"folds (--folds) must be at least 1, got {folds}")
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction (--test-fraction) must be in (0, 1), got {test_fraction}")
+    if duplicates not in ("group", "raise"):
+        raise ValueError(f"duplicates (--duplicates) must be 'group' or 'raise', got {duplicates!r}")
+    return checked
+
+
+def _first_image(entry: dict) -> str:
+    image = entry["image"]
+    return str(image[0] if isinstance(image, (list, tuple)) else image)
+
+
+def _join_duplicates(groups, hashes, entries, root) -> tuple[list[str], list[list[str]]]:
+    """Union of groups linked by identical content; also the sets of identical images."""
+    parent = {g: g for g in groups}
+
+    def find(g):
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    by_hash = defaultdict(list)
+    for index, h in enumerate(hashes):
+        by_hash[h].append(index)
+    duplicate_sets = []
+    for indices in by_hash.values():
+        if len(indices) < 2:
+            continue
+        duplicate_sets.append([os.path.relpath(_first_image(entries[i]), root) for i in indices])
+        for i in indices[1:]:
+            a, b = find(groups[indices[0]]), find(groups[i])
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # keep the smaller id so the result is order-free
+    return [find(g) for g in groups], duplicate_sets
+
+
+def _group_strata(entries, groups, label_key) -> dict:
+    """Groups per class (the most common class of a group's images; ties to the smallest)."""
+    if label_key is None:
+        return {"all": sorted(set(groups))}
+    labels = defaultdict(Counter)
+    for index, (entry, group) in enumerate(zip(entries, groups)):
+        if label_key not in entry:
+            raise DatasetError(f"case {entry.get('case', index)}: no {label_key!r} to stratify by")
+        labels[group][entry[label_key]] += 1
+    strata = defaultdict(list)
+    for group in sorted(labels):
+        counts = labels[group]
+        top = max(counts.values())
+        strata[min(c for c, n in counts.items() if n == top)].append(group)
+    return dict(sorted(strata.items(), key=lambda kv: str(kv[0])))
+
+
+def _draw_test(strata, groups, test_fraction, rng) -> tuple[set, list[str]]:
+    sizes = Counter(groups)
+    test, notes = set(), []
+    for stratum, members in strata.items():
+        if len(members) < 2:
+            notes.append(f"class {stratum} has a single group: it is kept for training and absent from the test set")
+            continue
+        order = [members[i] for i in rng.permutation(len(members))]
+        target = max(1, _round(test_fraction * sum(sizes[g] for g in members)))
+        taken = 0
+        for group in order[:-1]:  # always leave one group of the class for training
+            if taken >= target:
+                break
+            test.add(group)
+            taken += sizes[group]
+    return test, notes
+
+
+def _draw_fraction(fraction, folds, seed, pool_strata, sizes, by_group) -> dict:
+    """Training subsets of one fraction: per class a cyclic walk through shuffled groups."""
+    rng = np.random.default_rng([seed, 1, _round(fraction * 1e9)])
+    fold_groups = [[] for _ in range(folds)]
+    targets, bumped = {}, []
+    for stratum, members in pool_strata.items():
+        if not members:
+            continue
+        order = [members[i] for i in rng.permutation(len(members))]
+        available = sum(sizes[g] for g in order)
+        target = _round(fraction * available)
+        if target == 0:
+            target = 1  # protocol: at least one image per class
+            bumped.append(stratum)
+        targets[str(stratum)] = target
+        cursor = 0
+        for k in range(folds):
+            taken, used = 0, 0
+            while taken < target and used < len(order):
+                group = order[cursor % len(order)]
+                fold_groups[k].append((stratum, group))
+                taken += sizes[group]
+                cursor += 1
+                used += 1
+    record_folds = []
+    for k, chosen in enumerate(fold_groups):
+        train = [e for _, g in sorted(chosen, key=lambda sg: (str(sg[0]), sg[1])) for e in by_group[g]]
+        per_class = Counter()
+        for stratum, group in chosen:
+            per_class[str(stratum)] += sizes[group]
+        record_folds.append({"fold": k, "count": len(train), "per_class": dict(sorted(per_class.items())), "train": train})
+    pool = sum(sizes[g] for gs in pool_strata.values() for g in gs)
+    for record in record_folds:
+        record["actual_fraction"] = round(record["count"] / pool, 6) if pool else 0.0
+    return {
+        "fraction": fraction,
+        "pool": pool,
+        "target_per_class": targets,
+        "bumped": [str(s) for s in bumped],
+        "folds": record_folds,
+    }
+
+
+def _counts(entries, groups, test_groups, label_key) -> dict:
+    in_test = [g in test_groups for g in groups]
+    counts = {"total": len(entries), "test": sum(in_test), "pool": len(entries) - sum(in_test), "groups": len(set(groups))}
+    if label_key is not None:
+        per_class = defaultdict(lambda: {"total": 0, "test": 0, "pool": 0})
+        for entry, test in zip(entries, in_test):
+            row = per_class[str(entry[label_key])]
+            row["total"] += 1
+            row["test" if test else "pool"] += 1
+        counts["per_class"] = dict(sorted(per_class.items()))
+    return counts
+
+
+def _round(x: float) -> int:
+    """Round half up (Python's round() sends 0.5 to 0 and 2.5 to 2)."""
+    return int(math.floor(x + 0.5))
+
+
+def _common_root(entries) -> Path:
+    paths = [os.path.abspath(p) for e in entries for p in _paths(e)]
+    return Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
+
+
+def _image_key(entry: dict) -> tuple[str, ...]:
+    """The absolute image path(s) of an entry, as a hashable key."""
+    image = entry["image"]
+    return tuple(os.path.abspath(p) for p in (image if isinstance(image, (list, tuple)) else [image]))
+
+
+def _paths(entry) -> list[str]:
+    out = []
+    for key in PATH_KEYS:
+        value = entry.get(key)
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, (list, tuple)):
+            out += [v for v in value if isinstance(v, str)]
+    return out
+
+
+def _map_paths(entry: dict, fn) -> dict:
+    out = dict(entry)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = fn(value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            out[key] = [fn(v) for v in value]
+    return out
+
+
+def _relative(entry: dict, root: Path) -> dict:
+    return _map_paths(entry, lambda p: os.path.relpath(os.path.abspath(p), root))
+
+
+def _absolute(entry: dict, root: Path) -> dict:
+    return _map_paths(entry, lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(root, p)))

@@ -1,0 +1,249 @@
+"""Data-fraction splits: protocol properties, determinism, leakage, duplicates, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from fixtures_data import make_brats2021, make_busi, make_isic2019, tiny_files_datalist
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medadapt.cli import main
+from medadapt.data.brats import brats_datalist
+from medadapt.data.errors import DatasetError
+from medadapt.data.splits import check_no_leakage, load_split, make_splits
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _assert_protocol(splits: dict, datalist: list[dict], label_key: str | None) -> None:
+    """The properties every split must have, whatever the data."""
+    group_of = {e["case"]: e["group"] for e in datalist}
+    label_of = {e["case"]: e.get(label_key) for e in datalist}
+    test_cases = {e["case"] for e in splits["test"]}
+    test_groups = {group_of[c] for c in test_cases}
+    pool = [e for e in datalist if e["case"] not in test_cases]
+    pool_per_class = Counter(label_of[e["case"]] for e in pool)
+    assert splits["counts"]["test"] == len(test_cases) and splits["counts"]["pool"] == len(pool)
+    for record in splits["fractions"]:
+        assert record["pool"] == len(pool)
+        for fold in record["folds"]:
+            cases = [e["case"] for e in fold["train"]]
+            assert len(cases) == len(set(cases)) == fold["count"]  # no repeats inside a fold
+            assert not {group_of[c] for c in cases} & test_groups  # grouped: no leakage
+            per_class = Counter(label_of[c] for c in cases)
+            assert set(per_class) == set(pool_per_class)  # at least one image of every class
+            for cls, n in per_class.items():
+                target = max(1, _round_half_up(record["fraction"] * pool_per_class[cls]))
+                assert n >= target  # groups may overshoot by the rest of a group
+                assert fold["per_class"]["all" if label_key is None else str(cls)] == n
+            groups = {group_of[c] for c in cases}
+            members = [e["case"] for e in datalist if e["group"] in groups]
+            assert sorted(members) == sorted(cases)  # whole groups only
+
+
+# ---------------------------------------------------------------------------- protocol
+def test_counts_stratification_and_minimum_per_class(tmp_path):
+    classes = [0] * 50 + [1] * 30 + [2] * 8
+    datalist = tiny_files_datalist(tmp_path, classes)
+    splits = make_splits(datalist, [0.0063, 0.05, 0.5, 1.0], folds=5, seed=0, label_key="class")
+    _assert_protocol(splits, datalist, "class")
+    test_classes = Counter(e["class"] for e in splits["test"])
+    for cls, n in Counter(classes).items():
+        assert test_classes[cls] == _round_half_up(0.2 * n)  # stratified fixed test set
+    pool = {cls: n - test_classes[cls] for cls, n in Counter(classes).items()}
+    for record in splits["fractions"]:
+        for fold in record["folds"]:
+            for cls, n in pool.items():  # single-image groups: exact counts
+                assert fold["per_class"][str(cls)] == max(1, _round_half_up(record["fraction"] * n))
+    tiny = splits["fractions"][0]
+    assert sorted(tiny["bumped"]) == ["0", "1", "2"]  # 0.63 % of 40/24/6 rounds to 0: bumped to 1
+    assert all(f["count"] == 3 for f in tiny["folds"])
+    full = splits["fractions"][-1]
+    assert all(f["count"] == len(datalist) - len(splits["test"]) for f in full["folds"])
+
+
+def test_folds_disjoint_while_pool_allows(tmp_path):
+    datalist = tiny_files_datalist(tmp_path, [0] * 50 + [1] * 50)
+    splits = make_splits(datalist, [0.1], folds=5, seed=3, label_key="class")
+    folds = [{e["case"] for e in f["train"]} for f in splits["fractions"][0]["folds"]]
+    assert all(len(f) == 8 for f in folds)  # 10 % of 40 per class
+    assert len(set().union(*folds)) == sum(len(f) for f in folds)  # 5 x 8 <= 80: no overlap
+    wrap = make_splits(datalist, [0.4], folds=5, seed=3, label_key="class")
+    folds = [{e["case"] for e in f["train"]} for f in wrap["fractions"][0]["folds"]]
+    assert all(len(f) == 32 for f in folds) and len(set().union(*folds)) == 80  # wraps, covers all
+
+
+def test_deterministic_and_seed_dependent(tmp_path):
+    datalist = tiny_files_datalist(tmp_path, [0] * 20 + [1] * 20)
+    a = make_splits(datalist, [0.1, 1.0], folds=3, seed=0, label_key="class")
+    b = make_splits(list(reversed(datalist)), [0.1, 1.0], folds=3, seed=0, label_key="class")
+    c = make_splits(datalist, [0.1, 1.0], folds=3, seed=1, label_key="class")
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # input order irrelevant
+    assert a["test"] != c["test"] or a["fractions"][0]["folds"] != c["fractions"][0]["folds"]
+    more = make_splits(datalist, [0.05, 0.1, 1.0], folds=3, seed=0, label_key="class")
+    assert more["fractions"][1] == a["fractions"][0]  # adding a fraction leaves others alone
+    assert more["test"] == a["test"]
+
+
+def test_groups_never_straddle(tmp_path):
+    classes = [i % 3 for i in range(60)]
+    groups = [f"patient{i // 3}" for i in range(60)]  # 3 images per patient, mixed classes
+    datalist = tiny_files_datalist(tmp_path, classes, groups)
+    splits = make_splits(datalist, [0.1, 0.5], folds=4, seed=0, label_key="class")
+    test_groups = {e["group"] for e in splits["test"]}
+    for record in splits["fractions"]:
+        for fold in record["folds"]:
+            assert not {e["group"] for e in fold["train"]} & test_groups
+            per_group = Counter(e["group"] for e in fold["train"])
+            assert set(per_group.values()) == {3}  # whole patients only
+
+
+def test_unstratified_segmentation_grouped_by_case(tmp_path):
+    make_brats2021(tmp_path, cases=10)
+    datalist = brats_datalist(tmp_path)
+    splits = make_splits(datalist, [0.0063, 0.5], folds=3, seed=0, root=tmp_path)
+    _assert_protocol(splits, datalist, None)
+    assert len(splits["test"]) == 2
+    assert [f["count"] for f in splits["fractions"][0]["folds"]] == [1, 1, 1]
+    assert [f["count"] for f in splits["fractions"][1]["folds"]] == [4, 4, 4]
+    assert all(not os.path.isabs(p) for p in splits["test"][0]["image"])  # relative in the JSON
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(min_value=2, max_value=30), min_size=1, max_size=4),
+    fractions=st.lists(st.floats(min_value=0.001, max_value=1.0), min_size=1, max_size=3, unique=True),
+    folds=st.integers(min_value=1, max_value=4),
+    seed=st.integers(min_value=0, max_value=10_000),
+    group_size=st.integers(min_value=1, max_value=3),
+)
+def test_protocol_holds_for_any_class_sizes(sizes, fractions, folds, seed, group_size):
+    classes = [c for c, n in enumerate(sizes) for _ in range(n)]
+    groups = [f"g{c}_{i // group_size}" for c, n in enumerate(sizes) for i in range(n)]
+    with tempfile.TemporaryDirectory() as folder:
+        datalist = tiny_files_datalist(Path(folder), classes, groups)
+        splits = make_splits(datalist, fractions, folds=folds, seed=seed, label_key="class")
+        _assert_protocol(splits, datalist, "class")
+        # Every class with two or more groups is represented in the test set.
+        multi = {c for c in set(classes) if len({g for g, k in zip(groups, classes) if k == c}) > 1}
+        assert multi <= {e["class"] for e in splits["test"]}
+
+
+# ---------------------------------------------------------------------------- duplicates
+def test_duplicate_images_grouped_or_raised(tmp_path):
+    datalist = tiny_files_datalist(tmp_path, [0] * 10 + [1] * 10)
+    shutil.copyfile(datalist[3]["image"], datalist[15]["image"])  # same picture, two classes
+    for seed in range(5):
+        splits = make_splits(datalist, [0.3, 1.0], folds=3, seed=seed, label_key="class")
+        assert len(splits["duplicates"]) == 1
+        assert sorted(splits["duplicates"][0]) == ["img_0003.bin", "img_0015.bin"]
+        test = {e["case"] for e in splits["test"]}
+        assert ({"c3", "c15"} <= test) or not ({"c3", "c15"} & test)  # same side, always
+    with pytest.raises(DatasetError) as error:
+        make_splits(datalist, [0.3], folds=1, seed=0, label_key="class", duplicates="raise")
+    assert "img_0003.bin" in str(error.value) and "img_0015.bin" in str(error.value)
+
+
+def test_leakage_check_catches_edited_json(tmp_path):
+    datalist = tiny_files_datalist(tmp_path, [0] * 10 + [1] * 10)
+    splits = make_splits(datalist, [0.5], folds=1, seed=0, label_key="class")
+    splits["fractions"][0]["folds"][0]["train"].append(dict(splits["test"][0]))
+    with pytest.raises(DatasetError, match=splits["test"][0]["case"]):
+        check_no_leakage(splits)
+
+
+# ---------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_fraction_names_the_option(tmp_path, bad):
+    datalist = tiny_files_datalist(tmp_path, [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="--fractions"):
+        make_splits(datalist, [0.5, bad], label_key="class")
+
+
+def test_empty_datalist_and_other_arguments(tmp_path):
+    with pytest.raises(DatasetError, match="empty"):
+        make_splits([], [0.5])
+    datalist = tiny_files_datalist(tmp_path, [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="--folds"):
+        make_splits(datalist, [0.5], folds=0)
+    with pytest.raises(ValueError, match="--test-fraction"):
+        make_splits(datalist, [0.5], test_fraction=1.0)
+    with pytest.raises(DatasetError, match="'class'"):
+        make_splits([{k: v for k, v in e.items() if k != "class"} for e in datalist], [0.5], label_key="class")
+
+
+# ---------------------------------------------------------------------------- JSON round trip and CLI
+def test_load_split_parts(tmp_path):
+    datalist = tiny_files_datalist(tmp_path / "data", [0] * 10 + [1] * 10)
+    splits = make_splits(datalist, [0.25], folds=2, seed=0, label_key="class", root=tmp_path / "data")
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(splits))
+    train = load_split(path, 0.25, fold=1, part="train")
+    assert [e["case"] for e in train] == [e["case"] for e in splits["fractions"][0]["folds"][1]["train"]]
+    assert all(os.path.isabs(e["image"]) and os.path.isfile(e["image"]) for e in train)
+    assert load_split(path, part="val") == load_split(path, part="test")  # no val list: the test set
+    splits["val"] = splits["test"][:1]
+    assert len(load_split(splits, part="val")) == 1
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "data", moved)
+    assert all(e["image"].startswith(str(moved)) for e in load_split(path, 0.25, 0, root=moved))
+    with pytest.raises(KeyError, match="0.5"):
+        load_split(path, 0.5, 0)
+    with pytest.raises(KeyError, match="fold 2"):
+        load_split(path, 0.25, 2)
+
+
+def test_cli_split_busi(tmp_path, capsys):
+    make_busi(tmp_path / "busi", per_class=6)
+    out = tmp_path / "out" / "splits.json"
+    code = main([
+        "split", "--dataset", "busi", "--root", str(tmp_path / "busi"), "--fractions", "0.0063", "0.5", "1.0",
+        "--folds", "3", "--seed", "0", "--out", str(out),
+    ])
+    assert code == 0 and out.is_file()
+    splits = json.loads(out.read_text())
+    assert splits["dataset"] == "busi" and splits["classes"] == ["benign", "malignant", "normal"]
+    assert [r["fraction"] for r in splits["fractions"]] == [0.0063, 0.5, 1.0]
+    train = load_split(out, 0.0063, fold=2)
+    assert sorted(e["class"] for e in train) == [0, 1, 2]  # one per class, bumped
+    assert all(os.path.isfile(e["image"]) for e in train)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_split_isic2019_groups_lesions(tmp_path):
+    classes = [i % 3 for i in range(24)]
+    lesions = [f"L{i // 2}" for i in range(24)]  # two photos per lesion
+    make_isic2019(tmp_path / "isic", classes, lesions)
+    out = tmp_path / "splits.json"
+    assert main(["split", "--dataset", "isic2019", "--root", str(tmp_path / "isic"), "--fractions", "0.5",
+                 "--folds", "2", "--out", str(out)]) == 0
+    splits = json.loads(out.read_text())
+    test_lesions = {e["lesion_id"] for e in splits["test"]}
+    for fold in splits["fractions"][0]["folds"]:
+        assert not {e["lesion_id"] for e in fold["train"]} & test_lesions
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    make_busi(tmp_path / "busi", per_class=2)
+    code = main(["split", "--dataset", "busi", "--root", str(tmp_path / "busi"), "--fractions", "0",
+                 "--out", str(tmp_path / "s.json")])
+    assert code == 2 and "--fractions" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    code = main(["split", "--dataset", "brats", "--root", str(tmp_path / "empty"), "--fractions", "1.0",
+                 "--out", str(tmp_path / "s.json")])
+    assert code == 2 and "no BraTS layout" in capsys.readouterr().err
+    os.remove(tmp_path / "busi" / "Dataset_BUSI_with_GT" / "benign" / "benign (1)_mask.png")
+    code = main(["split", "--dataset", "busi", "--root", str(tmp_path / "busi"), "--fractions", "1.0",
+                 "--out", str(tmp_path / "s.json")])
+    assert code == 2 and "benign (1)" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()

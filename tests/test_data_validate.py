@@ -1,0 +1,144 @@
+"""validate_datalist: every bad input stops with an error naming the case or file."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from fixtures_data import label_map, make_brats2021, make_busi, make_isic2018, make_msd, write_nifti, write_png
+
+from medadapt.data.brats import brats_datalist
+from medadapt.data.busi import busi_datalist
+from medadapt.data.errors import DatasetError, MissingFileError
+from medadapt.data.isic import isic2018_datalist
+from medadapt.data.validate import validate_datalist
+
+
+@pytest.fixture
+def brats(tmp_path):
+    make_brats2021(tmp_path, cases=3)
+    return brats_datalist(tmp_path)
+
+
+def test_valid_datasets_pass(tmp_path, brats):
+    validate_datalist(brats, "brats", release="2021")
+    make_msd(tmp_path / "msd", cases=2)
+    validate_datalist(brats_datalist(tmp_path / "msd"), "brats", release="msd")
+    make_busi(tmp_path / "busi", per_class=2, extra_masks={"benign (1)": 1})
+    validate_datalist(busi_datalist(tmp_path / "busi"), "classification", num_classes=3)
+    validate_datalist(busi_datalist(tmp_path / "busi", task="segmentation"), "segmentation")
+    make_isic2018(tmp_path / "isic", n=3)
+    validate_datalist(isic2018_datalist(tmp_path / "isic"), "segmentation")
+
+
+def test_empty_datalist():
+    with pytest.raises(DatasetError, match="empty"):
+        validate_datalist([], "segmentation")
+
+
+def test_missing_modality_file(brats):
+    os.remove(brats[1]["image"][2])
+    with pytest.raises(MissingFileError) as error:
+        validate_datalist(brats, "brats")
+    assert brats[1]["case"] in str(error.value) and os.path.basename(brats[1]["image"][2]) in str(error.value)
+
+
+def test_incomplete_modality_set(brats):
+    brats[0]["image"] = brats[0]["image"][:3]
+    with pytest.raises(DatasetError, match=f"{brats[0]['case']}.*3 image file"):
+        validate_datalist(brats, "brats")
+
+
+def test_modalities_of_different_shape(brats):
+    write_nifti(Path(brats[2]["image"][3]), np.ones((12, 14, 11), np.float32))
+    with pytest.raises(DatasetError, match=f"{brats[2]['case']}.*differ in shape"):
+        validate_datalist(brats, "brats")
+
+
+def test_mask_shape_mismatch_3d_and_2d(tmp_path, brats):
+    write_nifti(Path(brats[0]["label"]), label_map((1, 2, 4), shape=(12, 14, 9)))
+    with pytest.raises(DatasetError) as error:
+        validate_datalist(brats, "brats")
+    assert brats[0]["case"] in str(error.value) and os.path.basename(brats[0]["label"]) in str(error.value)
+
+    make_isic2018(tmp_path / "isic", n=2)
+    datalist = isic2018_datalist(tmp_path / "isic")
+    write_png(Path(datalist[1]["label"]), np.zeros((30, 20), np.uint8))  # transposed
+    with pytest.raises(DatasetError) as error:
+        validate_datalist(datalist, "segmentation")
+    assert datalist[1]["case"] in str(error.value) and "(30, 20)" in str(error.value)
+
+
+def test_truncated_nifti(brats):
+    path = brats[1]["image"][0]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(DatasetError) as error:
+        validate_datalist(brats, "brats")
+    assert brats[1]["case"] in str(error.value) and os.path.basename(path) in str(error.value)
+    assert "cannot be read" in str(error.value)
+
+
+def test_truncated_png(tmp_path):
+    make_busi(tmp_path, per_class=2)
+    datalist = busi_datalist(tmp_path)
+    path = datalist[3]["image"]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(DatasetError) as error:
+        validate_datalist(datalist, "classification", num_classes=3)
+    assert datalist[3]["case"] in str(error.value) and "cannot be read" in str(error.value)
+    validate_datalist(datalist, "classification", read_data=False)  # headers alone look fine
+
+
+def test_nan_voxels(brats):
+    path = brats[0]["image"][1]
+    image = nib.load(path)
+    data = image.get_fdata().astype(np.float32)
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), path)
+    with pytest.raises(DatasetError) as error:
+        validate_datalist(brats, "brats")
+    assert brats[0]["case"] in str(error.value) and "NaN" in str(error.value) and os.path.basename(path) in str(error.value)
+
+
+def test_label_values_checked_for_release(brats):
+    write_nifti(Path(brats[2]["label"]), label_map((1, 2, 3)))
+    validate_datalist(brats, "brats")  # no release given: values not checked
+    with pytest.raises(DatasetError) as error:
+        validate_datalist(brats, "brats", release="2021")
+    assert brats[2]["case"] in str(error.value) and "[3]" in str(error.value)
+
+
+def test_classification_label_range(tmp_path):
+    make_busi(tmp_path, per_class=1)
+    datalist = busi_datalist(tmp_path)
+    datalist[0]["label"] = 5
+    with pytest.raises(DatasetError, match=datalist[0]["case"].replace("(", r"\(").replace(")", r"\)")):
+        validate_datalist(datalist, "classification", num_classes=3)
+
+
+def test_all_problems_reported_at_once(brats):
+    os.remove(brats[0]["image"][0])
+    with gzip.open(brats[2]["label"], "wb") as handle:
+        handle.write(b"not a nifti")
+    with pytest.raises(DatasetError) as error:
+        validate_datalist(brats, "brats")
+    assert brats[0]["case"] in str(error.value) and brats[2]["case"] in str(error.value)
+    assert "2 problem(s)" in str(error.value)
+
+
+def test_entries_without_labels(brats):
+    del brats[1]["label"]
+    with pytest.raises(DatasetError, match=f"{brats[1]['case']}.*no 'label'"):
+        validate_datalist(brats, "brats")
+    validate_datalist(brats, "brats", require_labels=False)
+
+
+def test_unknown_task(brats):
+    with pytest.raises(ValueError, match="task"):
+        validate_datalist(brats, "detection")
