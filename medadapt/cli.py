@@ -14,6 +14,8 @@ import sys
 # module path of each subcommand's add_parser(); one line per subcommand.
 _SUBCOMMANDS = [
     "medadapt.adapters.cli",
+    "medadapt.data.cli",
+    "medadapt.analysis.cli",
 ]
 
 

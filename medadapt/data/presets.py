@@ -41,16 +41,16 @@ class DatasetPreset:
         return "brats" if self.name == "brats" else task
 
 
-def _brats(root, task="segmentation", release="auto", **_):
-    return brats_datalist(root, release=release)
+def _brats(root, task="segmentation", release="auto", require_labels=True, **_):
+    return brats_datalist(root, release=release, require_labels=require_labels)
 
 
 def _busi(root, task="classification", mask_cache=None, **_):
     return busi_datalist(root, task=task, mask_cache=mask_cache)
 
 
-def _isic2018(root, task="segmentation", **_):
-    return isic2018_datalist(root)
+def _isic2018(root, task="segmentation", require_labels=True, **_):
+    return isic2018_datalist(root, require_labels=require_labels)
 
 
 def _isic2019(root, task="classification", **_):

@@ -1,0 +1,140 @@
+"""The bundles as users run them: ``python -m monai.bundle run --config_file bundles/X/...``.
+
+Runs use tiny backbones and small demo datasets through the same configs; the default
+(LiteMedSAM) run of dka_brats is the README's main command and is exercised by ``make demo``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "train.json").is_file())
+TINY = ["--backbone", "timm:convnext_atto", "--backbone_options", "{'depths': [1,1,1,1], 'dims': [8,16,24,32]}"]
+SMALL_DEMO = {
+    "dka_brats": "{'num_cases': 4, 'size': 32}",
+    "dka_busi_seg": "{'per_class': 3}",
+    "dka_busi_cls": "{'per_class': 3}",
+    "dka_isic2018_seg": "{'n': 6}",
+    "dka_isic2019_cls": "{'n': 16}",
+}
+EXTRA = {"dka_brats": ["--roi_size", "[32,32,4]"]}
+
+
+def run_bundle(config: str | list[str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    files = config if isinstance(config, str) else str(config).replace(" ", "")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *args],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"bundle run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_configs_pass_monai_property_checks(bundle, tmp_path):
+    folder = REPO / "bundles" / bundle
+    for name, kind in (("train.json", "train"), ("inference.json", "infer")):
+        # The check instantiates the required components: keep their files in tmp_path and
+        # build the inference network without trained adapters.
+        overrides = {"output_dir": str(tmp_path / name), "demo_dir": str(tmp_path / "demo"),
+                     "demo_options": json.loads(SMALL_DEMO[bundle].replace("'", '"'))}
+        if kind == "infer":
+            overrides["network_def#adapter_checkpoint"] = None
+        # init_id names no config item: the check needs parsed ids, not a prepared run.
+        workflow = ConfigWorkflow(config_file=str(folder / name), workflow_type=kind, init_id="no_initialize",
+                                  meta_file=str(folder / "metadata.json"), logging_file=str(folder / "logging.conf"),
+                                  **overrides)
+        workflow.initialize()
+        missing = workflow.check_properties()
+        assert not missing, f"{bundle}/{name} lacks required properties {missing}"
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert set(metadata["network_data_format"]) == {"inputs", "outputs"}
+    for name in ("evaluate.json", "multi_gpu_train.json", "logging.conf", "docs/README.md"):
+        assert (folder / name).is_file(), f"{bundle} lacks {name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_bundle_trains_one_epoch_and_predicts(bundle, tmp_path):
+    out = tmp_path / "run"
+    demo = ["--demo_options", SMALL_DEMO[bundle]]
+    run_bundle(f"bundles/{bundle}/train.json", *TINY, *demo, *EXTRA.get(bundle, []),
+               "--max_epochs", "1", "--output_dir", str(out), "--image_size", "64")
+    models = out / "models"
+    assert (models / "best_adapters" / "adapter_model.safetensors").is_file()
+    assert (models / "model.pt").is_file() and (models / "training_state.pt").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    key = "val_mean_dice" if "seg" in bundle or "brats" in bundle else "val_accuracy"
+    assert 0.0 <= metrics[key] <= 1.0
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["fractions"][0]["folds"][0]["train"], "empty training split"
+
+    predictions = tmp_path / "predictions"
+    run_bundle(f"bundles/{bundle}/inference.json", *TINY, *demo, *EXTRA.get(bundle, []), "--image_size", "64",
+               "--ckpt_dir", str(models), "--output_dir", str(predictions), "--demo_dir", str(out / "demo_data"))
+    written = sorted(p.name for p in predictions.iterdir() if not p.name.startswith("."))
+    if "cls" in bundle:
+        rows = (predictions / "predictions.csv").read_text().strip().splitlines()
+        assert len(rows) - 1 == len(list((out / "demo_data").rglob("*.png")) + list((out / "demo_data").rglob("*.jpg"))) \
+            - len(list((out / "demo_data").rglob("*_mask*.png")))
+    else:
+        assert written and all(n.endswith((".nii.gz", ".png")) for n in written)
+
+
+def _lps_case(root: Path, case: str, shape=(30, 34, 12), spacing=(1.2, 1.0, 2.5)) -> np.ndarray:
+    """A BraTS 2021-layout case with an LPS, anisotropic affine and int16 images."""
+    folder = root / case
+    folder.mkdir(parents=True)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [40.0, 50.0, -10.0]
+    rng = np.random.default_rng(0)
+    for modality in ("t1", "t1ce", "t2", "flair"):
+        data = (rng.random(shape) * 500).astype(np.int16)
+        nib.save(nib.Nifti1Image(data, affine), str(folder / f"{case}_{modality}.nii.gz"))
+    return affine
+
+
+@pytest.mark.slow
+def test_brats_predictions_keep_the_input_grid(tmp_path):
+    """Whatever the input's orientation, spacing or dtype, the NIfTI prediction lies on its grid."""
+    train_out = tmp_path / "run"
+    run_bundle("bundles/dka_brats/train.json", *TINY, "--demo_options", SMALL_DEMO["dka_brats"],
+               "--roi_size", "[32,32,4]", "--max_epochs", "1", "--output_dir", str(train_out))
+    data = tmp_path / "cases"
+    affine = _lps_case(data, "BraTS2021_01234")
+    predictions = tmp_path / "pred"
+    run_bundle("bundles/dka_brats/inference.json", *TINY, "--roi_size", "[32,32,4]", "--dataset_dir", str(data),
+               "--ckpt_dir", str(train_out / "models"), "--output_dir", str(predictions))
+    image = nib.load(str(data / "BraTS2021_01234" / "BraTS2021_01234_t1.nii.gz"))
+    prediction = nib.load(str(predictions / "BraTS2021_01234_seg.nii.gz"))
+    assert prediction.shape == image.shape
+    np.testing.assert_allclose(prediction.affine, affine, atol=1e-4)
+    assert set(np.unique(prediction.get_fdata())) <= {0, 1, 2, 4}
+
+
+def test_bad_dataset_stops_before_training_and_writes_nothing(tmp_path):
+    data = tmp_path / "cases"
+    _lps_case(data, "BraTS2021_00001")
+    (data / "BraTS2021_00001" / "BraTS2021_00001_flair.nii.gz").unlink()
+    out = tmp_path / "run"
+    result = run_bundle("bundles/dka_brats/train.json", *TINY, "--dataset_dir", str(data), "--output_dir", str(out),
+                        check=False)
+    assert result.returncode != 0
+    assert "BraTS2021_00001" in result.stderr and "flair" in result.stderr
+    assert not (out / "models").exists() and not (out / "train.log").exists()
+
+
+def test_bad_fraction_is_named(tmp_path):
+    result = run_bundle("bundles/dka_busi_cls/train.json", *TINY, "--fraction", "0", "--output_dir",
+                        str(tmp_path / "run"), check=False)
+    assert result.returncode != 0 and "'fraction'" in result.stderr
