@@ -232,3 +232,49 @@ def _jsonable(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
+
+
+def _randomizables(obj, found: list, seen: set) -> list:
+    """Every MONAI Randomizable reachable from ``obj``, in a fixed order (as MONAI's set_rnd walks)."""
+    if id(obj) in seen:
+        return found
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            _randomizables(item, found, seen)
+        return found
+    if not hasattr(obj, "__dict__"):
+        return found
+    if hasattr(obj, "set_random_state") and hasattr(obj, "R"):
+        found.append(obj)
+    for key, value in obj.__dict__.items():
+        if not key.startswith("__"):
+            _randomizables(value, found, seen)
+    return found
+
+
+class DataRandomState:
+    """The random state of a dataset's transforms (crops, flips, intensity jitter), so that a
+    resumed run draws the same augmentations as an uninterrupted one.
+
+    Arguments:
+      dataset: the training dataset (its ``transform`` is walked for Randomizable objects).
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def state_dict(self) -> dict:
+        states = []
+        for obj in _randomizables(self.dataset, [], set()):
+            name, keys, pos, has_gauss, cached = obj.R.get_state()
+            states.append([name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)])
+        return {"transforms": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        objects = _randomizables(self.dataset, [], set())
+        if len(objects) != len(state["transforms"]):
+            raise ValueError(f"saved random state has {len(state['transforms'])} transforms, the dataset "
+                             f"{len(objects)}: the training transforms changed since the checkpoint")
+        for obj, (name, keys, pos, has_gauss, cached) in zip(objects, state["transforms"]):
+            obj.R.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

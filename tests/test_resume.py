@@ -1,0 +1,73 @@
+"""A training killed with SIGKILL resumes and ends as an uninterrupted run of the same seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_bundles import REPO, SMALL_DEMO, TINY, run_bundle
+
+BUNDLE = "dka_busi_cls"
+ARGS = [*TINY, "--demo_options", SMALL_DEMO[BUNDLE], "--image_size", "64", "--max_epochs", "4"]
+
+
+def _adapters(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "models" / "adapters" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_result(tmp_path):
+    reference = tmp_path / "reference"
+    run_bundle(f"bundles/{BUNDLE}/train.json", *ARGS, "--output_dir", str(reference))
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/{BUNDLE}/train.json",
+           *ARGS, "--output_dir", str(out)]
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    state = out / "models" / "training_state.pt"
+    deadline = time.time() + 300
+    # Kill as soon as the first epoch's checkpoint exists: the process is then inside epoch 2.
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    saved_epoch = torch.load(state, weights_only=True)["epoch"]
+    assert 1 <= saved_epoch < 4
+    # Nothing half-written: every file in the checkpoint folder is complete.
+    assert not [p for p in (out / "models").rglob(".*.tmp*")]
+
+    run_bundle(f"bundles/{BUNDLE}/train.json", *ARGS, "--output_dir", str(out), "--resume", "True")
+    assert torch.load(state, weights_only=True)["epoch"] == 4
+    expected, resumed = _adapters(reference), _adapters(out)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    ref_metrics = json.loads((reference / "metrics.json").read_text())["metrics"]
+    new_metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert new_metrics == pytest.approx(ref_metrics, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_split_and_training(tmp_path):
+    args = [*TINY, "--demo_options", SMALL_DEMO[BUNDLE], "--image_size", "64", "--max_epochs", "1"]
+    runs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for out, seed in zip(runs, ("0", "0", "1")):
+        run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--seed", seed, "--output_dir", str(out),
+                   "--demo_dir", str(tmp_path / "demo"))
+    splits = [json.loads((out / "splits.json").read_text()) for out in runs]
+    assert splits[0] == splits[1] and splits[0]["fractions"] != splits[2]["fractions"]
+    a, b = _adapters(runs[0]), _adapters(runs[1])
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
