@@ -16,6 +16,7 @@ _SUBCOMMANDS = [
     "medadapt.adapters.cli",
     "medadapt.data.cli",
     "medadapt.analysis.cli",
+    "medadapt.monailabel.cli",
 ]
 
 

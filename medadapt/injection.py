@@ -41,7 +41,8 @@ def freeze_batchnorm(module: nn.Module) -> None:
 
 
 def injection_record(model: nn.Module) -> dict | None:
-    return getattr(model, RECORD_ATTR, None)
+    # DistributedDataParallel keeps the injected model in .module.
+    return getattr(model, RECORD_ATTR, None) or getattr(getattr(model, "module", None), RECORD_ATTR, None)
 
 
 def select_blocks(blocks: list[tuple[str, nn.Module]], targets, method: str) -> list[tuple[int, str, nn.Module]]:

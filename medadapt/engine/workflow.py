@@ -63,7 +63,8 @@ def prepare_data(
     preset = data.get_preset(dataset)
     out = Path(output_dir)
     if not dataset_dir:
-        root = data.demo.make_demo(dataset, Path(demo_dir or out / "demo_data") / dataset, **(demo_options or {}))
+        root = main_process_first(lambda: data.demo.make_demo(
+            dataset, Path(demo_dir or out / "demo_data") / dataset, **(demo_options or {})))
         logger.warning("no dataset_dir given: using the embedded %s demo in %s (%s)",
                        dataset, root, SYNTHETIC_NOTE.get(dataset, "demo data"))
     else:
@@ -84,13 +85,29 @@ def prepare_data(
         splits = data.make_splits(datalist, [fraction], folds=int(folds), seed=int(seed),
                                   test_fraction=test_fraction, label_key=label_key,
                                   classes=preset.classes, dataset=dataset)
-        splits_path = data.save_splits(splits, out / "splits.json")
+        splits_path = main_process_first(lambda: data.save_splits(splits, out / "splits.json"),
+                                         others=lambda: out / "splits.json")
     train = data.load_split(splits, fraction, int(fold), part="train")
     val = data.load_split(splits, part="val")
     counts = {"train": len(train), "val": len(val), "fraction": fraction, "fold": int(fold)}
     logger.info("data: %d training / %d validation samples (fraction %.4g, fold %d), split in %s",
                 len(train), len(val), fraction, int(fold), splits_path)
     return {"train": train, "val": val, "root": str(root), "counts": counts}
+
+
+def main_process_first(fn: Callable, others: Callable | None = None):
+    """Run ``fn`` on rank 0 first; then the other ranks run ``others`` (default ``fn``), and
+    find rank 0's files in place."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    if dist.get_rank() == 0:
+        result = fn()
+        dist.barrier()
+        return result
+    dist.barrier()
+    return (others or fn)()
 
 
 def select_channel(index: int, keys: tuple[str, str] = ("pred", "label")) -> Callable:

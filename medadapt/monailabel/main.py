@@ -1,0 +1,143 @@
+"""The MONAI Label app: medadapt models served for annotation and fine-tuned on the labels.
+
+Started by ``medadapt label --studies DIR`` (see `medadapt.monailabel.cli`), or directly::
+
+    monailabel start_server --app medadapt/monailabel --studies DIR \\
+        --conf bundles bundles --conf runs runs [--conf config models.json]
+
+App options (``--conf KEY VALUE``, else the environment variable in brackets):
+``bundles`` [MEDADAPT_LABEL_BUNDLES] bundle folder (default ``bundles``), ``runs``
+[MEDADAPT_LABEL_RUNS] where trained adapters live (default ``runs``), ``config``
+[MEDADAPT_LABEL_CONFIG] a JSON model config replacing the default model list (see
+`medadapt.monailabel.specs`).
+
+MONAI Label loads this file as a module named ``main``, not as part of the package, so
+imports here are absolute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.exception import MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+import medadapt
+from medadapt.monailabel.datastore import CheckedDatastore
+from medadapt.monailabel.errors import InvalidInput, http_error
+from medadapt.monailabel.imagefiles import DATASTORE_PATTERNS
+from medadapt.monailabel.infer_tasks import make_infer_task
+from medadapt.monailabel.specs import ModelSpec, load_specs
+from medadapt.monailabel.train_task import AdapterTrainTask
+
+logger = logging.getLogger("medadapt.monailabel")
+
+# App option -> (environment variable, default).
+OPTIONS = {
+    "bundles": ("MEDADAPT_LABEL_BUNDLES", "bundles"),
+    "runs": ("MEDADAPT_LABEL_RUNS", "runs"),
+    "config": ("MEDADAPT_LABEL_CONFIG", ""),
+}
+
+
+def app_option(conf: dict[str, str], key: str) -> str:
+    """An app option from MONAI Label's ``--conf``, else its environment variable, else the default."""
+    env, default = OPTIONS[key]
+    return str(conf.get(key) or os.environ.get(env) or default)
+
+
+class MedAdaptApp(MONAILabelApp):
+    """Infer tasks for every served model, training tasks for the segmentation ones.
+
+    Arguments (from MONAI Label): app_dir, studies, conf (see the module docstring).
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        conf = dict(conf or {})
+        self.specs: list[ModelSpec] = load_specs(
+            app_option(conf, "config") or None, app_option(conf, "bundles"), app_option(conf, "runs"))
+        for spec in self.specs:
+            logger.info("serving %s (%s, from %s)", spec.name, spec.task, spec.source)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="medadapt",
+            description="Adapted foundation models (DKA, LKA, CLAdapter, ...) for 2D and 3D medical images",
+            version=medadapt.__version__,
+        )
+
+    # ------------------------------------------------------------------ MONAI Label hooks
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()  # DICOMweb / remote stores: upstream as is
+        return CheckedDatastore(
+            self.studies,
+            extensions=DATASTORE_PATTERNS,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {spec.name: make_infer_task(spec) for spec in self.specs}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        # Trainers share their model's name, so a client retrains the model it shows.
+        return {spec.name: AdapterTrainTask(spec) for spec in self.specs if spec.trainable}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    # ------------------------------------------------------------------ request checks
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """Upstream's infer, with unknown models / images and bad input answered by 4xx."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(404, f"unknown model {model!r}; this server has {sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and not self._is_upload(image, request):
+            store = datastore or self.datastore()
+            if not store.get_image_uri(image):
+                raise HTTPException(404, f"unknown image {image!r}: not in the datastore "
+                                         "(GET /datastore/?output=all lists the image ids)")
+        try:
+            return super().infer(request, datastore)
+        except MONAILabelException as error:
+            raise http_error(error) from error
+
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        model = request.get("model")
+        if model not in self._trainers:
+            raise http_error(InvalidInput(f"no training task {model!r}; this server trains {sorted(self._trainers)}", 404))
+        try:
+            return super().train(request)
+        except MONAILabelException as error:
+            raise http_error(error) from error
+
+    def bundle_path(self, model: str | None) -> str | None:
+        # Called by MONAI Label before it queues a training job in a subprocess: the one place
+        # where an unknown model can still be refused with a 4xx instead of a failed job.
+        if model and model not in self._trainers and model not in self._infers:
+            raise HTTPException(404, f"unknown model {model!r}; this server trains {sorted(self._trainers)}")
+        return None
+
+    @staticmethod
+    def _is_upload(image: str, request: dict[str, Any]) -> bool:
+        """Files uploaded with the request arrive as temporary files; any other path is
+        treated as an image id, so a client cannot make the server read its own files."""
+        if request.get("session"):
+            return True
+        path = Path(image)
+        return path.is_absolute() and path.parent == Path(tempfile.gettempdir()) and path.is_file()

@@ -1,0 +1,418 @@
+"""Implementations behind :func:`medadapt.ops.dwconv.dwconv`.
+
+Three ways to compute a "same" depthwise convolution and its gradients:
+
+* :func:`direct_dwconv`: torch's own convolution (oneDNN);
+* :class:`FFTDepthwiseConv`: real FFTs for the output and both gradients;
+* :class:`MixedDepthwiseConv`: torch's convolution for the output and the input gradient
+  (its forward kernel is fast for small kernels), FFTs for the weight gradient (torch's
+  depthwise weight gradient is the slow part, 5-30x slower than its forward).
+
+``dwconv`` clips the kernel first and picks one by its cost model. Conventions: ``x`` is
+(B, C, *spatial), the kernel (C, 1, *kernel) with every kernel axis at most ``2 n - 1``
+long, and "same" means torch's definition, ``y[i] = sum_j w[j] x[i + j - left]`` with
+``left = (k - 1) // 2``.
+
+In the FFT computations, axes with a long kernel are transformed. Axes with a short
+kernel (at most ``DIRECT_MAX_TAPS`` taps, e.g. the depth axis of a 3x51x51 kernel) are
+not: their few taps are applied between spectra as shifted products, which avoids
+zero-padding that axis and running FFT passes along it (short FFTs along a strided axis
+are slow).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+# Spectra are processed in blocks of maps whose spectrum takes about this many bytes, so
+# that transform, product and inverse transform of a block run while it is still in the
+# per-core L2 cache (2 MiB here). Transforming a whole (B, C) batch at once was up to 2x
+# slower for large maps (2D with 192 channels, 3D volumes), where spectra reach tens of
+# MiB and every FFT pass streams them through memory; 0.5 to 2 MiB blocks were equally good.
+BLOCK_BYTES = 1 << 20
+
+# Axes whose kernel has at most this many taps are convolved between spectra instead of
+# transformed, as long as another axis is transformed. With 3 taps that costs three
+# products where a transform would pad e.g. 8 slices to 10 or 12 and add two FFT passes.
+DIRECT_MAX_TAPS = 3
+
+
+def same_offsets(k: int) -> tuple[int, int]:
+    """Taps before and after the centre tap under torch's "same" padding.
+
+    torch pads ``(k - 1) // 2`` on the low side and the rest on the high side, so an even
+    kernel has one more tap after its centre than before it.
+    """
+    left = (k - 1) // 2
+    return left, k - 1 - left
+
+
+# ---------------------------------------------------------------------------------------
+# FFT lengths and plans
+# ---------------------------------------------------------------------------------------
+def _length_cost(n: int) -> float:
+    """Relative time of transforming one length-``n`` axis (per row), or inf if not 7-smooth.
+
+    Fitted to 2D real transform timings with torch's MKL backend on this machine, which are
+    about 2.4 ns per point for lengths 2^a 3^b and grow to about 3.5 with factors 5 or 7
+    and 6 or more for odd lengths (the halved last axis of a real FFT wants even lengths);
+    short rows also carry a fixed cost, about 30 ns.
+    """
+    rest, has_5_7 = n, False
+    for p in (2, 3, 5, 7):
+        while rest % p == 0:
+            rest //= p
+            has_5_7 |= p > 3
+    if rest != 1:
+        return math.inf
+    per_point = 2.4 * (1.45 if has_5_7 else 1.0) * (2.5 if n % 2 else 1.0)
+    return n * per_point + 30.0
+
+
+@lru_cache(maxsize=None)
+def fft_size(n: int) -> int:
+    """The fastest FFT length ``>= n`` by :func:`_length_cost` (searched up to ``2 n``).
+
+    Not simply the next 7-smooth number: with MKL, 96 beats 90 and 72 beats 70.
+    """
+    if n <= 2:
+        return max(n, 1)
+    return min(range(n, 2 * n + 1), key=_length_cost)
+
+
+def fft_plan(spatial: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Spatial axes the FFT path transforms, and their FFT lengths.
+
+    Circular convolution of length ``L`` equals the zero-padded "same" convolution along an
+    axis as long as no tap wraps onto data: ``L >= n + max(left, right)``, which is less
+    than the ``n + k - 1`` of a full linear convolution. Axes with at most
+    ``DIRECT_MAX_TAPS`` taps are left untransformed when a longer axis is transformed.
+    """
+    long_axes = [a for a, k in enumerate(kernel) if k > DIRECT_MAX_TAPS]
+    axes = long_axes or [a for a, k in enumerate(kernel) if k > 1]
+    sizes = [fft_size(spatial[a] + max(same_offsets(kernel[a]))) for a in axes]
+    return tuple(axes), tuple(sizes)
+
+
+# ---------------------------------------------------------------------------------------
+# Direct (torch) convolution
+# ---------------------------------------------------------------------------------------
+def direct_dwconv(x: torch.Tensor, weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """torch's depthwise convolution with "same" padding, spelled out for even kernels.
+
+    ``flip=True`` convolves with the flipped kernel and mirrored padding instead, which
+    is the adjoint in ``x``: the input gradient of a "same" convolution.
+    """
+    conv = F.conv2d if x.ndim == 4 else F.conv3d
+    kernel = weight.shape[2:]
+    offsets = [same_offsets(k) for k in kernel]
+    if flip:
+        weight = weight.flip(list(range(2, weight.ndim)))
+        offsets = [(right, left) for left, right in offsets]
+    if all(left == right for left, right in offsets):
+        padding = [left for left, _ in offsets]
+    else:
+        # Pad explicitly (torch's padding="same" would make the same padded copy, and warn).
+        x = F.pad(x, [p for pair in reversed(offsets) for p in pair])
+        padding = 0
+    if x.ndim == 4:
+        return conv(x, weight, padding=padding, groups=weight.shape[0])
+    # 3D: oneDNN's depthwise kernels want channels-last data. Converting there and back
+    # costs two copies but makes forward+backward 3-4x faster (forward about 1.3x).
+    # (In 2D the same trick loses for 3x3 kernels and for many channels, so 2D stays put.)
+    fmt = torch.channels_last_3d
+    y = conv(x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt), padding=padding, groups=weight.shape[0])
+    return y.contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# FFT machinery
+# ---------------------------------------------------------------------------------------
+def _blocks(batch: int, channels: int, per_block: int) -> Iterator[tuple[slice, slice, bool]]:
+    """(batch slice, channel slice, last block of this channel slice) covering all maps.
+
+    Blocks hold whole samples when a block can take all channels; otherwise they hold a
+    channel range of one sample, iterated channel range first so that per-channel data
+    (the kernel spectrum, the weight gradient's accumulator) stays hot across the batch.
+    """
+    if per_block >= channels:
+        step = per_block // channels
+        for b0 in range(0, batch, step):
+            yield slice(b0, b0 + step), slice(None), b0 + step >= batch
+    else:
+        for c0 in range(0, channels, per_block):
+            for b in range(batch):
+                yield slice(b, b + 1), slice(c0, c0 + per_block), b == batch - 1
+
+
+def _inverse(spec: torch.Tensor, dims: tuple[int, ...], sizes: tuple[int, ...], windows) -> torch.Tensor:
+    """Inverse real FFT over ``dims``, computing only the ``(start, length)`` window per axis.
+
+    Axes are inverted one at a time and cut right away, so later passes run on fewer rows:
+    faster than ``irfftn`` followed by a crop.
+    """
+    for d, size, (start, length) in zip(dims[:-1], sizes[:-1], windows[:-1]):
+        spec = torch.fft.ifft(spec, n=size, dim=d).narrow(d, start, length)
+    start, length = windows[-1]
+    return torch.fft.irfft(spec, n=sizes[-1], dim=dims[-1]).narrow(dims[-1], start, length)
+
+
+def _direct_terms(spatial, kernel, axes):
+    """Shifted products that apply the taps of untransformed axes between spectra.
+
+    One term per combination of taps on the untransformed axes: (tap index per such axis,
+    output range, input range), so that ``Y[out] += X[in] * G[tap]``. The centre tap comes
+    first: it covers every output, so it initialises ``Y`` without a zero fill.
+    """
+    direct = [a for a in range(len(kernel)) if a not in axes]
+    per_axis = []
+    for a in direct:
+        n, k = spatial[a], kernel[a]
+        left = same_offsets(k)[0]
+        options = []
+        for j in [left] + [j for j in range(k) if j != left]:
+            lo, hi = max(0, left - j), min(n, n + left - j)
+            if lo < hi:
+                options.append((j, (lo, hi), (lo + j - left, hi + j - left)))
+        per_axis.append(options)
+    terms = [tuple(zip(*combo)) or ((), (), ()) for combo in itertools.product(*per_axis)]
+    return direct, terms
+
+
+def _narrow(t: torch.Tensor, lead: int, direct, ranges) -> torch.Tensor:
+    """``t`` restricted to ``ranges`` along the untransformed axes (after ``lead`` dims)."""
+    for a, (lo, hi) in zip(direct, ranges):
+        t = t.narrow(lead + a, lo, hi - lo)
+    return t
+
+
+def _tap(spec_k: torch.Tensor, direct, taps) -> torch.Tensor:
+    """The kernel spectrum (C, ...) of one tap combination on the untransformed axes."""
+    for a, j in zip(direct, taps):
+        spec_k = spec_k.narrow(1 + a, j, 1)
+    return spec_k
+
+
+def _apply_taps(spec_x, spec_k, direct, terms, inplace=False):
+    """``Y = sum_taps shift(X) G[tap]``: the forward product, with untransformed axes.
+
+    ``inplace`` allows overwriting ``X`` (only taken up when there is a single tap, as the
+    shifted products need the original): fresh buffers cost page faults here.
+    """
+    (taps0, _, _), rest = terms[0], terms[1:]
+    if inplace and not rest:
+        return spec_x.mul_(_tap(spec_k, direct, taps0))
+    spec_y = spec_x * _tap(spec_k, direct, taps0)
+    for taps, out, src in rest:
+        _narrow(spec_y, 2, direct, out).addcmul_(_narrow(spec_x, 2, direct, src), _tap(spec_k, direct, taps))
+    return spec_y
+
+
+def _apply_taps_transposed(spec_g, spec_k_conj, direct, terms, inplace=False):
+    """The adjoint of :func:`_apply_taps` in ``X``: ``dX = sum_taps shift^T(dY) conj(G[tap])``."""
+    (taps0, _, _), rest = terms[0], terms[1:]
+    if inplace and not rest:
+        return spec_g.mul_(_tap(spec_k_conj, direct, taps0))
+    spec_gx = spec_g * _tap(spec_k_conj, direct, taps0)
+    for taps, out, src in rest:
+        _narrow(spec_gx, 2, direct, src).addcmul_(_narrow(spec_g, 2, direct, out), _tap(spec_k_conj, direct, taps))
+    return spec_gx
+
+
+def _tap_correlations(spec_g, spec_x_conj, direct, terms, kernel):
+    """Per channel and tap of the untransformed axes: ``sum_{batch, positions} dY conj(X)``.
+
+    Returns (C, ...): one entry per tap along untransformed axes, the spectrum of the
+    weight gradient along transformed ones.
+    """
+    reduce = (0,) + tuple(2 + a for a in direct)
+    if len(terms) == 1:   # a single tap on every untransformed axis
+        return (spec_g * spec_x_conj).sum(dim=reduce, keepdim=True)[0]
+    shape = list(spec_g.shape[1:])
+    for a in direct:
+        shape[1 + a] = kernel[a]
+    out = spec_g.new_zeros(shape)
+    for taps, dst, src in terms:
+        prod = _narrow(spec_g, 2, direct, dst) * _narrow(spec_x_conj, 2, direct, src)
+        _tap(out, direct, taps).copy_(prod.sum(dim=reduce, keepdim=True)[0])
+    return out
+
+
+class _Plan:
+    """Shapes and index bookkeeping of one FFT convolution, shared by forward and backward."""
+
+    def __init__(self, x_shape, kernel, axes, sizes, complex_itemsize):
+        self.batch, self.channels, *spatial = x_shape
+        self.spatial, self.kernel = tuple(spatial), tuple(kernel)
+        self.axes, self.sizes = axes, sizes
+        self.dims = tuple(2 + a for a in axes)          # transformed dims of x
+        self.kdims = tuple(1 + a for a in axes)         # ... of the kernel viewed as (C, *kernel)
+        self.direct, self.terms = _direct_terms(self.spatial, self.kernel, axes)
+        spec = list(x_shape)
+        for d, size in zip(self.dims, sizes):
+            spec[d] = size
+        spec[self.dims[-1]] = sizes[-1] // 2 + 1
+        self.spec_shape = spec
+        self.per_block = max(1, BLOCK_BYTES // (complex_itemsize * math.prod(spec[2:])))
+        # Output window of z = x (*) g, and the zero padding that puts dY at offset
+        # ``right`` in an FFT-length buffer (F.pad lists (low, high) from the last axis).
+        self.y_window = [(same_offsets(self.kernel[a])[1], self.spatial[a]) for a in axes]
+        self.x_window = [(0, self.spatial[a]) for a in axes]
+        self.w_window = [(0, self.kernel[a]) for a in axes]
+        pad = []
+        for a in reversed(range(len(self.spatial))):
+            if a in axes:
+                right = same_offsets(self.kernel[a])[1]
+                pad += [right, sizes[axes.index(a)] - right - self.spatial[a]]
+            else:
+                pad += [0, 0]
+        self.dz_pad = pad
+
+    def blocks(self):
+        return _blocks(self.batch, self.channels, self.per_block)
+
+    def kernel_spectrum(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``G``: spectrum of the kernel flipped along the transformed axes, (C, ...)."""
+        g = weight.reshape(self.channels, *self.kernel).to(dtype).flip(self.kdims)
+        return torch.fft.rfftn(g, s=self.sizes, dim=self.kdims)
+
+
+def _fft_backward(plan: _Plan, grad_y, need_x, need_w, spec_g_conj=None, spec_x_all=None, x=None):
+    """Gradients by FFT: ``dx`` (needs ``conj(G)``) and/or ``dw`` (from ``X`` or from ``x``).
+
+    With ``dz`` the output gradient shifted by ``right``: ``dx = irfft(dZ conj(G))[:n]``
+    and ``dg = irfft(sum_batch dZ conj(X))[:k]``, flipped back into ``dw``.
+    """
+    grad_x = torch.empty_like(grad_y) if need_x else None
+    grad_w = grad_y.new_empty(plan.channels, *plan.kernel) if need_w else None
+    cross = None
+    for bs, cs, last in plan.blocks():
+        spec_dz = torch.fft.rfftn(F.pad(grad_y[bs, cs], plan.dz_pad), dim=plan.dims)
+        if need_w:
+            if spec_x_all is not None:
+                spec_x_conj = torch.conj_physical(spec_x_all[bs, cs])
+            else:
+                spec_x_conj = torch.fft.rfftn(x[bs, cs], s=plan.sizes, dim=plan.dims).conj_physical_()
+            # Sum over the batch and over the positions along untransformed axes of
+            # dZ conj(X), per tap of those axes; inverted once per channel.
+            part = _tap_correlations(spec_dz, spec_x_conj, plan.direct, plan.terms, plan.kernel)
+            cross = part if cross is None else cross.add_(part)
+            if last:
+                grad_w[cs] = _inverse(cross, plan.kdims, plan.sizes, plan.w_window).flip(plan.kdims)
+                cross = None
+        if need_x:
+            # Last use of dZ: the product may overwrite it.
+            spec_gx = _apply_taps_transposed(spec_dz, spec_g_conj[cs], plan.direct, plan.terms, inplace=True)
+            grad_x[bs, cs] = _inverse(spec_gx, plan.dims, plan.sizes, plan.x_window)
+    if grad_w is not None:
+        grad_w = grad_w.reshape(plan.channels, 1, *plan.kernel)
+    return grad_x, grad_w
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precision has no CPU FFT: compute in fp32 and round the results.
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _complex_itemsize(dtype: torch.dtype) -> int:
+    return 16 if dtype == torch.float64 else 8
+
+
+class FFTDepthwiseConv(torch.autograd.Function):
+    """"Same" depthwise convolution by real FFTs; its backward uses FFTs too.
+
+    Along each transformed axis (FFT length ``L``) torch's cross-correlation is computed
+    as a circular convolution with the flipped kernel ``g``: ``z = x (*) g``, ``Z = X G``,
+    and ``y[i] = z[i + right]``, exact as long as no tap wraps onto data
+    (``L >= n + max(left, right)``). Gradients come from correlations, see
+    :func:`_fft_backward`. Untransformed axes keep their taps: products become sums of
+    shifted products there.
+
+    ``X`` (for the weight gradient) and ``G`` (for the input gradient) are kept from the
+    forward, so the backward costs one forward transform of ``dY``, one inverse transform
+    per map and one per channel (the batch sum happens between spectra).
+
+    Arguments of ``apply``: x, weight, axes (spatial axes to transform), sizes (FFT
+    length per transformed axis), as given by :func:`fft_plan`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, axes, sizes):
+        compute = _compute_dtype(x.dtype)
+        plan = _Plan(x.shape, weight.shape[2:], axes, sizes, _complex_itemsize(compute))
+        # Blocks must be contiguous slices (channels-last input would make every FFT strided).
+        xc = x.to(compute).contiguous()
+        spec_g = plan.kernel_spectrum(weight, compute)
+        keep_x = ctx.needs_input_grad[1]
+        spec_x_all = xc.new_empty(plan.spec_shape, dtype=spec_g.dtype) if keep_x else None
+        y = torch.empty_like(xc)
+        for bs, cs, _ in plan.blocks():
+            # Blocks are contiguous in the spectrum buffer, so the transform writes there.
+            out = spec_x_all[bs, cs] if keep_x else None
+            spec_x = torch.fft.rfftn(xc[bs, cs], s=sizes, dim=plan.dims, out=out)
+            spec_y = _apply_taps(spec_x, spec_g[cs], plan.direct, plan.terms, inplace=not keep_x)
+            y[bs, cs] = _inverse(spec_y, plan.dims, plan.sizes, plan.y_window)
+
+        ctx.plan = plan
+        ctx.dtypes = (x.dtype, weight.dtype, compute)
+        ctx.save_for_backward(spec_x_all, spec_g if ctx.needs_input_grad[0] else None)
+        return y.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        spec_x_all, spec_g = ctx.saved_tensors
+        x_dtype, w_dtype, compute = ctx.dtypes
+        need_x, need_w = ctx.needs_input_grad[:2]
+        # Conjugates are materialised once: multiplying by a lazily conjugated tensor is
+        # several times slower than a plain product.
+        spec_g_conj = torch.conj_physical(spec_g) if need_x else None
+        grad_x, grad_w = _fft_backward(
+            ctx.plan, grad_y.to(compute), need_x, need_w, spec_g_conj=spec_g_conj, spec_x_all=spec_x_all
+        )
+        return (
+            None if grad_x is None else grad_x.to(x_dtype),
+            None if grad_w is None else grad_w.to(w_dtype),
+            None,
+            None,
+        )
+
+
+class MixedDepthwiseConv(torch.autograd.Function):
+    """torch's convolution forward and for the input gradient, FFTs for the weight gradient.
+
+    For small kernels torch's forward kernel is fast, and the input gradient is a forward
+    convolution too (flipped kernel, mirrored padding), but torch's depthwise weight
+    gradient runs at a fraction of that speed. Here it is the FFT correlation of ``x``
+    and ``dY`` instead, which costs two forward transforms and one small inverse one.
+
+    Arguments of ``apply``: as :class:`FFTDepthwiseConv`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, axes, sizes):
+        ctx.axes_sizes = (axes, sizes)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return direct_dwconv(x, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = grad_w = None
+        if need_x:
+            grad_x = direct_dwconv(grad_y, weight, flip=True)
+        if need_w:
+            compute = _compute_dtype(x.dtype)
+            plan = _Plan(x.shape, weight.shape[2:], *ctx.axes_sizes, _complex_itemsize(compute))
+            xc = x.to(compute).contiguous()
+            _, grad_w = _fft_backward(plan, grad_y.to(compute).contiguous(), False, True, x=xc)
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, None, None
