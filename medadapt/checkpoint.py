@@ -31,18 +31,43 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def canonical_name(model: nn.Module):
+    """A function mapping a parameter name to its name without gradient-checkpointing wrappers,
+    so files do not depend on whether checkpointing was on when they were written."""
+    from medadapt.memory import CheckpointedBlock
+
+    wrappers = [name + "." for name, m in model.named_modules() if isinstance(m, CheckpointedBlock)]
+
+    def rename(name: str) -> str:
+        for prefix in wrappers:
+            if name.startswith(prefix + "block."):
+                return prefix + name[len(prefix) + len("block."):]
+        return name
+
+    return rename
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    rename = canonical_name(model)
+    return {rename(n): p for n, p in model.named_parameters()}
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    rename = canonical_name(model)
+    return {rename(n): t for n, t in model.state_dict().items()}
+
+
 def base_fingerprint(model: nn.Module) -> dict[str, str]:
     """A digest of every frozen parameter and buffer: what the adapters were trained on."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    state = model.state_dict()
-    return {name: _tensor_digest(t) for name, t in state.items() if name not in trainable}
+    trainable = {name for name, p in named_parameters(model).items() if p.requires_grad}
+    return {name: _tensor_digest(t) for name, t in _state_dict(model).items() if name not in trainable}
 
 
 def _saved_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
     if record["method"] == "full":
         # Full fine-tuning changes everything, BatchNorm statistics included.
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu().contiguous() for k, v in _state_dict(model).items()}
+    return {n: p.detach().cpu().contiguous() for n, p in named_parameters(model).items() if p.requires_grad}
 
 
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
@@ -156,9 +181,12 @@ def load_adapters(model: nn.Module, path: str | Path, check_base: bool = True) -
                 f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes))
         raise ValueError(f"{weights_file} does not fit this model: " + "; ".join(parts))
     if config["method"] == "full":
-        model.load_state_dict(tensors, strict=True)
+        state = _state_dict(model)
+        with torch.no_grad():
+            for name, value in tensors.items():
+                state[name].copy_(value)
     else:
-        params = dict(model.named_parameters())
+        params = named_parameters(model)
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)

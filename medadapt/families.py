@@ -31,6 +31,15 @@ class PromptInfo:
     patch_dim: int | None
 
 
+def base_type_name(module: nn.Module) -> str:
+    """Class name of the module under any medadapt wrappers (adapters, checkpointing)."""
+    while True:
+        inner = getattr(module, "base", None) or getattr(module, "block", None)
+        if not isinstance(inner, nn.Module):
+            return type(module).__name__
+        module = inner
+
+
 def _windows(resolution, window) -> int:
     h, w = resolution
     wh, ww = (window, window) if isinstance(window, int) else window
@@ -158,7 +167,7 @@ class TinyViTFamily(Family):
     def blocks(self, encoder):
         return [(f"layers.{i}.blocks.{j}", b)
                 for i, layer in enumerate(encoder.layers) for j, b in enumerate(layer.blocks)
-                if type(b).__name__ == "TinyViTBlock"]
+                if base_type_name(b) == "TinyViTBlock"]
 
     def site(self, encoder, block_name, block, site):
         resolution = tuple(block.input_resolution)

@@ -165,3 +165,43 @@ def test_channel_mapping_is_explicit():
 def test_create_model_rejects_unknown_task():
     with pytest.raises(ValueError, match="unknown task"):
         medadapt.create_model("detection")
+
+
+@pytest.mark.parametrize("backbone", ["medsam_vit_b", "timm:convnext_atto"])
+def test_gradient_checkpointing_gives_the_same_gradients(backbone):
+    images, labels = mni_slices()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = _build("segmentation", backbone, num_classes=1, method="lka",
+                       method_options={"kernel_size": 5, "dropout": 0.0}, gradient_checkpointing=checkpointing)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad and ".up." in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        model.train()
+        F.binary_cross_entropy_with_logits(model(images), labels).backward()
+        from medadapt.checkpoint import named_parameters
+
+        grads.append({n: p.grad.clone() for n, p in named_parameters(model).items() if p.requires_grad})
+    from medadapt.memory import CheckpointedBlock
+
+    assert any(isinstance(m, CheckpointedBlock) for m in model.modules())
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adapter_files_do_not_depend_on_checkpointing(tmp_path):
+    images, _ = mni_slices()
+    options = dict(num_classes=1, method="lka", method_options={"kernel_size": 5})
+    trained = _build("segmentation", **options, gradient_checkpointing=True)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    medadapt.save_adapters(trained, tmp_path / "a")
+    plain = _build("segmentation", **options)
+    medadapt.load_adapters(plain, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(images), trained.eval()(images), rtol=0, atol=0)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from medadapt.backbones import build_litemedsam_parts, build_sam_parts, create_backbone
 from medadapt.checkpoint import load_adapters
 from medadapt.injection import inject
+from medadapt.memory import enable_gradient_checkpointing
 from medadapt.models.box_prompt import BoxPromptSegmenter
 from medadapt.models.classifier import Classifier
 from medadapt.models.segmenter import Segmenter
@@ -38,6 +39,7 @@ def create_model(
     decoder_channels: int = 32,
     multilabel: bool = False,
     slice_axis: int = 2,
+    gradient_checkpointing: bool = False,
 ) -> nn.Module:
     """Build a task model around a pretrained backbone and inject ``method``.
 
@@ -52,6 +54,8 @@ def create_model(
       in_channels, input_mapping: input channels and how they reach the backbone.
       num_slices, slice_axis: the patch depth and the slicing axis for "segmentation3d".
       decoder_channels, multilabel: decoder width, and sigmoid (True) or softmax outputs.
+      gradient_checkpointing: recompute the encoder's blocks in the backward pass instead of
+        storing their activations (less memory, more time; see benchmarks).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -81,4 +85,6 @@ def create_model(
     inject(model, method, **options)
     if adapter_checkpoint:
         load_adapters(model, adapter_checkpoint)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
