@@ -89,6 +89,11 @@ def _check_entry(
     if task == "brats":
         if len(images) == 1 and (len(shapes[0]) != 4 or shapes[0][3] != 4):
             problems.append(f"case {case}: 4D image {images[0]!r} has shape {shapes[0]}; expected (H, W, D, 4)")
+        # A 2D slice (or a 4D series) where a volume is expected would fail deep in the model.
+        flat = [(p, s) for p, s in zip(images, shapes) if len(images) == 4 and len(s) != 3]
+        if flat:
+            problems.append(f"case {case}: {os.path.basename(flat[0][0])!r} has shape {tuple(flat[0][1])}; "
+                            "expected a 3D volume (H, W, D)")
         if len(set(map(tuple, spatial))) > 1:
             sizes = {os.path.basename(p): tuple(s) for p, s in zip(images, spatial)}
             problems.append(f"case {case}: modalities differ in shape {sizes}")

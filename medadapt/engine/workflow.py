@@ -24,7 +24,10 @@ SYNTHETIC_NOTE = {
 
 
 def check_fraction(fraction: float, name: str = "fraction") -> float:
-    value = float(fraction)
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"option '{name}' must be a number in (0, 1], got {fraction!r}") from None
     if not (0.0 < value <= 1.0) or math.isnan(value):
         raise ValueError(f"option '{name}' must be in (0, 1], got {fraction!r}")
     return value
