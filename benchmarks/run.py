@@ -1,0 +1,280 @@
+"""medadapt's performance benchmarks: every target is a ratio measured in one run.
+
+    python benchmarks/run.py            # everything; writes benchmarks/results/perf.{md,json}
+    python benchmarks/run.py --quick    # fewer repeats, smaller inputs
+    python benchmarks/run.py --only step memory
+
+Sections (each row: what was compared, both measurements, their ratio, the target):
+  dwconv     medadapt.ops.dwconv against torch's depthwise convolutions (perf_dwconv.py)
+  step       a DKA training step against a Houlsby-adapter step, SAM ViT-B encoder at 256x256
+  memory     peak RSS of DKA fine-tuning against full fine-tuning (and with checkpointing);
+             adapter file size against the full checkpoint
+  cache      a linear-probing / CLAdapter stage-1 epoch on cached features against a normal one
+  window     sliding-window inference of a BraTS-sized volume with the default bundle model:
+             pipeline time against the model's bare forward time over the same windows
+  demo       peak RSS and time of one training epoch of the dka_brats demo bundle
+Absolute times depend on the machine and its load; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+warnings.filterwarnings("ignore")
+
+
+def _median_alternating(steps: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median milliseconds of each step, run alternately so machine load hits all alike."""
+    times = {name: [] for name in steps}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _row(section, name, baseline, ours, unit, target, better="lower", note=""):
+    ratio = ours / baseline if baseline else float("nan")
+    ok = ratio <= target if better == "lower" else ratio >= target
+    return {"section": section, "name": name, "baseline": round(baseline, 3), "ours": round(ours, 3),
+            "unit": unit, "ratio": round(ratio, 4), "target": f"{'<=' if better == 'lower' else '>='} {target}",
+            "pass": bool(ok) if target is not None else None, "note": note}
+
+
+def _sam_classifier(method: str, options: dict, img_size: int = 256):
+    import medadapt
+
+    model = medadapt.create_model("classification", backbone="medsam_vit_b", backbone_options={"img_size": img_size},
+                                  num_classes=3, method=method, method_options=options)
+    return model
+
+
+def bench_step(quick: bool) -> list[dict]:
+    """DKA vs Houlsby adapter training step (forward, backward, AdamW), same bottleneck."""
+    import medadapt
+
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 256, 256), torch.tensor([0, 2])
+    steps = {}
+    for method in ("adapter", "dka"):
+        model = _sam_classifier(method, {"bottleneck": 16}).train()
+        optimizer = torch.optim.AdamW(medadapt.param_groups(model))
+
+        def step(model=model, optimizer=optimizer):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        steps[method] = step
+    ms = _median_alternating(steps, repeats=2 if quick else 5)
+    return [_row("step", "DKA vs Houlsby step, SAM ViT-B 256x256, batch 2, bottleneck 16",
+                 ms["adapter"], ms["dka"], "ms", 1.10)]
+
+
+_MEMORY_CHILD = r"""
+import resource, sys, warnings, torch
+warnings.filterwarnings("ignore")
+import medadapt
+method, checkpointing = sys.argv[1], sys.argv[2] == "1"
+torch.manual_seed(0)
+model = medadapt.create_model("classification", backbone="medsam_vit_b", backbone_options={"img_size": 256},
+                              num_classes=3, method=method, method_options={"bottleneck": 16} if method == "dka" else {},
+                              gradient_checkpointing=checkpointing).train()
+optimizer = torch.optim.AdamW(medadapt.param_groups(model, lr_backbone=1e-5))
+x, y = torch.rand(2, 3, 256, 256), torch.tensor([0, 2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(2):
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024)
+"""
+
+
+def _peak_rss_mb(method: str, checkpointing: bool = False) -> float:
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, method, "1" if checkpointing else "0"],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    return float(out.stdout.split()[0])
+
+
+def bench_memory(quick: bool) -> list[dict]:
+    import medadapt
+
+    rows = []
+    full = _peak_rss_mb("full")
+    dka = _peak_rss_mb("dka")
+    rows.append(_row("memory", "peak RSS: DKA vs full fine-tuning, SAM ViT-B 256, batch 2", full, dka, "MB", 0.6))
+    checkpointed = _peak_rss_mb("dka", checkpointing=True)
+    rows.append(_row("memory", "peak RSS: DKA with vs without gradient checkpointing", dka, checkpointed, "MB", None,
+                     note="what checkpointing the frozen encoder saves"))
+    model = _sam_classifier("dka", {"bottleneck": 16})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = medadapt.save_adapters(model, Path(tmp) / "a")
+        adapter_bytes = (folder / "adapter_model.safetensors").stat().st_size
+        torch.save(model.state_dict(), Path(tmp) / "full.pt")
+        full_bytes = (Path(tmp) / "full.pt").stat().st_size
+    rows.append(_row("memory", "adapter file vs full checkpoint (DKA, SAM ViT-B)", full_bytes / 2**20,
+                     adapter_bytes / 2**20, "MiB", 0.01))
+    return rows
+
+
+def bench_cache(quick: bool) -> list[dict]:
+    """An epoch of linear probing / CLAdapter stage 1 on cached features vs through the encoder."""
+    import medadapt
+    from medadapt.engine.features import cache_features, head_forward, output_adapter
+
+    rows = []
+    batches = [(torch.rand(4, 3, 256, 256), torch.randint(0, 3, (4,))) for _ in range(2 if quick else 4)]
+    for method, options in (("linear", {}), ("cladapter", {"num_clusters": 20, "bottleneck": 64})):
+        model = medadapt.create_model("classification", backbone="litemedsam", num_classes=3, method=method,
+                                      method_options=options)
+        optimizer = torch.optim.AdamW(medadapt.param_groups(model))
+        adapter = output_adapter(model)
+        cached = cache_features(model, batches)
+
+        def plain_epoch():
+            model.train()
+            for x, y in batches:
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+
+        def cached_epoch():
+            model.train()
+            for f, y in cached:
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(head_forward(model, f, adapter), y).backward()
+                optimizer.step()
+
+        ms = _median_alternating({"plain": plain_epoch, "cached": cached_epoch}, repeats=1 if quick else 3, warmup=0)
+        rows.append(_row("cache", f"{method}: cached epoch vs encoder epoch (LiteMedSAM, {len(batches)} batches of 4)",
+                         ms["plain"], ms["cached"], "ms", None, note=f"speed-up {ms['plain'] / ms['cached']:.0f}x"))
+    return rows
+
+
+def bench_window(quick: bool) -> list[dict]:
+    """Sliding-window pipeline overhead with the default dka_brats model, and seconds per volume."""
+    import medadapt
+    from monai.inferers import SlidingWindowInferer
+    from monai.data.utils import dense_patch_slices
+
+    roi = (64, 64, 4)
+    model = medadapt.create_model("segmentation3d", backbone="litemedsam", num_classes=3, in_channels=4,
+                                  num_slices=roi[2], multilabel=True, method="dka",
+                                  method_options={"bottleneck": 16}).eval()
+    # A crop of a BraTS-sized volume keeps the measurement short; the per-window cost is what scales.
+    volume = torch.rand(1, 4, 96, 96, 8 if quick else 12)
+    inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=2, overlap=0.25, mode="gaussian")
+    slices = dense_patch_slices(volume.shape[2:], roi, [max(1, int(r * 0.75)) for r in roi])
+    windows = [volume[(slice(None), slice(None), *s)] for s in slices]
+
+    def pipeline():
+        with torch.no_grad():
+            inferer(volume, model)
+
+    def bare():
+        with torch.no_grad():
+            for i in range(0, len(windows), 2):
+                model(torch.cat(windows[i:i + 2]))
+
+    ms = _median_alternating({"bare": bare, "pipeline": pipeline}, repeats=1 if quick else 2, warmup=0)
+    brats = dense_patch_slices((240, 240, 155), roi, [max(1, int(r * 0.75)) for r in roi])
+    per_window = ms["bare"] / len(windows) / 1e3
+    return [
+        _row("window", f"sliding window vs bare forward over the same {len(windows)} windows (LiteMedSAM DKA, roi {roi})",
+             ms["bare"], ms["pipeline"], "ms", 1.15),
+        {"section": "window", "name": f"projected seconds per BraTS volume 4x240x240x155 ({len(brats)} windows)",
+         "baseline": None, "ours": round(per_window * len(brats) * ms["pipeline"] / ms["bare"], 1), "unit": "s",
+         "ratio": None, "target": None, "pass": None,
+         "note": "per-window time measured above times the window count; 2 CPU cores"},
+    ]
+
+
+def bench_demo(quick: bool) -> list[dict]:
+    """Peak RSS and wall time of one training epoch of the main command on its demo data."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/dka_brats/train.json",
+                        "--max_epochs", "1", "--output_dir", tmp], cwd=REPO, check=True, capture_output=True,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return [{"section": "demo", "name": "dka_brats demo: one training epoch + validation (LiteMedSAM)",
+             "baseline": None, "ours": round(peak, 1), "unit": "MB peak RSS", "ratio": None, "target": None,
+             "pass": None, "note": f"{seconds:.0f} s wall time"}]
+
+
+def bench_dwconv(quick: bool) -> list[dict]:
+    import perf_dwconv
+
+    rows = []
+    for r in perf_dwconv.run(quick=quick):
+        target = r.get("target")
+        rows.append({"section": "dwconv", "name": f"{r['name']} ({r['shape']}, kernel {r['kernel']})",
+                     "baseline": r["torch_ms"], "ours": r["medadapt_ms"], "unit": "ms",
+                     "ratio": round(r["medadapt_ms"] / r["torch_ms"], 4), "target": f">= {target}x speed-up",
+                     "pass": r["pass"], "note": f"{r['speedup']:.1f}x faster"})
+    return rows
+
+
+SECTIONS = {"dwconv": bench_dwconv, "step": bench_step, "memory": bench_memory, "cache": bench_cache,
+            "window": bench_window, "demo": bench_demo}
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| section | comparison | baseline | medadapt | unit | ratio | target | pass | note |",
+             "|---|---|---:|---:|---|---:|---|---|---|"]
+    for r in rows:
+        passed = "" if r["pass"] is None else ("yes" if r["pass"] else "NO")
+        cells = [r["section"], r["name"], r["baseline"], r["ours"], r["unit"], r["ratio"], r["target"] or "",
+                 passed, r.get("note", "")]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs")
+    parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.only or list(SECTIONS):
+        print(f"== {name}", flush=True)
+        section_rows = SECTIONS[name](args.quick)
+        for r in section_rows:
+            print(f"   {r['name']}: {r['ours']} {r['unit']} (ratio {r['ratio']}, target {r['target']})", flush=True)
+        rows += section_rows
+    RESULTS.mkdir(exist_ok=True)
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, command: "
+              f"`python benchmarks/run.py{' --quick' if args.quick else ''}"
+              f"{' --only ' + ' '.join(args.only) if args.only else ''}`\n\n")
+    suffix = "" if not args.only else "_" + "_".join(args.only)
+    (RESULTS / f"perf{suffix}.md").write_text(header + to_markdown(rows) + "\n")
+    (RESULTS / f"perf{suffix}.json").write_text(json.dumps(rows, indent=1))
+    print(to_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
