@@ -56,10 +56,13 @@ def _median_alternating(steps: dict, repeats: int, warmup: int = 1) -> dict:
 
 def _row(section, name, baseline, ours, unit, target, better="lower", note=""):
     ratio = ours / baseline if baseline else float("nan")
+    if target is None:
+        return {"section": section, "name": name, "baseline": round(baseline, 3), "ours": round(ours, 3),
+                "unit": unit, "ratio": round(ratio, 4), "target": None, "pass": None, "note": note}
     ok = ratio <= target if better == "lower" else ratio >= target
     return {"section": section, "name": name, "baseline": round(baseline, 3), "ours": round(ours, 3),
             "unit": unit, "ratio": round(ratio, 4), "target": f"{'<=' if better == 'lower' else '>='} {target}",
-            "pass": bool(ok) if target is not None else None, "note": note}
+            "pass": bool(ok), "note": note}
 
 
 def _sam_classifier(method: str, options: dict, img_size: int = 256):
