@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from medadapt.backbones import Backbone
 from medadapt.io import atomic_path
-from medadapt.models.classifier import fit_to_backbone
+from medadapt.models.classifier import backbone_input, fit_to_backbone
 from medadapt.models.volume import VolumeSegmenter
 
 __all__ = [
@@ -60,38 +60,6 @@ TITLE_THRESHOLDS = (0.2, 0.5, 0.99)
 
 # ----------------------------------------------------------------------------- features
 
-def _backbone_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The task model's path from a [0, 1] image to the backbone input: stem, resize, preprocess."""
-    stem = getattr(model, "stem", None)
-    if stem is not None:
-        x = stem(x)
-    x = fit_to_backbone(x, model.backbone)
-    if getattr(model, "preprocess", False):
-        x = model.backbone.preprocess(x)
-    return x
-
-
-def _volume_feature_maps(model: VolumeSegmenter, x: torch.Tensor) -> list[torch.Tensor]:
-    # Mirrors VolumeSegmenter.forward up to the encoder (tests hold the two together).
-    if x.ndim != 5:
-        raise ValueError(f"VolumeSegmenter expects (B, C, X, Y, Z) volumes, got shape {tuple(x.shape)}")
-    axis = 2 + model.slice_axis
-    if x.shape[axis] != model.num_slices:
-        raise ValueError(f"volume has {x.shape[axis]} slices on axis {model.slice_axis}; the model was "
-                         f"built for num_slices={model.num_slices}")
-    stack = x.movedim(axis, 2)
-    b, c, s, h, w = stack.shape
-    slices = model.stem(stack.transpose(1, 2).reshape(b * s, c, h, w))
-    size = model.backbone.img_size
-    if size is not None and (h, w) != (size, size):
-        slices = F.interpolate(slices, size=(size, size), mode="bilinear", align_corners=False)
-    if model.preprocess:
-        # Per volume, as the model normalises (min-max presets see the whole volume).
-        volume = slices.reshape(b, s, *slices.shape[1:]).transpose(1, 2)
-        slices = model.backbone.preprocess(volume).transpose(1, 2).reshape(slices.shape)
-    return [f.reshape(b, s, *f.shape[1:]).transpose(1, 2) for f in model.backbone.forward_features(slices)]
-
-
 def feature_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The backbone's feature maps for input ``x``, reached through the model's own input path.
 
@@ -103,11 +71,12 @@ def feature_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
       x: the model's input, (B, C, H, W) or (B, C, X, Y, Z) for a VolumeSegmenter.
     """
     if isinstance(model, VolumeSegmenter):
-        return _volume_feature_maps(model, x)
+        return model.slice_features(x)
     if isinstance(model, Backbone):
         return model.forward_features(model.preprocess(fit_to_backbone(x, model)))
     if isinstance(getattr(model, "backbone", None), Backbone):
-        return model.backbone.forward_features(_backbone_input(model, x))
+        return model.backbone.forward_features(
+            backbone_input(x, getattr(model, "stem", nn.Identity()), model.backbone, getattr(model, "preprocess", False)))
     out = model(x)
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

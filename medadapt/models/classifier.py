@@ -18,6 +18,12 @@ def fit_to_backbone(x: torch.Tensor, backbone: Backbone) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def backbone_input(x: torch.Tensor, stem: nn.Module, backbone: Backbone, preprocess: bool) -> torch.Tensor:
+    """A task model's path from a [0, 1] image to its backbone: channel mapping, resize, preset."""
+    x = fit_to_backbone(stem(x), backbone)
+    return backbone.preprocess(x) if preprocess else x
+
+
 class Classifier(nn.Module):
     """Backbone features, mean-pooled over the grid, into a linear head.
 
@@ -44,10 +50,7 @@ class Classifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.out_channels, num_classes))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = fit_to_backbone(self.stem(x), self.backbone)
-        if self.preprocess:
-            x = self.backbone.preprocess(x)
-        return self.backbone(x)
+        return self.backbone(backbone_input(x, self.stem, self.backbone, self.preprocess))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(2).mean(dim=-1))

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medadapt.backbones import Backbone
-from medadapt.models.classifier import fit_to_backbone
+from medadapt.models.classifier import backbone_input
 from medadapt.models.decoder import PyramidDecoder
 from medadapt.models.stem import make_stem
 
@@ -41,8 +41,6 @@ class Segmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        x = fit_to_backbone(self.stem(x), self.backbone)
-        if self.preprocess:
-            x = self.backbone.preprocess(x)
+        x = backbone_input(x, self.stem, self.backbone, self.preprocess)
         logits = self.decoder(self.backbone.forward_features(x))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

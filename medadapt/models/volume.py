@@ -47,7 +47,8 @@ class VolumeSegmenter(nn.Module):
         self.multilabel = multilabel
         self.preprocess = preprocess
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def slice_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's maps for every slice of ``x``, stacked as (B, C, S, h, w) per level."""
         if x.ndim != 5:
             raise ValueError(f"VolumeSegmenter expects (B, C, X, Y, Z) volumes, got shape {tuple(x.shape)}")
         axis = 2 + self.slice_axis
@@ -62,9 +63,13 @@ class VolumeSegmenter(nn.Module):
         if size is not None and (h, w) != (size, size):
             slices = F.interpolate(slices, size=(size, size), mode="bilinear", align_corners=False)
         if self.preprocess:
+            # Per volume: min-max presets see the whole volume, not each slice alone.
             volume = slices.reshape(b, s, *slices.shape[1:]).transpose(1, 2)
             slices = self.backbone.preprocess(volume).transpose(1, 2).reshape(slices.shape)
-        features = [f.reshape(b, s, *f.shape[1:]).transpose(1, 2) for f in self.backbone.forward_features(slices)]
-        logits = self.decoder(features)
-        logits = F.interpolate(logits, size=(s, h, w), mode="trilinear", align_corners=False)
-        return logits.movedim(2, axis)
+        return [f.reshape(b, s, *f.shape[1:]).transpose(1, 2) for f in self.backbone.forward_features(slices)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(self.slice_features(x))
+        stack_shape = x.movedim(2 + self.slice_axis, 2).shape[2:]
+        logits = F.interpolate(logits, size=tuple(stack_shape), mode="trilinear", align_corners=False)
+        return logits.movedim(2, 2 + self.slice_axis)
