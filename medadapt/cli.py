@@ -17,6 +17,7 @@ _SUBCOMMANDS = [
     "medadapt.data.cli",
     "medadapt.analysis.cli",
     "medadapt.monailabel.cli",
+    "medadapt.protocol.cli",
 ]
 
 

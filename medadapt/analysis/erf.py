@@ -27,7 +27,6 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from medadapt.backbones import Backbone
 from medadapt.io import atomic_path

@@ -40,10 +40,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--studies", required=True, help="folder of images (NIfTI, PNG, JPG) to annotate")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--bundle-root", default="bundles", help="folder of medadapt bundles to serve (default bundles)")
-    parser.add_argument("--runs", default="runs", help="training outputs: <runs>/<bundle>/models/best_adapters (default runs)")
-    parser.add_argument("--config", default=None, help="JSON model config replacing the default models (see medadapt.monailabel.specs)")
-    parser.add_argument("--app-dir", default=None, help="MONAI Label app folder to write (default <runs>/monailabel_app)")
+    parser.add_argument("--bundle-root", default="bundles",
+                        help="folder of medadapt bundles to serve (default bundles)")
+    parser.add_argument("--runs", default="runs",
+                        help="training outputs: <runs>/<bundle>/models/best_adapters (default runs)")
+    parser.add_argument("--config", default=None,
+                        help="JSON model config replacing the default models (see medadapt.monailabel.specs)")
+    parser.add_argument("--app-dir", default=None,
+                        help="MONAI Label app folder to write (default <runs>/monailabel_app)")
     parser.add_argument("--dry-run", action="store_true", help="print the server command and exit")
     parser.set_defaults(func=run)
     return parser

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +29,13 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from medadapt.monailabel.errors import InvalidInput
-from medadapt.monailabel.imagefiles import ImageFileError, ImageFileInfo, inspect_image_file, write_nifti_label, write_png_label
+from medadapt.monailabel.imagefiles import (
+    ImageFileError,
+    ImageFileInfo,
+    inspect_image_file,
+    write_nifti_label,
+    write_png_label,
+)
 from medadapt.monailabel.labelmaps import (
     brats_label_map,
     brats_label_names,
@@ -41,6 +49,7 @@ from medadapt.monailabel.specs import AdapterState, ModelSpec
 logger = logging.getLogger("medadapt.monailabel")
 
 INPUT_INFO = "medadapt_input"  # data key of the checked input's ImageFileInfo
+ADAPTERS_USED = "medadapt_adapters"  # data key of the AdapterState (or None) the label came from
 _HEAD = {
     "classification": "the classification head is untrained, so its classes mean nothing until training",
     "segmentation": "the segmentation decoder is untrained, so its masks mean nothing until training",
@@ -94,7 +103,10 @@ class AdapterInferTask(BasicInferTask):
     # ------------------------------------------------------------------ info
     def describe(self, state: AdapterState | None) -> str:
         backbone = self.spec.model.get("backbone", "litemedsam")
-        backbone = f"pretrained {backbone}" if self.spec.pretrained else f"{backbone} (random weights: no backbone_checkpoint)"
+        if self.spec.pretrained:
+            backbone = f"pretrained {backbone}"
+        else:
+            backbone = f"{backbone} (random weights: no backbone_checkpoint)"
         if state is not None:
             method = _adapter_method(state.folder) or self.spec.method
             return (f"{self.spec.description}. Serving the {backbone} with the trained {method} "
@@ -139,6 +151,22 @@ class AdapterInferTask(BasicInferTask):
         data[INPUT_INFO] = info
         return data
 
+    def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cpu") -> dict:
+        network = self._get_network(device, data)
+        data[ADAPTERS_USED] = self._networks[device][1]
+        # Plain tensors into the network: the metadata stays on data["image"] for inversion,
+        # and custom ops need not handle MONAI's MetaTensor.
+        image = data[self.input_key]
+        image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        with torch.no_grad():
+            output = self.forward(network, image[None].to(torch.device(device)), data)
+        data[self.output_label_key] = output[0].detach().cpu()
+        return data
+
+    def forward(self, network: torch.nn.Module, batch: torch.Tensor, data: dict) -> torch.Tensor:
+        """The network on a batch of one input, through the task's inferer."""
+        return self.inferer(data)(batch, network)
+
     def post_transforms(self, data: dict | None = None) -> list[Callable]:
         return [self.postprocess]
 
@@ -146,7 +174,7 @@ class AdapterInferTask(BasicInferTask):
         raise NotImplementedError
 
     def result_json(self, data: dict) -> dict[str, Any]:
-        state = self.spec.current_adapters()
+        state: AdapterState | None = data.get(ADAPTERS_USED)
         info: ImageFileInfo = data[INPUT_INFO]
         return {"model": self.spec.name, "trained": state is not None,
                 "adapters": state.folder if state else None, "input_shape": list(info.spatial_shape)}
@@ -154,7 +182,8 @@ class AdapterInferTask(BasicInferTask):
     def writer(self, data: dict, extension=None, dtype=None) -> tuple[Any, dict]:
         label = data[self.output_label_key]
         suffix = ".nii.gz" if self.kind == "3d" else ".png"
-        path = tempfile.NamedTemporaryFile(suffix=suffix, prefix="medadapt_label_", delete=False).name
+        handle, path = tempfile.mkstemp(suffix=suffix, prefix="medadapt_label_")
+        os.close(handle)  # MONAI Label deletes the file after sending it
         if self.kind == "3d":
             write_nifti_label(label, data[INPUT_INFO].affine, path)
         else:
@@ -290,16 +319,13 @@ class BoxSegmentationTask(ImageSegmentationTask):
         data["box"] = parse_box(data.get("box"), width, height, self.spec.name)
         return data
 
-    def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cpu") -> dict:
-        network = self._get_network(device, data)
-        image = torch.as_tensor(data[self.input_key])[None].to(torch.device(device))
+    def forward(self, network: torch.nn.Module, batch: torch.Tensor, data: dict) -> torch.Tensor:
+        # The box is in pixels of the original image; the model sees the resized one.
         height, width = data[INPUT_INFO].spatial_shape
-        size_y, size_x = image.shape[-2:]
+        size_y, size_x = batch.shape[-2:]
         scale = torch.tensor([size_x / width, size_y / height, size_x / width, size_y / height])
-        boxes = (torch.tensor([data["box"]], dtype=torch.float32) * scale).to(image.device)
-        with torch.no_grad():
-            data[self.output_label_key] = network(image, boxes)[0].cpu()
-        return data
+        boxes = (torch.tensor([data["box"]], dtype=torch.float32) * scale).to(batch.device)
+        return network(batch, boxes)
 
     def result_json(self, data: dict) -> dict[str, Any]:
         return {**super().result_json(data), "box": data["box"]}
@@ -307,7 +333,8 @@ class BoxSegmentationTask(ImageSegmentationTask):
 
 def parse_box(box: Any, width: int, height: int, model: str) -> list[float]:
     """A valid [x0, y0, x1, y1] inside a ``width`` x ``height`` image, or InvalidInput."""
-    usage = f'send params {{"box": [x0, y0, x1, y1]}} in image pixels (0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height})'
+    usage = (f'send params {{"box": [x0, y0, x1, y1]}} in image pixels '
+             f'(0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height})')
     if box is None:
         raise InvalidInput(f"model {model!r} needs a box prompt: {usage}", 400)
     if isinstance(box, str):

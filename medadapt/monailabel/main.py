@@ -120,7 +120,8 @@ class MedAdaptApp(MONAILabelApp):
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         model = request.get("model")
         if model not in self._trainers:
-            raise http_error(InvalidInput(f"no training task {model!r}; this server trains {sorted(self._trainers)}", 404))
+            message = f"no training task {model!r}; this server trains {sorted(self._trainers)}"
+            raise http_error(InvalidInput(message, 404))
         try:
             return super().train(request)
         except MONAILabelException as error:

@@ -135,7 +135,8 @@ class ModelSpec:
     @property
     def pretrained(self) -> bool:
         """Whether the backbone starts from real weights (else create_backbone warns: random)."""
-        return bool(self.model.get("backbone_checkpoint")) or self.model.get("backbone", "litemedsam") in BUNDLED_WEIGHTS
+        backbone = self.model.get("backbone", "litemedsam")
+        return bool(self.model.get("backbone_checkpoint")) or backbone in BUNDLED_WEIGHTS
 
     @property
     def label_adapters(self) -> str:
@@ -213,7 +214,7 @@ class ModelSpec:
 
     # ------------------------------------------------------------------ readers
     @classmethod
-    def from_dict(cls, name: str, data: dict[str, Any], runs: str | Path) -> "ModelSpec":
+    def from_dict(cls, name: str, data: dict[str, Any], runs: str | Path) -> ModelSpec:
         """A spec from a JSON config entry; ``adapters`` defaults to the bundle layout."""
         allowed = {f.name for f in fields(cls)} - {"name", "preprocessing", "source"}
         unknown = set(data) - allowed

@@ -131,13 +131,14 @@ class AdapterTrainTask(TrainTask):
         from medadapt.checkpoint import read_adapter_config
 
         state = self.spec.current_adapters()
-        if options["init"] == "served" and state is not None and not options["method_options"]:
-            if read_adapter_config(state.folder)["method"] == options["method"]:
-                return self.spec.build_model(state.folder), state.folder
+        if (options["init"] == "served" and state is not None and not options["method_options"]
+                and read_adapter_config(state.folder)["method"] == options["method"]):
+            return self.spec.build_model(state.folder), state.folder
         return self.spec.build_model(None, method=options["method"],
                                      method_options=options["method_options"] or None), "fresh"
 
-    def fit(self, model: torch.nn.Module, pairs: list[dict], options: dict[str, Any], device: torch.device) -> list[float]:
+    def fit(self, model: torch.nn.Module, pairs: list[dict], options: dict[str, Any],
+            device: torch.device) -> list[float]:
         """The training loop; the mean loss of each epoch."""
         from monai.data import DataLoader, Dataset
         from monai.losses import DiceCELoss
@@ -158,7 +159,8 @@ class AdapterTrainTask(TrainTask):
         for epoch in range(options["max_epochs"]):
             total, batches = 0.0, 0
             for batch in loader:
-                image, label = batch["image"].to(device), batch["label"].to(device)
+                # Plain tensors: the loop needs no metadata, and custom ops need not handle MetaTensor.
+                image, label = (batch[k].as_subclass(torch.Tensor).to(device) for k in ("image", "label"))
                 if self.spec.task == "box_segmentation":
                     boxes = boxes_from_masks(label.cpu(), jitter=int(options["box_jitter"]), generator=generator)
                     logits = model(image, boxes.to(device))
@@ -168,7 +170,7 @@ class AdapterTrainTask(TrainTask):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                total, batches = total + float(loss), batches + 1
+                total, batches = total + loss.item(), batches + 1
             losses.append(total / max(batches, 1))
             logger.info("%s epoch %d/%d: loss %.4f", self.spec.name, epoch + 1, options["max_epochs"], losses[-1])
         return losses
