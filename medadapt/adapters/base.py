@@ -86,7 +86,9 @@ class TokenLayout:
         else:
             grid = t
         n, h, w, c = grid.shape
-        m = grid.permute(0, 3, 1, 2)
+        # Plain tensors inside: MONAI's MetaTensor metadata describes images, not these grids,
+        # and its batch bookkeeping breaks on the reshapes below.
+        m = grid.permute(0, 3, 1, 2).as_subclass(torch.Tensor)
         if self.spatial_dims == 3:
             per_volume = self.num_slices * self.items
             if n % per_volume:

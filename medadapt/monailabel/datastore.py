@@ -15,7 +15,7 @@ from typing import Any
 from monailabel.datastore.local import LocalDatastore
 
 from medadapt.monailabel.errors import InvalidInput, http_error
-from medadapt.monailabel.imagefiles import ImageFileError, inspect_image_file
+from medadapt.monailabel.imagefiles import ImageFileError, discard_upload, inspect_image_file
 
 logger = logging.getLogger("medadapt.monailabel")
 
@@ -35,10 +35,9 @@ class CheckedDatastore(LocalDatastore):
         try:
             check_id(image_id)
             inspect_image_file(image_filename, read_data=True, name=f"uploaded image {image_id!r}")
-        except InvalidInput as error:
-            raise http_error(error) from None
-        except ImageFileError as error:
-            raise http_error(InvalidInput(f"upload refused: {error}", error.status)) from None
+        except (InvalidInput, ImageFileError) as error:
+            discard_upload(image_filename)
+            raise _refusal(error, "upload refused") from None
         return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
@@ -53,9 +52,14 @@ class CheckedDatastore(LocalDatastore):
                 raise InvalidInput(
                     f"label refused: a label for {image_id!r} must be a {image.kind.upper()} label map of shape "
                     f"{image.spatial_shape}, got {label.kind.upper()} of shape {label.spatial_shape}", 422)
-        except InvalidInput as error:
-            raise http_error(error) from None
-        except ImageFileError as error:
-            raise http_error(InvalidInput(f"label refused: {error}", error.status)) from None
+        except (InvalidInput, ImageFileError) as error:
+            discard_upload(label_filename)
+            raise _refusal(error, "label refused") from None
         return super().save_label(image_id, label_filename, label_tag, label_info)
+
+
+def _refusal(error: InvalidInput | ImageFileError, what: str):
+    if isinstance(error, ImageFileError):
+        error = InvalidInput(f"{what}: {error}", error.status)
+    return http_error(error)
 

@@ -8,6 +8,9 @@ type but cannot be read. Upstream MONAI Label stores any upload as is and fails 
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +128,34 @@ def _inspect_3d(path: Path, name: str, read_data: bool) -> ImageFileInfo:
         raise ImageFileError(f"{name}: expected a 3D volume or a 4D volume with channels last, got shape {shape}")
     channels = shape[3] if len(shape) == 4 else 1
     return ImageFileInfo(str(path), "3d", shape[:3], channels, np.asarray(image.affine, dtype=np.float64))
+
+
+def is_upload(path: str | Path, max_age: float | None = None) -> bool:
+    """Whether ``path`` looks like the temporary file MONAI Label writes for an uploaded
+    request file (``<tempdir>/tmpXXXXXXXX<ext>``), written within ``max_age`` seconds.
+
+    A client can also send such a path as an image id; the age limit keeps that from
+    reaching files other than the uploads of requests now being handled.
+    """
+    path = Path(path)
+    if not (path.is_absolute() and path.parent == Path(tempfile.gettempdir()) and path.name.startswith("tmp")):
+        return False
+    if max_age is None:
+        return True
+    try:
+        return path.is_file() and time.time() - path.stat().st_mtime < max_age
+    except OSError:
+        return False
+
+
+def discard_upload(path: str | Path | None) -> None:
+    """Delete a refused upload: MONAI Label removes its temporary copies in background tasks
+    that never run when the request fails, so without this every refused upload stays."""
+    if path and is_upload(path):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def write_png_label(label: np.ndarray, path: str | Path) -> Path:

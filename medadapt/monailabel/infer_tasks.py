@@ -33,6 +33,7 @@ from medadapt.monailabel.imagefiles import (
     ImageFileError,
     ImageFileInfo,
     inspect_image_file,
+    is_upload,
     write_nifti_label,
     write_png_label,
 )
@@ -139,8 +140,7 @@ class AdapterInferTask(BasicInferTask):
         path = data.get("image")
         if not isinstance(path, str) or not path:
             raise InvalidInput(f"model {self.spec.name!r} needs an image: a datastore id or an uploaded file", 400)
-        uploaded = Path(path).parent == Path(tempfile.gettempdir())
-        name = "the uploaded file" if uploaded else Path(path).name
+        name = "the uploaded file" if is_upload(path) else Path(path).name
         try:
             info = inspect_image_file(path, name=name)
         except ImageFileError as error:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
@@ -37,13 +35,14 @@ from monailabel.tasks.activelearning.random import Random
 import medadapt
 from medadapt.monailabel.datastore import CheckedDatastore
 from medadapt.monailabel.errors import InvalidInput, http_error
-from medadapt.monailabel.imagefiles import DATASTORE_PATTERNS
+from medadapt.monailabel.imagefiles import DATASTORE_PATTERNS, discard_upload, is_upload
 from medadapt.monailabel.infer_tasks import make_infer_task
 from medadapt.monailabel.specs import ModelSpec, load_specs
 from medadapt.monailabel.train_task import AdapterTrainTask
 
 logger = logging.getLogger("medadapt.monailabel")
 
+UPLOAD_MAX_AGE = 60.0  # s: MONAI Label writes an upload to a temporary file just before infer()
 # App option -> (environment variable, default).
 OPTIONS = {
     "bundles": ("MEDADAPT_LABEL_BUNDLES", "bundles"),
@@ -103,19 +102,31 @@ class MedAdaptApp(MONAILabelApp):
     # ------------------------------------------------------------------ request checks
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """Upstream's infer, with unknown models / images and bad input answered by 4xx."""
+        uploads = [request[k] for k in ("image", "label")
+                   if isinstance(request.get(k), str) and is_upload(request[k], UPLOAD_MAX_AGE)]
+        try:
+            self._check_request(request, datastore, uploads)
+            return super().infer(request, datastore)
+        except Exception as error:  # re-raised: only the uploads are cleaned up here
+            # MONAI Label deletes uploads in background tasks that only run after a success.
+            for path in uploads:
+                discard_upload(path)
+            if isinstance(error, MONAILabelException):
+                raise http_error(error) from error
+            raise
+
+    def _check_request(self, request: dict[str, Any], datastore: Datastore | None, uploads: list[str]) -> None:
         model = request.get("model")
         if model not in self._infers:
-            raise HTTPException(404, f"unknown model {model!r}; this server has {sorted(self._infers)}")
+            raise InvalidInput(f"unknown model {model!r}; this server has {sorted(self._infers)}", 404)
         image = request.get("image")
-        if isinstance(image, str) and not self._is_upload(image, request):
+        # Uploads arrive as fresh temporary files; any other path is taken as an image id, so
+        # a client cannot make the server read files of its own choosing.
+        if isinstance(image, str) and image not in uploads and not request.get("session"):
             store = datastore or self.datastore()
             if not store.get_image_uri(image):
-                raise HTTPException(404, f"unknown image {image!r}: not in the datastore "
-                                         "(GET /datastore/?output=all lists the image ids)")
-        try:
-            return super().infer(request, datastore)
-        except MONAILabelException as error:
-            raise http_error(error) from error
+                raise InvalidInput(f"unknown image {image!r}: not in the datastore "
+                                   "(GET /datastore/?output=all lists the image ids)", 404)
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         model = request.get("model")
@@ -133,12 +144,3 @@ class MedAdaptApp(MONAILabelApp):
         if model and model not in self._trainers and model not in self._infers:
             raise HTTPException(404, f"unknown model {model!r}; this server trains {sorted(self._trainers)}")
         return None
-
-    @staticmethod
-    def _is_upload(image: str, request: dict[str, Any]) -> bool:
-        """Files uploaded with the request arrive as temporary files; any other path is
-        treated as an image id, so a client cannot make the server read its own files."""
-        if request.get("session"):
-            return True
-        path = Path(image)
-        return path.is_absolute() and path.parent == Path(tempfile.gettempdir()) and path.is_file()

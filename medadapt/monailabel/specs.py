@@ -108,10 +108,11 @@ class ModelSpec:
             if not self.roi_size or len(self.roi_size) != 3:
                 raise ValueError(f"model {self.name!r}: a volume model needs roi_size (3 numbers)")
             self.roi_size = tuple(int(s) for s in self.roi_size)
-            self.model.setdefault("num_slices", self.roi_size[2])
-            if int(self.model["num_slices"]) != self.roi_size[2]:
+            axis = int(self.model.get("slice_axis", 2))
+            self.model.setdefault("num_slices", self.roi_size[axis])
+            if int(self.model["num_slices"]) != self.roi_size[axis]:
                 raise ValueError(f"model {self.name!r}: num_slices={self.model['num_slices']} must equal "
-                                 f"roi_size[2]={self.roi_size[2]} (the patch depth)")
+                                 f"roi_size[{axis}]={self.roi_size[axis]} (the patch depth on the slice axis)")
         if self.pixdim is not None:
             self.pixdim = tuple(float(p) for p in self.pixdim)
         if not self.labels:

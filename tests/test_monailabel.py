@@ -1,0 +1,454 @@
+"""MONAI Label integration: a real server started by ``medadapt label``, real HTTP requests.
+
+The studies folder holds real anatomy: the MNI152 T1 template (nilearn, shipped with the
+package) down-sampled to 4 mm and stacked into a 4-channel volume standing in for BraTS'
+four sequences (with its x axis flipped, so the orientation handling is exercised), an axial
+MNI slice as PNG, and a corrupt "PNG". The volume, 2D segmentation and classification models
+are tiny ConvNeXt-atto networks built through the real code paths from a fixed backbone
+checkpoint written here; the box-prompted model is the real LiteMedSAM (256 px).
+
+These tests need the ``[label]`` extra; without it they fail (they are not skipped) with a
+message saying so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import medadapt
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONVNEXT = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
+STARTUP_TIMEOUT = 180  # s; the server usually answers /info/ within about 20 s
+pytestmark = pytest.mark.xdist_group("monailabel")  # with --dist loadgroup: one server for the file
+
+
+def _require_monailabel() -> None:
+    if importlib.util.find_spec("monailabel") is None:
+        pytest.fail("monailabel is not installed: the MONAI Label tests need the [label] extra "
+                    "(pip install -e '.[label]')", pytrace=False)
+
+
+# ---------------------------------------------------------------------------- test data
+def _write_studies(folder: Path) -> dict:
+    """MNI volume (4 channels), MNI slice PNG, corrupt PNG; returns their facts."""
+    import nibabel as nib
+    from nilearn import datasets
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    t1 = datasets.load_mni152_template(resolution=2)
+    data = t1.get_fdata().astype(np.float32)
+    small = data[::2, ::2, ::2]  # 4 mm: (50, 59, 48)
+    small = small / small.max()
+    volume = np.stack([small, small ** 0.8, small ** 1.2, np.sqrt(small)], axis=-1)
+    affine = t1.affine.copy()
+    affine[:3, :3] *= 2
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0]) @ affine  # LAS: Orientationd has real work to undo
+    nib.save(nib.Nifti1Image(volume, affine), folder / "mni_volume.nii.gz")
+
+    axial = data[:, :, 50].T[::-1]  # rows = anterior -> posterior, as a viewer shows it
+    axial = (255 * axial / axial.max()).astype(np.uint8)
+    Image.fromarray(axial).save(folder / "mni_slice.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG but not really an image")
+    ys, xs = np.nonzero(axial > 40)
+    return {
+        "volume_shape": volume.shape[:3],
+        "volume_affine": affine,
+        "slice_shape": axial.shape,
+        "slice": axial,
+        "brain_box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+    }
+
+
+def _tiny_backbone_checkpoint(path: Path, seed: int) -> Path:
+    """A fixed ConvNeXt-atto weights file: adapters are only valid on the base they trained on."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=0, **TINY_CONVNEXT)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _classifier_kwargs(checkpoint: Path) -> dict:
+    return {"backbone": "timm:convnext_atto", "backbone_checkpoint": str(checkpoint),
+            "backbone_options": TINY_CONVNEXT, "num_classes": 3, "method": "dka",
+            "method_options": {"bottleneck": 4}}
+
+
+def _save_trained_classifier(checkpoint: Path, folder: Path) -> None:
+    """An adapter folder as training leaves it: adapters and head moved away from their init."""
+    model = medadapt.create_model("classification", **_classifier_kwargs(checkpoint))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    medadapt.save_adapters(model, folder)
+
+
+def _write_config(root: Path, runs: Path) -> Path:
+    checkpoint = _tiny_backbone_checkpoint(root / "convnext_atto_tiny.safetensors", seed=0)
+    other_base = _tiny_backbone_checkpoint(root / "convnext_atto_other.safetensors", seed=1)
+    tiny = {"backbone": "timm:convnext_atto", "backbone_checkpoint": str(checkpoint),
+            "backbone_options": TINY_CONVNEXT, "method": "dka", "method_options": {"bottleneck": 4}}
+    # Trained adapters for one classifier, and adapters from another base for a second one.
+    _save_trained_classifier(checkpoint, runs / "cls_tiny" / "models" / "best_adapters")
+    _save_trained_classifier(other_base, runs / "cls_wrong_base" / "models" / "best_adapters")
+    config = {
+        "models": {
+            "brats_tiny": {"task": "segmentation3d", "dataset": "brats", "labels": ["TC", "WT", "ET"],
+                           "roi_size": [32, 32, 4], "pixdim": [5.0, 5.0, 5.0], "release": "2021", "sw_batch_size": 4,
+                           "model": {**tiny, "num_classes": 3, "in_channels": 4, "multilabel": True}},
+            "seg_tiny": {"task": "segmentation", "labels": ["lesion"], "image_size": 64,
+                         "model": {**tiny, "num_classes": 1, "multilabel": True}},
+            "cls_tiny": {"task": "classification", "labels": ["benign", "malignant", "normal"], "image_size": 64,
+                         "model": _classifier_kwargs(checkpoint)},
+            "cls_wrong_base": {"task": "classification", "labels": ["benign", "malignant", "normal"],
+                               "image_size": 64, "model": _classifier_kwargs(checkpoint)},
+        },
+        "include_box_model": True,
+    }
+    path = root / "models.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- the server
+class Server:
+    """A running ``medadapt label`` process and an HTTP session to it."""
+
+    def __init__(self, url: str, process: subprocess.Popen, log: Path, facts: dict, studies: Path, runs: Path):
+        import requests
+
+        self.url, self.process, self.log, self.facts, self.studies, self.runs = url, process, log, facts, studies, runs
+        self.http = requests.Session()
+        self.http.trust_env = False  # never route 127.0.0.1 through a proxy from the environment
+
+    def get(self, path: str, **kwargs):
+        return self.http.get(self.url + path, timeout=300, **kwargs)
+
+    def post(self, path: str, **kwargs):
+        return self.http.post(self.url + path, timeout=300, **kwargs)
+
+    def put(self, path: str, **kwargs):
+        return self.http.put(self.url + path, timeout=300, **kwargs)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _require_monailabel()
+    import requests
+
+    root = tmp_path_factory.mktemp("monailabel")
+    facts = _write_studies(root / "studies")
+    runs = root / "runs"
+    config = _write_config(root, runs)
+    port = _free_port()
+    log = root / "server.log"
+    env = {**os.environ, "MONAI_LABEL_SESSIONS": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)}
+    command = [sys.executable, "-m", "medadapt", "label", "--studies", str(root / "studies"), "--host", "127.0.0.1",
+               "--port", str(port), "--runs", str(runs), "--config", str(config),
+               "--bundle-root", str(root / "no_bundles")]
+    with open(log, "w") as out:
+        # A session of its own: teardown stops the launcher, the server and any training job together.
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    running = Server(url, process, log, facts, root / "studies", runs)
+    try:
+        deadline = time.time() + STARTUP_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{running.log_tail()}", pytrace=False)
+            try:
+                if running.get("/info/").status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"no answer from {url}/info/ within {STARTUP_TIMEOUT} s:\n{running.log_tail()}",
+                            pytrace=False)
+            time.sleep(0.5)
+        yield running
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _png(response) -> np.ndarray:
+    from PIL import Image
+
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def _nifti(response, folder: Path):
+    import nibabel as nib
+
+    assert response.status_code == 200, response.text
+    path = folder / "label.nii.gz"
+    path.write_bytes(response.content)
+    image = nib.load(str(path))
+    return np.asarray(image.dataobj), image.affine
+
+
+def _leftover_uploads(since: float, payloads: set[bytes]) -> list[Path]:
+    """Temporary copies of refused uploads still in the temp folder (MONAI Label's own cleanup
+    runs only after successful requests)."""
+    import tempfile
+
+    left = []
+    for path in Path(tempfile.gettempdir()).glob("tmp*"):
+        try:
+            if path.is_file() and path.stat().st_mtime >= since and path.read_bytes() in payloads:
+                left.append(path)
+        except OSError:
+            continue  # another process's file vanished meanwhile
+    return left
+
+
+def _box_params(box) -> dict:
+    return {"params": (None, json.dumps({"box": box}))}
+
+
+# ---------------------------------------------------------------------------- tests
+def test_info_lists_models_and_says_what_is_trained(server):
+    info = server.get("/info/").json()
+    models = info["models"]
+    assert set(models) == {"brats_tiny", "seg_tiny", "cls_tiny", "cls_wrong_base", "litemedsam_box"}
+    assert models["brats_tiny"]["dimension"] == 3 and models["seg_tiny"]["dimension"] == 2
+    assert models["brats_tiny"]["labels"] == {"necrotic tumour core": 1, "peritumoral edema": 2, "enhancing tumour": 4}
+    # No adapters trained: the fresh model is served and the description says so.
+    for name in ("brats_tiny", "seg_tiny", "litemedsam_box"):
+        assert models[name]["trained"] is False
+        assert "No trained adapters yet" in models[name]["description"]
+    assert "pretrained litemedsam" in models["litemedsam_box"]["description"]
+    assert models["cls_tiny"]["trained"] is True
+    assert models["cls_tiny"]["adapters"].endswith("cls_tiny/models/best_adapters")
+    # Classification labels cannot come from a label-image datastore: no trainer for it.
+    assert set(info["trainers"]) == {"brats_tiny", "seg_tiny", "litemedsam_box"}
+
+
+def test_volume_segmentation_returns_a_brats_label_map_of_the_volume(server, tmp_path):
+    data, affine = _nifti(server.post("/infer/brats_tiny", params={"image": "mni_volume", "output": "image"}), tmp_path)
+    # Resampled to 5 mm and RAS for the model, inverted back to the 4 mm LAS grid of the input.
+    assert data.shape == server.facts["volume_shape"]
+    np.testing.assert_allclose(affine, server.facts["volume_affine"], atol=1e-4)
+    assert set(np.unique(data).tolist()) <= {0, 1, 2, 4}
+
+
+def test_image_segmentation_returns_a_png_label_of_the_image_size(server):
+    label = _png(server.post("/infer/seg_tiny", params={"image": "mni_slice", "output": "image"}))
+    assert label.shape == server.facts["slice_shape"]
+    assert set(np.unique(label).tolist()) <= {0, 1}
+
+
+def test_classification_returns_scores_for_every_class(server):
+    response = server.post("/infer/cls_tiny", params={"image": "mni_slice", "output": "json"})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["trained"] is True
+    assert sorted(p["label"] for p in result["prediction"]) == ["benign", "malignant", "normal"]
+    assert sum(p["score"] for p in result["prediction"]) == pytest.approx(1.0, abs=1e-4)
+    assert result["class"] == result["prediction"][0]["label"]
+
+
+def test_box_prompt_segments_inside_the_box_with_real_litemedsam(server):
+    box = server.facts["brain_box"]
+    response = server.post("/infer/litemedsam_box", params={"image": "mni_slice", "output": "image"},
+                           files=_box_params(box))
+    mask = _png(response) > 0
+    assert mask.shape == server.facts["slice_shape"]
+    x0, y0, x1, y1 = box
+    inside = np.zeros_like(mask)
+    inside[y0:y1, x0:x1] = True
+    brain = server.facts["slice"] > 40
+    assert mask.sum() > 0.2 * inside.sum()  # a real part of the box
+    assert (mask & inside).sum() >= 0.95 * mask.sum()  # and (almost) nothing outside it
+    assert (mask & brain).sum() >= 0.9 * mask.sum()  # on the anatomy, not the background
+
+
+def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(server, tmp_path):
+    slice_png = (server.studies / "mni_slice.png").read_bytes()
+    garbage = os.urandom(512)
+    started = time.time() - 1
+    cases = [
+        ("unknown model", server.post("/infer/no_such_model", params={"image": "mni_slice"}), 404, "unknown model"),
+        ("unknown image", server.post("/infer/seg_tiny", params={"image": "no_such_image"}), 404, "unknown image"),
+        ("server path as id", server.post("/infer/seg_tiny", params={"image": str(server.studies / "mni_slice.png")}),
+         404, "unknown image"),
+        ("corrupt image", server.post("/infer/seg_tiny", params={"image": "corrupt"}), 422, "not a readable"),
+        ("2D model, volume", server.post("/infer/seg_tiny", params={"image": "mni_volume"}), 415, "PNG/JPG"),
+        ("3D model, image", server.post("/infer/brats_tiny", params={"image": "mni_slice"}), 415, "NIfTI"),
+        ("garbage upload", server.put("/datastore/", params={"image": "garbage"},
+                                      files={"file": ("garbage.nii.gz", garbage)}),
+         422, "not a readable NIfTI"),
+        ("text upload", server.put("/datastore/", files={"file": ("notes.txt", b"hello")}),
+         415, "unsupported file type"),
+        ("path as id", server.put("/datastore/", params={"image": "../escape"},
+                                  files={"file": ("x.png", slice_png)}), 400, "plain name"),
+        ("infer on garbage file", server.post("/infer/seg_tiny", params={"output": "image"},
+                                              files={"file": ("scan.png", b"garbage")}), 422, "uploaded file"),
+        ("box outside", server.post("/infer/litemedsam_box", params={"image": "mni_slice"},
+                                    files=_box_params([10, 10, 500, 60])), 422, "outside"),
+        ("box missing", server.post("/infer/litemedsam_box", params={"image": "mni_slice"}), 400, "needs a box"),
+        ("box malformed", server.post("/infer/litemedsam_box", params={"image": "mni_slice"},
+                                      files=_box_params(["a", 1, 2, 3])), 400, "four numbers"),
+        ("label of wrong shape", server.put("/datastore/label", params={"image": "mni_volume", "tag": "final"},
+                                            files={"label": ("mni_volume.png", slice_png)}), 422, "label refused"),
+        ("unknown trainer", server.post("/train/no_such_model", params={"run_sync": "true"}), 404, "unknown model"),
+    ]
+    for what, response, status, message in cases:
+        assert response.status_code == status, f"{what}: {response.status_code} {response.text}"
+        assert message in response.json()["detail"], f"{what}: {response.text}"
+    # Nothing bad was stored or left behind, and the server still answers good requests.
+    stored = server.get("/datastore/", params={"output": "all"}).json()["objects"]
+    assert set(stored) == {"mni_volume", "mni_slice", "corrupt"}
+    assert not _leftover_uploads(started, {garbage, b"hello", b"garbage", slice_png})
+    label = _png(server.post("/infer/seg_tiny", params={"image": "mni_slice", "output": "image"}))
+    assert label.shape == server.facts["slice_shape"]
+
+
+def test_adapters_from_another_base_are_refused_loudly(server):
+    response = server.post("/infer/cls_wrong_base", params={"image": "mni_slice", "output": "json"})
+    assert response.status_code == 500
+    assert "base model differs" in response.json()["detail"]
+    assert server.post("/infer/cls_tiny", params={"image": "mni_slice", "output": "json"}).status_code == 200
+
+
+def test_parallel_requests_all_succeed(server, tmp_path):
+    requests_ = [
+        ("seg_tiny", {}, None),
+        ("brats_tiny", {}, None),
+        ("litemedsam_box", _box_params(server.facts["brain_box"]), None),
+        ("cls_tiny", {}, "json"),
+    ]
+
+    def call(item):
+        model, files, output = item
+        image = "mni_volume" if model == "brats_tiny" else "mni_slice"
+        return server.post(f"/infer/{model}", params={"image": image, "output": output or "image"}, files=files or None)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(pool.map(call, requests_))
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    assert _png(responses[0]).shape == server.facts["slice_shape"]
+    assert _nifti(responses[1], tmp_path)[0].shape == server.facts["volume_shape"]
+    assert _png(responses[2]).shape == server.facts["slice_shape"]
+    assert responses[3].json()["prediction"]
+
+
+def test_training_on_saved_labels_updates_the_served_adapters(server):
+    from PIL import Image
+
+    # Nothing labelled yet for the volume model: 409 with a message, not a failed job.
+    response = server.post("/train/brats_tiny", params={"run_sync": "true"})
+    assert response.status_code == 409 and "no labelled studies" in response.json()["detail"]
+
+    brain = (server.facts["slice"] > 40).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(brain).save(buffer, format="PNG")
+    response = server.put("/datastore/label", params={"image": "mni_slice", "tag": "final"},
+                          files={"label": ("mni_slice.png", buffer.getvalue())})
+    assert response.status_code == 200, response.text
+
+    response = server.post("/train/seg_tiny", params={"run_sync": "true"},
+                           json={"max_epochs": 2, "fraction": 1.0, "batch_size": 1})
+    assert response.status_code == 200, response.text
+    stats = response.json()
+    assert stats["studies_used"] == 1 and stats["studies_labelled"] == 1 and len(stats["losses"]) == 2
+    folder = Path(stats["adapters"])
+    assert (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
+
+    model = server.get("/info/").json()["models"]["seg_tiny"]
+    assert model["trained"] is True and model["adapters"] == str(folder.resolve())
+    result = server.post("/infer/seg_tiny", params={"image": "mni_slice", "output": "json"}).json()
+    assert result["trained"] is True and result["label_shape"] == list(server.facts["slice_shape"])
+
+    # The folder is an ordinary adapter folder: it loads strictly onto a fresh base model.
+    config = json.loads((server.runs.parent / "models.json").read_text())["models"]["seg_tiny"]
+    fresh = medadapt.create_model("segmentation", adapter_checkpoint=str(folder), **config["model"])
+    assert medadapt.count_parameters(fresh)["trainable"] > 0
+
+
+# ---------------------------------------------------------------------------- without a server
+def test_label_command_runs_monailabel_start_server(tmp_path, capsys):
+    _require_monailabel()
+    from medadapt.cli import main
+
+    (tmp_path / "studies").mkdir()
+    code = main(["label", "--studies", str(tmp_path / "studies"), "--port", "8123", "--runs", str(tmp_path / "runs"),
+                 "--dry-run"])
+    assert code == 0
+    command = capsys.readouterr().out
+    assert "-m monailabel.main start_server --app" in command and "--port 8123" in command
+    app_main = (tmp_path / "runs" / "monailabel_app" / "main.py").read_text()
+    assert "from medadapt.monailabel.main import MedAdaptApp" in app_main
+    assert main(["label", "--studies", str(tmp_path / "missing"), "--dry-run"]) == 2
+
+
+def test_bundles_become_model_specs():
+    from medadapt.monailabel.specs import bundle_specs
+
+    specs = {s.name: s for s in bundle_specs(REPO / "bundles", "runs")}
+    assert set(specs) >= {"dka_brats", "dka_busi_seg", "dka_isic2018_seg", "dka_busi_cls", "dka_isic2019_cls"}
+    brats = specs["dka_brats"]
+    assert brats.task == "segmentation3d" and brats.model["in_channels"] == 4 and brats.model["num_classes"] == 3
+    assert brats.model["num_slices"] == brats.roi_size[2]
+    assert specs["dka_busi_cls"].task == "classification"
+    assert specs["dka_busi_cls"].labels == ["benign", "malignant", "normal"]
+    for spec in specs.values():
+        assert "adapter_checkpoint" not in spec.model
+        assert spec.adapters == str(Path("runs") / spec.name / "models" / "best_adapters")
+        assert callable(spec.preprocessing)
+
+
+def test_brats_channels_become_each_releases_label_values():
+    from medadapt.data import ConvertBraTSLabels
+    from medadapt.monailabel.labelmaps import brats_label_map
+
+    for release, values in (("2021", (1, 2, 4)), ("2023", (1, 2, 3)), ("msd", (2, 1, 3))):
+        core, edema, enhancing = values
+        label = np.zeros((6, 1, 1), dtype=np.uint8)
+        label[1], label[2], label[3] = edema, core, enhancing
+        channels = ConvertBraTSLabels(release)(label[None])
+        assert (brats_label_map(channels.astype(np.float32), release) == label).all(), release
