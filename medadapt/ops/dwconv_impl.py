@@ -30,12 +30,14 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-# Spectra are processed in blocks of maps whose spectrum takes about this many bytes, so
-# that transform, product and inverse transform of a block run while it is still in the
-# per-core L2 cache (2 MiB here). Transforming a whole (B, C) batch at once was up to 2x
-# slower for large maps (2D with 192 channels, 3D volumes), where spectra reach tens of
-# MiB and every FFT pass streams them through memory; 0.5 to 2 MiB blocks were equally good.
-BLOCK_BYTES = 1 << 20
+# Spectra are processed in blocks of maps whose spectrum takes about this many bytes per
+# thread, so that transform, product and inverse transform of a block run while it is
+# still in the per-core L2 cache (2 MiB here; torch splits each block's work across its
+# threads). Transforming a whole (B, C) batch at once was up to 2x slower for large maps
+# (2D with 192 channels, 3D volumes), where spectra reach tens of MiB and every FFT pass
+# streams them through memory; 0.5 to 2 MiB per thread were equally good, and bigger
+# blocks mean fewer operations.
+BLOCK_BYTES_PER_THREAD = 1 << 20
 
 # Axes whose kernel has at most this many taps are convolved between spectra instead of
 # transformed, as long as another axis is transformed. With 3 taps that costs three
@@ -244,6 +246,11 @@ def _tap_correlations(spec_g, spec_x_conj, direct, terms, kernel):
     return out
 
 
+def _maps_per_block(map_bytes: int) -> int:
+    """How many maps' spectra make one block (see BLOCK_BYTES_PER_THREAD)."""
+    return max(1, BLOCK_BYTES_PER_THREAD * min(torch.get_num_threads(), 4) // map_bytes)
+
+
 class _Plan:
     """Shapes and index bookkeeping of one FFT convolution, shared by forward and backward."""
 
@@ -259,7 +266,7 @@ class _Plan:
             spec[d] = size
         spec[self.dims[-1]] = sizes[-1] // 2 + 1
         self.spec_shape = spec
-        self.per_block = max(1, BLOCK_BYTES // (complex_itemsize * math.prod(spec[2:])))
+        self.per_block = _maps_per_block(complex_itemsize * math.prod(spec[2:]))
         # Output window of z = x (*) g, and the zero padding that puts dY at offset
         # ``right`` in an FFT-length buffer (F.pad lists (low, high) from the last axis).
         self.y_window = [(same_offsets(self.kernel[a])[1], self.spatial[a]) for a in axes]

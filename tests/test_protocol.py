@@ -1,0 +1,290 @@
+"""``medadapt bench protocol``: the methods x fractions x folds table, resuming, iso-params, errors.
+
+Everything runs on the embedded BUSI demo (a few images, 32 px) with tiny timm backbones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+
+import pytest
+import torch
+
+from medadapt.protocol import runner
+from medadapt.protocol.runner import run_protocol
+
+TINY_CONVNEXT = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
+TINY_VIT = {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}
+SMALL = dict(dataset="busi", task="classification", backbone="timm:convnext_atto", backbone_options=TINY_CONVNEXT,
+             image_size=32, epochs=1, batch_size=4, demo_options={"per_class": 3}, progress=False,
+             echo=lambda message: None)
+
+warnings.filterwarnings("ignore", message=".*NOT pretrained.*")
+
+
+class Spy:
+    """Counts calls of runner.train_cell and passes them through."""
+
+    def __init__(self):
+        self.calls = []
+        self.real = runner.train_cell
+
+    def __call__(self, model, method, train_entries, *args, **kwargs):
+        self.calls.append((method, len(train_entries)))
+        return self.real(model, method, train_entries, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("protocol_demo")
+
+
+def _grid(out, demo_dir, **overrides):
+    kwargs = {**SMALL, "methods": ["dka", "linear"], "fractions": [0.0063, 1.0], "folds": 2, "out": str(out),
+              "demo_dir": str(demo_dir)}
+    kwargs.update(overrides)
+    return run_protocol(**kwargs)
+
+
+def test_table_has_every_cell_and_a_rerun_skips_finished_cells(tmp_path, demo_dir, monkeypatch):
+    out = tmp_path / "run"
+    spy = Spy()
+    monkeypatch.setattr(runner, "train_cell", spy)
+    table = _grid(out, demo_dir)
+
+    # 2 methods x 2 fractions x 2 folds, each trained once.
+    assert len(spy.calls) == 8
+    assert len(table.ran) == 8 and table.skipped == []
+    assert [(r["method"], r["fraction"]) for r in table] == [("dka", 0.0063), ("dka", 1.0),
+                                                            ("linear", 0.0063), ("linear", 1.0)]
+    splits = json.loads((out / "splits.json").read_text())
+    pool = splits["counts"]["pool"]
+    assert splits["counts"]["test"] == 3 and pool == 6
+    for row in table:
+        assert row["folds_done"] == 2
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["balanced_accuracy"] <= 1.0
+        assert row["accuracy_std"] is not None and len(row["accuracy_folds"]) == 2
+        # 0.63 % of 6 images rounds to 0 per class: bumped to one image per class.
+        expected = 3 if row["fraction"] < 1 else pool
+        assert row["train_counts"] == [expected, expected]
+        assert row["count"] == f"{expected} imgs"
+        assert row["trainable"] > 0
+    dka, linear = table[0], table[2]
+    assert dka["trainable"] > linear["trainable"] and dka["size_option"] == "bottleneck" and dka["size"] == 16
+    assert linear["size"] is None
+
+    # Markdown, CSV and JSON on disk; the Markdown has the count next to the percentage.
+    markdown = (out / "protocol.md").read_text()
+    assert "| 0.63 % (3 imgs) | 100 % (6 imgs) |" in markdown
+    assert f"{dka['trainable']:,}" in markdown and "Balanced accuracy" in markdown
+    assert markdown == table.markdown
+    with open(out / "protocol.csv", newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    assert [(r["method"], float(r["fraction"]), r["count"]) for r in lines] == [
+        ("dka", 0.0063, "3 imgs"), ("dka", 1.0, "6 imgs"), ("linear", 0.0063, "3 imgs"), ("linear", 1.0, "6 imgs")]
+    assert abs(float(lines[0]["accuracy"]) - table[0]["accuracy"]) < 1e-5
+    cells = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert len(cells) == 8 and "dka__0.0063__fold1.json" in cells
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+
+    # The same command again: nothing is trained, the table is rebuilt from the stored cells.
+    messages = []
+    table2 = _grid(out, demo_dir, echo=messages.append)
+    assert len(spy.calls) == 8
+    assert table2.ran == [] and len(table2.skipped) == 8
+    assert sum("skipping finished cell" in m for m in messages) == 8
+    assert [r["accuracy"] for r in table2] == [r["accuracy"] for r in table]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
+
+    # One more fold: only its 4 cells run.
+    table3 = _grid(out, demo_dir, folds=3)
+    assert len(spy.calls) == 12 and len(table3.ran) == 4 and len(table3.skipped) == 8
+    assert all(ident.endswith("fold2") for ident in table3.ran)
+    assert all(r["folds_done"] == 3 for r in table3)
+
+    # Other settings in the same folder: an error naming what differs, unless --overwrite.
+    with pytest.raises(ValueError, match=r"--out.*epochs.*--overwrite"):
+        _grid(out, demo_dir, epochs=2)
+    assert len(spy.calls) == 12
+
+
+def test_segmentation_cells_report_dice(tmp_path, demo_dir):
+    table = _grid(tmp_path / "seg", demo_dir, task="segmentation", methods=["linear"], fractions=[1.0], folds=1)
+    (row,) = table
+    assert 0.0 <= row["dice"] <= 1.0
+    assert "Dice (%)" in table.markdown
+    cell = json.loads(next((tmp_path / "seg" / "cells").glob("*.json")).read_text())
+    # Normal BUSI images have empty masks: they are left out of the Dice mean.
+    test = json.loads((tmp_path / "seg" / "splits.json").read_text())["test"]
+    assert cell["metrics"]["n"] == len(test) == cell["test_count"]
+    assert cell["metrics"]["n_scored"] == sum(e["class_name"] != "normal" for e in test)
+
+
+def test_iso_params_picks_the_size_closest_to_the_budget(tmp_path, demo_dir):
+    from medadapt.injection import count_parameters
+    from medadapt.models import create_model
+
+    budget = 40_000
+    table = _grid(tmp_path / "iso", demo_dir, methods=["dka", "lora", "linear"], fractions=[1.0], folds=1,
+                  backbone="timm:vit_tiny_patch16_224", backbone_options=TINY_VIT, iso_params=budget)
+    rows = {r["method"]: r for r in table}
+
+    def trainable(method, size):
+        option = {"dka": "bottleneck", "lora": "rank"}[method]
+        torch.manual_seed(0)
+        model = create_model("classification", backbone="timm:vit_tiny_patch16_224", backbone_options=TINY_VIT,
+                             num_classes=3, in_channels=3, method=method, method_options={option: size})
+        return count_parameters(model)["trainable"]
+
+    for method, option in (("dka", "bottleneck"), ("lora", "rank")):
+        row = rows[method]
+        assert row["size_option"] == option
+        size = row["size"]
+        # The runner's count is what create_model builds, and no neighbouring size is closer.
+        assert row["trainable"] == trainable(method, size)
+        assert abs(row["trainable"] - budget) <= abs(trainable(method, size + 1) - budget)
+        if size > 1:
+            assert abs(row["trainable"] - budget) <= abs(trainable(method, size - 1) - budget)
+        slope = trainable(method, size + 1) - row["trainable"]
+        assert abs(row["trainable"] - budget) <= slope / 2 + 1
+    assert rows["dka"]["size"] != 16 and rows["lora"]["size"] != 8  # moved off the defaults
+    assert rows["linear"]["size"] is None
+    stored = json.loads((tmp_path / "iso" / "protocol.json").read_text())
+    assert stored["methods"]["dka"]["options"]["bottleneck"] == rows["dka"]["size"]
+    assert stored["settings"]["iso_params"] == budget
+
+
+@pytest.mark.parametrize(
+    "overrides, option",
+    [
+        ({"fractions": [0.0]}, "--fractions"),
+        ({"fractions": [0.5, 1.5]}, "--fractions"),
+        ({"fractions": [0.5, 0.5]}, "--fractions"),
+        ({"methods": ["dka", "nosuchmethod"]}, "--methods"),
+        ({"folds": 0}, "--folds"),
+        ({"iso_params": 0}, "--iso-params"),
+        ({"dataset": "brats"}, "--dataset"),
+        ({"task": "detection"}, "--task"),
+        ({"method_options": {"lora": {"rank": 4}}}, "--method-option"),
+    ],
+)
+def test_bad_options_name_the_option(tmp_path, overrides, option):
+    with pytest.raises(ValueError, match=option):
+        _grid(tmp_path / "bad", tmp_path / "demo", **overrides)
+    assert not (tmp_path / "demo").exists()  # rejected before any data is built
+
+
+def test_cli_reports_bad_options_and_runs_a_grid(tmp_path, demo_dir, capsys):
+    from medadapt.cli import main
+
+    assert main(["bench", "protocol", "--fractions", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--fractions" in capsys.readouterr().err
+    assert main(["bench", "protocol", "--methods", "dka", "magic", "--out", str(tmp_path / "x")]) == 2
+    assert "--methods" in capsys.readouterr().err
+
+    args = ["bench", "protocol", "--dataset", "busi", "--methods", "linear", "--fractions", "1.0", "--folds", "1",
+            "--epochs", "1", "--image-size", "32", "--backbone", "timm:convnext_atto", "--backbone-option",
+            "depths=[1,1,1,1]", "--backbone-option", "dims=[8,16,24,32]", "--demo-option", "per_class=3",
+            "--demo-dir", str(demo_dir), "--out", str(tmp_path / "cli"), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| 100 % (6 imgs) |" in printed and "1 run, 0 skipped" in printed
+    assert main(args) == 0
+    assert "0 run, 1 skipped" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "protocol.csv").is_file()
+
+
+def test_bench_group_is_extensible(capsys):
+    from medadapt.cli import build_parser
+    from medadapt.protocol import cli
+
+    def configure(parser):
+        parser.add_argument("--n", type=int, default=1)
+        parser.set_defaults(func=lambda args: print(f"perf {args.n}") or 0)
+
+    saved = list(cli.BENCH_COMMANDS)
+    try:
+        cli.add_bench_command("perf", "performance ratios", configure)
+        args = build_parser().parse_args(["bench", "perf", "--n", "3"])
+        assert args.func(args) == 0
+        assert "perf 3" in capsys.readouterr().out
+        args = build_parser().parse_args(["bench", "protocol", "--folds", "2"])
+        assert args.folds == 2 and args.func is cli.run_protocol_command
+    finally:
+        cli.BENCH_COMMANDS[:] = saved
+
+
+def test_mni152_tissue_keeps_train_and_test_apart_in_z(tmp_path):
+    from medadapt.protocol import mni152
+    from medadapt.protocol.presets import get_preset, prepare_dataset
+
+    preset = get_preset("mni152_tissue")
+    root, datalist, is_demo = prepare_dataset(preset, None, tmp_path, "segmentation")
+    assert not is_demo
+    splits = runner._make_run_splits(preset, "segmentation", datalist, root, [0.05, 0.2], 2, 0, 0.2)
+    z_of = {e["case"]: e["z"] for e in datalist}
+    test_z = sorted(z_of[e["case"]] for e in splits["test"])
+    assert len(test_z) == mni152.TEST_SLICES and test_z == list(range(test_z[0], test_z[0] + mni152.TEST_SLICES))
+    for record in splits["fractions"]:
+        for fold in record["folds"]:
+            for entry in fold["train"]:
+                assert min(abs(z_of[entry["case"]] - z) for z in test_z) > mni152.GAP_SLICES
+    counts = {r["fraction"]: [f["count"] for f in r["folds"]] for r in splits["fractions"]}
+    assert counts == {0.05: [2, 2], 0.2: [8, 8]}
+    # Folds draw different slices.
+    folds = splits["fractions"][0]["folds"]
+    assert {e["case"] for e in folds[0]["train"]}.isdisjoint(e["case"] for e in folds[1]["train"])
+    sample = preset.transforms(False, "segmentation", 64)(datalist[0])
+    assert tuple(sample["image"].shape) == (3, 64, 64) and tuple(sample["label"].shape) == (1, 64, 64)
+    assert set(torch.unique(sample["label"]).tolist()) == {0.0, 1.0, 2.0}
+
+
+def test_mni152_tissue_runs_a_cell_with_dice_per_tissue(tmp_path):
+    table = run_protocol(**{**SMALL, "dataset": "mni152_tissue", "task": None, "demo_options": None},
+                         methods=["linear"], fractions=[0.2], folds=1, steps=1, out=str(tmp_path / "mni"))
+    (row,) = table
+    assert row["count"] == "8 slices" and 0.0 <= row["dice"] <= 1.0
+    cell = json.loads(next((tmp_path / "mni" / "cells").glob("*.json")).read_text())
+    assert len(cell["metrics"]["dice_per_class"]) == 2 and cell["training"]["steps"] == 1
+
+
+class Fixed(torch.nn.Module):
+    """A 'model' returning the same logits whatever the input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
+def test_evaluate_metrics_match_hand_computed_values():
+    from medadapt.protocol.runner import evaluate
+
+    # Classification: labels 0 0 0 1, predictions 0 0 1 1 -> accuracy 3/4, balanced (2/3 + 1) / 2.
+    logits = torch.eye(2)[[0, 0, 1, 1]] * 5
+    batches = [(torch.zeros(4, 3, 8, 8), torch.tensor([0, 0, 0, 1]))]
+    metrics = evaluate(Fixed(logits), batches, "classification", 2, False)
+    assert metrics["accuracy"] == pytest.approx(0.75)
+    assert metrics["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+
+    # Binary masks: a perfect image (Dice 1), an empty reference (left out), a missed lesion (Dice 0).
+    ref = torch.zeros(3, 1, 4, 4)
+    ref[0, 0, :2] = 1
+    ref[2, 0, 2:, 2:] = 1
+    pred_logits = torch.full((3, 1, 4, 4), -5.0)
+    pred_logits[0, 0, :2] = 5.0
+    metrics = evaluate(Fixed(pred_logits), [(torch.zeros(3, 3, 4, 4), ref)], "segmentation", 1, True)
+    assert metrics["dice"] == pytest.approx(0.5) and metrics["n"] == 3 and metrics["n_scored"] == 2
+
+    # Three classes (background, GM, WM): Dice per foreground class from the argmax, then averaged.
+    label = torch.tensor([[0, 1, 1, 2]], dtype=torch.float32).reshape(1, 1, 1, 4)
+    pred = torch.tensor([0, 1, 2, 2])
+    logits = (torch.eye(3)[pred].T * 5).reshape(1, 3, 1, 4)
+    metrics = evaluate(Fixed(logits), [(torch.zeros(1, 3, 1, 4), label)], "segmentation", 3, False)
+    gm, wm = 2 * 1 / (2 + 1), 2 * 1 / (1 + 2)  # GM: 1 overlap, 2 ref, 1 pred; WM: 1 overlap, 1 ref, 2 pred
+    assert metrics["dice_per_class"] == pytest.approx([gm, wm])
+    assert metrics["dice"] == pytest.approx((gm + wm) / 2)
