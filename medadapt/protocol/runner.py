@@ -537,7 +537,7 @@ def run_protocol(
         f"- command: `{command}`" if command else "- command: run_protocol(...) (Python API)",
         f"- data: {data_root}{' (embedded demo, SYNTHETIC lesions)' if is_demo else ''}; {preset.note}",
         f"- fixed test set: {len(test_entries)} samples (seed {seed}); training pool {records[fractions[0]]['pool']}",
-        f"- backbone: {backbone} {backbone_options or ''}; input {image_size} px; "
+        f"- backbone: {backbone}{' ' + json.dumps(backbone_options) if backbone_options else ''}; input {image_size} px; "
         f"{'steps ' + str(steps) if steps else 'epochs ' + str(epochs)}, batch {batch_size}, AdamW "
         f"(adapters {lr_adapter:g}, head {lr_head:g}, weight decay {weight_decay:g}), cosine schedule",
         f"- folds: {folds}; ± is the sample standard deviation over folds"
