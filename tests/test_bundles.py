@@ -27,7 +27,8 @@ SMALL_DEMO = {
     "dka_isic2018_seg": "{'n': 6}",
     "dka_isic2019_cls": "{'n': 16}",
 }
-EXTRA = {"dka_brats": ["--roi_size", "[32,32,4]"]}
+# The BraTS demo validates only at its last epoch by default; these runs have one epoch.
+EXTRA = {"dka_brats": ["--roi_size", "[32,32,4]", "--val_interval", "1"]}
 
 
 def run_bundle(config: str | list[str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -109,7 +110,7 @@ def test_brats_predictions_keep_the_input_grid(tmp_path):
     """Whatever the input's orientation, spacing or dtype, the NIfTI prediction lies on its grid."""
     train_out = tmp_path / "run"
     run_bundle("bundles/dka_brats/train.json", *TINY, "--demo_options", SMALL_DEMO["dka_brats"],
-               "--roi_size", "[32,32,4]", "--max_epochs", "1", "--output_dir", str(train_out))
+               *EXTRA["dka_brats"], "--max_epochs", "1", "--output_dir", str(train_out))
     data = tmp_path / "cases"
     affine = _lps_case(data, "BraTS2021_01234")
     predictions = tmp_path / "pred"
