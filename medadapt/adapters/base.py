@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Sequence
 
 import torch
@@ -121,15 +121,6 @@ def as_kernel(size: int | Sequence[int], spatial_dims: int, depth: int = 3) -> t
     return size
 
 
-_ACTIVATIONS = {
-    "gelu": nn.GELU,
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-    "quickgelu": None,  # filled below
-    "identity": nn.Identity,
-}
-
-
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x), the activation Convpass and CLIP use."""
 
@@ -137,7 +128,13 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-_ACTIVATIONS["quickgelu"] = QuickGELU
+_ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "quickgelu": QuickGELU,
+    "identity": nn.Identity,
+}
 
 
 def make_activation(name: str) -> nn.Module:
@@ -297,26 +294,12 @@ class BlockAdapterConfig(AdapterConfig):
         raise NotImplementedError
 
 
-@dataclass
-class NoOptionsConfig(AdapterConfig):
-    """Methods whose only choice is what to train (bitfit, linear, full)."""
-
-    identity_at_init: ClassVar[bool] = True
-
-
-def config_fields(config_cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(config_cls)]
-
-
 __all__ = [
     "AdapterConfig",
     "BlockAdapterConfig",
     "BottleneckAdapter",
-    "NoOptionsConfig",
     "TokenLayout",
     "as_kernel",
-    "config_fields",
     "depthwise_weight",
     "make_activation",
-    "field",
 ]
