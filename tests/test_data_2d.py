@@ -185,3 +185,17 @@ def test_2d_training_transforms_classification_and_segmentation(tmp_path):
         out = isic_transforms(train=True, size=(32, 32))(entry)
         assert out["image"].shape == (3, 32, 32) and out["label"].shape == (1, 32, 32)
         assert out["label"].sum() > 0
+
+
+def test_isic_quarter_turns_keep_a_non_square_output_size(tmp_path):
+    make_isic2018(tmp_path / "isic", n=1)
+    entry = isic2018_datalist(tmp_path / "isic")[0]
+    transform = isic_transforms(train=True, size=(24, 40))
+    turned = 0
+    for seed in range(16):   # each seed has a 1/3 chance of an odd quarter turn
+        transform.set_random_state(seed)
+        out = transform(dict(entry))
+        assert out["image"].shape == (3, 24, 40) and out["label"].shape == (1, 24, 40)
+        resize = next(op for op in out["image"].applied_operations if op["class"] == "Resize")
+        turned += tuple(resize["orig_size"]) == (30, 20)   # the 20 x 30 image was turned
+    assert 0 < turned < 16

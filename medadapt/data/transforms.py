@@ -272,11 +272,13 @@ def image2d_transforms(
                        image_only=True, ensure_channel_first=True),
             MergeMasksd(keys="label"),
         ]
+    if train and rotate90:
+        # Before the resize: a quarter turn swaps height and width, and the output must
+        # still be ``size`` when it is not square.
+        steps.append(RandRotate90d(keys=keys, prob=0.5, max_k=3))
     steps.append(Resized(keys=keys, spatial_size=size, mode=("bilinear", "nearest")[: len(keys)]))
     if train:
         steps += [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
-        if rotate90:
-            steps.append(RandRotate90d(keys=keys, prob=0.5, max_k=3))
         if affine:
             steps.append(RandAffined(
                 keys=keys, prob=0.5, rotate_range=(0.26,), scale_range=(0.1, 0.1),
