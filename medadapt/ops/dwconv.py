@@ -259,12 +259,27 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> to
     _check(x, weight)
     if path is not None and path not in PATHS:
         raise ValueError(f"dwconv path must be one of {PATHS} or None; got {path!r}")
-    weight = clip_kernel(weight, tuple(x.shape[2:]))
-    if path is None:
-        path = _choose_path(tuple(x.shape), tuple(weight.shape), _needs_grad(x, weight))
+    clip, path = _dispatch(tuple(x.shape), tuple(weight.shape), _needs_grad(x, weight), path)
+    if clip is not None:
+        weight = weight[clip]
     if path == "direct":
         return direct_dwconv(x, weight)
     return _transform_dwconv(x, weight, path)
+
+
+@lru_cache(maxsize=4096)
+def _dispatch(x_shape, kernel_shape, requires_grad, path):
+    """(index that clips the kernel, or None; path), worked out once per shape.
+
+    With 3x3 kernels torch's convolution takes well under a millisecond, so the wrapper's
+    own Python time shows; caching keeps it to a few microseconds.
+    """
+    ranges = [_clip_range(k, n) for k, n in zip(kernel_shape[2:], x_shape[2:])]
+    clip = None
+    if any(start > 0 or stop < k for (start, stop), k in zip(ranges, kernel_shape[2:])):
+        clip = (slice(None), slice(None), *(slice(*r) for r in ranges))
+    clipped = (*kernel_shape[:2], *(stop - start for start, stop in ranges))
+    return clip, path or _choose_path(x_shape, clipped, requires_grad)
 
 
 def dwconv_multi(x: torch.Tensor, weights: list[torch.Tensor], path: str | None = None) -> torch.Tensor:

@@ -111,26 +111,31 @@ def direct_dwconv(x: torch.Tensor, weight: torch.Tensor, flip: bool = False) -> 
     ``flip=True`` convolves with the flipped kernel and mirrored padding instead, which
     is the adjoint in ``x``: the input gradient of a "same" convolution.
     """
-    conv = F.conv2d if x.ndim == 4 else F.conv3d
-    kernel = weight.shape[2:]
-    offsets = [same_offsets(k) for k in kernel]
+    padding, pad = _direct_padding(tuple(weight.shape[2:]), flip)
     if flip:
         weight = weight.flip(list(range(2, weight.ndim)))
-        offsets = [(right, left) for left, right in offsets]
-    if all(left == right for left, right in offsets):
-        padding = [left for left, _ in offsets]
-    else:
+    if pad is not None:
         # Pad explicitly (torch's padding="same" would make the same padded copy, and warn).
-        x = F.pad(x, [p for pair in reversed(offsets) for p in pair])
-        padding = 0
+        x = F.pad(x, pad)
     if x.ndim == 4:
-        return conv(x, weight, padding=padding, groups=weight.shape[0])
+        return F.conv2d(x, weight, padding=padding, groups=weight.shape[0])
     # 3D: oneDNN's depthwise kernels want channels-last data. Converting there and back
     # costs two copies but makes forward+backward 3-4x faster (forward about 1.3x).
     # (In 2D the same trick loses for 3x3 kernels and for many channels, so 2D stays put.)
     fmt = torch.channels_last_3d
-    y = conv(x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt), padding=padding, groups=weight.shape[0])
+    y = F.conv3d(x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt), padding=padding, groups=weight.shape[0])
     return y.contiguous()
+
+
+@lru_cache(maxsize=1024)
+def _direct_padding(kernel: tuple[int, ...], flip: bool):
+    """(padding argument of the convolution, explicit F.pad list or None) for "same"."""
+    offsets = [same_offsets(k) for k in kernel]
+    if flip:
+        offsets = [(right, left) for left, right in offsets]
+    if all(left == right for left, right in offsets):
+        return [left for left, _ in offsets], None
+    return 0, [p for pair in reversed(offsets) for p in pair]
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,15 +240,26 @@ def _tap_correlations(spec_g, spec_x_conj, direct, terms, kernel):
     """
     reduce = (0,) + tuple(2 + a for a in direct)
     if len(terms) == 1:   # a single tap on every untransformed axis
-        return (spec_g * spec_x_conj).sum(dim=reduce, keepdim=True)[0]
+        return _sum_dims(spec_g * spec_x_conj, reduce)[0]
     shape = list(spec_g.shape[1:])
     for a in direct:
         shape[1 + a] = kernel[a]
     out = spec_g.new_zeros(shape)
     for taps, dst, src in terms:
         prod = _narrow(spec_g, 2, direct, dst) * _narrow(spec_x_conj, 2, direct, src)
-        _tap(out, direct, taps).copy_(prod.sum(dim=reduce, keepdim=True)[0])
+        _tap(out, direct, taps).copy_(_sum_dims(prod, reduce)[0])
     return out
+
+
+def _sum_dims(t: torch.Tensor, dims) -> torch.Tensor:
+    """``t.sum(dims, keepdim=True)``, one dim at a time from the innermost.
+
+    torch's reduction over several non-adjacent dims (batch and depth here) runs about 4x
+    slower than the same reductions done one after the other.
+    """
+    for d in sorted(dims, reverse=True):
+        t = t.sum(dim=d, keepdim=True)
+    return t
 
 
 def _maps_per_block(map_bytes: int) -> int:
@@ -254,7 +270,7 @@ def _maps_per_block(map_bytes: int) -> int:
 class _Plan:
     """Shapes and index bookkeeping of one FFT convolution, shared by forward and backward."""
 
-    def __init__(self, x_shape, kernel, axes, sizes, complex_itemsize):
+    def __init__(self, x_shape, kernel, axes, sizes, per_block):
         self.batch, self.channels, *spatial = x_shape
         self.spatial, self.kernel = tuple(spatial), tuple(kernel)
         self.axes, self.sizes = axes, sizes
@@ -265,13 +281,13 @@ class _Plan:
         for d, size in zip(self.dims, sizes):
             spec[d] = size
         spec[self.dims[-1]] = sizes[-1] // 2 + 1
-        self.spec_shape = spec
-        self.per_block = _maps_per_block(complex_itemsize * math.prod(spec[2:]))
+        self.spec_shape = tuple(spec)
+        self.per_block = per_block
         # Output window of z = x (*) g, and the zero padding that puts dY at offset
         # ``right`` in an FFT-length buffer (F.pad lists (low, high) from the last axis).
-        self.y_window = [(same_offsets(self.kernel[a])[1], self.spatial[a]) for a in axes]
-        self.x_window = [(0, self.spatial[a]) for a in axes]
-        self.w_window = [(0, self.kernel[a]) for a in axes]
+        self.y_window = tuple((same_offsets(self.kernel[a])[1], self.spatial[a]) for a in axes)
+        self.x_window = tuple((0, self.spatial[a]) for a in axes)
+        self.w_window = tuple((0, self.kernel[a]) for a in axes)
         pad = []
         for a in reversed(range(len(self.spatial))):
             if a in axes:
@@ -279,7 +295,7 @@ class _Plan:
                 pad += [right, sizes[axes.index(a)] - right - self.spatial[a]]
             else:
                 pad += [0, 0]
-        self.dz_pad = pad
+        self.dz_pad = tuple(pad)
 
     def blocks(self):
         return _blocks(self.batch, self.channels, self.per_block)
@@ -288,6 +304,21 @@ class _Plan:
         """``G``: spectrum of the kernel flipped along the transformed axes, (C, ...)."""
         g = weight.reshape(self.channels, *self.kernel).to(dtype).flip(self.kdims)
         return torch.fft.rfftn(g, s=self.sizes, dim=self.kdims)
+
+
+def _plan(x_shape, kernel, axes, sizes, complex_itemsize) -> _Plan:
+    spatial = list(x_shape[2:])
+    for a, size in zip(axes, sizes):
+        spatial[a] = size
+    spatial[axes[-1]] = sizes[-1] // 2 + 1
+    per_block = _maps_per_block(complex_itemsize * math.prod(spatial))   # depends on threads
+    return _cached_plan(x_shape, kernel, axes, sizes, per_block)
+
+
+@lru_cache(maxsize=256)
+def _cached_plan(x_shape, kernel, axes, sizes, per_block) -> _Plan:
+    # Plans are read-only; building one costs as much Python time as a small transform.
+    return _Plan(x_shape, kernel, axes, sizes, per_block)
 
 
 def _fft_backward(plan: _Plan, grad_y, need_x, need_w, spec_g_conj=None, spec_x_all=None, x=None):
@@ -352,7 +383,7 @@ class FFTDepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, axes, sizes):
         compute = _compute_dtype(x.dtype)
-        plan = _Plan(x.shape, weight.shape[2:], axes, sizes, _complex_itemsize(compute))
+        plan = _plan(tuple(x.shape), tuple(weight.shape[2:]), axes, sizes, _complex_itemsize(compute))
         # Blocks must be contiguous slices (channels-last input would make every FFT strided).
         xc = x.to(compute).contiguous()
         spec_g = plan.kernel_spectrum(weight, compute)
@@ -418,7 +449,7 @@ class MixedDepthwiseConv(torch.autograd.Function):
             grad_x = direct_dwconv(grad_y, weight, flip=True)
         if need_w:
             compute = _compute_dtype(x.dtype)
-            plan = _Plan(x.shape, weight.shape[2:], *ctx.axes_sizes, _complex_itemsize(compute))
+            plan = _plan(tuple(x.shape), tuple(weight.shape[2:]), *ctx.axes_sizes, _complex_itemsize(compute))
             xc = x.to(compute).contiguous()
             _, grad_w = _fft_backward(plan, grad_y.to(compute).contiguous(), False, True, x=xc)
             grad_w = grad_w.to(weight.dtype)
