@@ -13,6 +13,8 @@ Sections (each row: what was compared, both measurements, their ratio, the targe
   window     sliding-window inference of a BraTS-sized volume with the default bundle model:
              pipeline time against the model's bare forward time over the same windows
   demo       peak RSS and time of one training epoch of the dka_brats demo bundle
+  allocator  a LiteMedSAM 3D training step and inference window with and without medadapt's
+             glibc allocator settings (medadapt/runtime.py)
 Absolute times depend on the machine and its load; the ratios are the result.
 """
 
@@ -245,8 +247,62 @@ def bench_dwconv(quick: bool) -> list[dict]:
     return rows
 
 
+_ALLOCATOR_CHILD = r"""
+import resource, sys, time, warnings, torch
+warnings.filterwarnings("ignore")
+import medadapt
+torch.manual_seed(0)
+model = medadapt.create_model("segmentation3d", backbone="litemedsam", num_classes=3, in_channels=4, num_slices=4,
+                              multilabel=True, method="dka", method_options={"bottleneck": 16})
+optimizer = torch.optim.AdamW(medadapt.param_groups(model))
+x, y = torch.rand(1, 4, 64, 64, 4), (torch.rand(1, 3, 64, 64, 4) > 0.5).float()
+window = torch.rand(1, 4, 240, 240, 4)
+
+def train_step():
+    optimizer.zero_grad()
+    torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+    optimizer.step()
+
+def infer_window():
+    with torch.no_grad():
+        model(window)
+
+for fn in (train_step, infer_window):
+    model.train(fn is train_step)
+    fn()
+    times = []
+    for _ in range(int(sys.argv[1])):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    print(sorted(times)[len(times) // 2] * 1e3)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def bench_allocator(quick: bool) -> list[dict]:
+    """The same work in two processes: glibc's defaults against medadapt's settings."""
+    results = {}
+    for tuning in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", _ALLOCATOR_CHILD, "1" if quick else "3"], capture_output=True,
+                             text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore",
+                                                              MEDADAPT_MALLOC_TUNING=tuning))
+        results[tuning] = [float(v) for v in out.stdout.split()[-3:]]
+    (step0, window0, rss0), (step1, window1, rss1) = results["0"], results["1"]
+    what = "LiteMedSAM DKA 3D, 2 CPU threads; glibc defaults vs medadapt's settings"
+    return [
+        _row("allocator", f"training step, 1 x 4 x 64 x 64 x 4 ({what})", step0, step1, "ms", None,
+             note=f"{step0 / step1:.1f}x faster"),
+        _row("allocator", f"inference window, 1 x 4 x 240 x 240 x 4 ({what})", window0, window1, "ms", None,
+             note=f"{window0 / window1:.1f}x faster"),
+        _row("allocator", f"peak RSS of both ({what})", rss0, rss1, "MB", None,
+             note="freed memory stays in the process for reuse"),
+    ]
+
+
 SECTIONS = {"dwconv": bench_dwconv, "step": bench_step, "memory": bench_memory, "cache": bench_cache,
-            "window": bench_window, "demo": bench_demo}
+            "window": bench_window, "demo": bench_demo,
+            "allocator": bench_allocator}
 
 
 def to_markdown(rows: list[dict]) -> str:
