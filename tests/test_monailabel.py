@@ -434,6 +434,7 @@ def test_bundles_become_model_specs():
     brats = specs["dka_brats"]
     assert brats.task == "segmentation3d" and brats.model["in_channels"] == 4 and brats.model["num_classes"] == 3
     assert brats.model["num_slices"] == brats.roi_size[2]
+    assert brats.roi_size == (240, 240, 4)   # the real-data windows, not the demo's
     assert specs["dka_busi_cls"].task == "classification"
     assert specs["dka_busi_cls"].labels == ["benign", "malignant", "normal"]
     for spec in specs.values():

@@ -274,6 +274,10 @@ def spec_from_bundle(folder: str | Path, runs: str | Path) -> ModelSpec:
     name = folder.name
     parser = ConfigParser()
     parser.read_config(str(folder / "inference.json"))
+    if "demo" in parser:
+        # The server reads the studies it is given, never the bundle's demo data: settings
+        # such as dka_brats' windows follow the real-data branch.
+        parser["demo"] = False
     metadata = json.loads((folder / "metadata.json").read_text())
     network_def = parser["network_def"]
     if network_def.get("_target_") != _CREATE_MODEL:
