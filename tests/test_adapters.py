@@ -315,6 +315,30 @@ def test_adapter_file_is_small(tmp_path):
     assert size < 4 * trainable + 4096
 
 
+def test_adapters_stored_in_half_precision(tmp_path):
+    model, x = build_task("sam_vit")
+    medadapt.inject(model, "dka", bottleneck=4)
+    torch.manual_seed(1)
+    with torch.no_grad():   # move the adapters away from their identity start
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    full = medadapt.save_adapters(model, tmp_path / "fp32") / "adapter_model.safetensors"
+    half = medadapt.save_adapters(model, tmp_path / "fp16", dtype="float16") / "adapter_model.safetensors"
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    fresh, _ = build_task("sam_vit")
+    medadapt.load_adapters(fresh, tmp_path / "fp16")
+    assert all(p.dtype == torch.float32 for p in fresh.parameters())
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        expected, got = model(x), fresh(x)
+    assert not torch.equal(expected, got)
+    assert torch.allclose(expected, got, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        medadapt.save_adapters(model, tmp_path / "bad", dtype="int8")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_trainable_summary_reads_like_peft(capsys):
     model, _ = build_task("timm_vit")
     medadapt.inject(model, "lka")

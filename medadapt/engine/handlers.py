@@ -151,12 +151,19 @@ class BestModelSaver:
       save_dir: checkpoint folder.
       network: the trained network.
       export_full_model: also write ``model.pt``.
+      adapter_dtype: precision of the saved adapter weights ("float16" halves the file; see
+        :func:`medadapt.save_adapters`); None keeps the training precision.
     """
 
-    def __init__(self, save_dir: str, network: nn.Module, export_full_model: bool = True):
+    def __init__(self, save_dir: str, network: nn.Module, export_full_model: bool = True,
+                 adapter_dtype: str | None = None):
+        from medadapt.checkpoint import _storage_dtype
+
+        _storage_dtype(adapter_dtype)   # a bad value fails when the bundle is built, not after an epoch
         self.save_dir = Path(save_dir)
         self.network = network
         self.export_full_model = export_full_model
+        self.adapter_dtype = adapter_dtype
         self.best = -float("inf")
 
     def attach(self, engine) -> None:
@@ -173,7 +180,7 @@ class BestModelSaver:
             return
         self.best = value
         model = _unwrap(self.network)
-        save_adapters(model, self.save_dir / "best_adapters")
+        save_adapters(model, self.save_dir / "best_adapters", dtype=self.adapter_dtype)
         if self.export_full_model:
             with atomic_path(self.save_dir / "model.pt") as tmp:
                 torch.save(model.state_dict(), tmp)
