@@ -139,3 +139,11 @@ def test_bad_fraction_is_named(tmp_path):
     result = run_bundle("bundles/dka_busi_cls/train.json", *TINY, "--fraction", "0", "--output_dir",
                         str(tmp_path / "run"), check=False)
     assert result.returncode != 0 and "'fraction'" in result.stderr
+
+
+def test_bad_adapter_dtype_is_named_before_training(tmp_path):
+    out = tmp_path / "run"
+    result = run_bundle("bundles/dka_busi_cls/train.json", *TINY, "--adapter_dtype", "int8", "--output_dir", str(out),
+                        check=False)
+    assert result.returncode != 0 and "dtype must be one of" in result.stderr and "'int8'" in result.stderr
+    assert not (out / "models").exists()
