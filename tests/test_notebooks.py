@@ -111,7 +111,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     )
     start = time.perf_counter()
     try:
-        client.execute()
+        # nbclient keeps a kernel it did not start itself alive after the run; a kernel left
+        # behind holds its memory until pytest exits, so shut it down here.
+        client.execute(cleanup_kc=True)
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
         pytest.fail(f"{path.name} failed after {time.perf_counter() - start:.0f} s\n"
                     + _describe_failure(nb, error), pytrace=False)
