@@ -40,12 +40,6 @@ def base_type_name(module: nn.Module) -> str:
         module = inner
 
 
-def _windows(resolution, window) -> int:
-    h, w = resolution
-    wh, ww = (window, window) if isinstance(window, int) else window
-    return math.ceil(h / wh) * math.ceil(w / ww)
-
-
 def _last_conv_channels(module: nn.Module) -> int:
     convs = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not convs:
@@ -98,9 +92,11 @@ class SamViT(Family):
 
     def site(self, encoder, block_name, block, site):
         dim = block.norm1.normalized_shape[0]
+        if site == "attn" and block.window_size > 0:
+            ws = block.window_size
+            return Site(f"{block_name}.attn", dim, dict(kind="channels_last", grid=self._grid(encoder), window=(ws, ws)))
         if site == "attn":
-            items = _windows(self._grid(encoder), block.window_size) if block.window_size > 0 else 1
-            return Site(f"{block_name}.attn", dim, dict(kind="channels_last", items=items))
+            return Site(f"{block_name}.attn", dim, dict(kind="channels_last"))
         if site == "mlp":
             return Site(f"{block_name}.mlp", dim, dict(kind="channels_last"))
         return Site(block_name, dim, dict(kind="channels_last"))
@@ -148,9 +144,8 @@ class TimmSwin(Family):
         dim = block.norm1.normalized_shape[0]
         resolution = tuple(block.input_resolution)
         if site == "attn":
-            window = tuple(block.window_size)
-            return Site(f"{block_name}.attn", dim, dict(kind="sequence", grid=window,
-                                                        items=_windows(resolution, window)))
+            return Site(f"{block_name}.attn", dim, dict(kind="sequence", grid=resolution, window=tuple(block.window_size),
+                                                        shift=tuple(block.shift_size)))
         if site == "mlp":
             return Site(f"{block_name}.mlp", dim, dict(kind="sequence", grid=resolution))
         return Site(block_name, dim, dict(kind="channels_last"))
@@ -172,9 +167,10 @@ class TinyViTFamily(Family):
     def site(self, encoder, block_name, block, site):
         resolution = tuple(block.input_resolution)
         if site == "attn":
+            # TinyViT skips the partition when the grid is exactly one window.
             ws = block.window_size
-            items = 1 if resolution == (ws, ws) else _windows(resolution, ws)
-            return Site(f"{block_name}.attn", block.dim, dict(kind="sequence", grid=(ws, ws), items=items))
+            window = None if resolution == (ws, ws) else (ws, ws)
+            return Site(f"{block_name}.attn", block.dim, dict(kind="sequence", grid=resolution, window=window))
         name = f"{block_name}.mlp" if site == "mlp" else block_name
         return Site(name, block.dim, dict(kind="sequence", grid=resolution))
 

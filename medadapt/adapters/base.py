@@ -15,6 +15,7 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 LAYOUT_KINDS = ("channels_last", "sequence", "channels_first")
 
@@ -27,11 +28,15 @@ class TokenLayout:
       kind: "channels_last" for (N, h, w, C) grids (SAM, Swin blocks), "sequence" for
         (N, L, C) token sequences (timm ViT, Swin/TinyViT windows), "channels_first" for
         (N, C, h, w) CNN maps.
-      grid: (h, w) of one item of a sequence; a hint, re-derived from L when the input size
-        changes (the aspect ratio is kept).
+      grid: (h, w) of one image's grid. For plain sequences a hint, re-derived from L when
+        the input size changes (the aspect ratio is kept); required with ``window``.
       num_prefix: tokens before the grid (class / register tokens); they skip the spatial part.
-      items: grid items per image, e.g. attention windows per image; needed to regroup the
-        batch into volumes for 3D adapters.
+      window: (wh, ww) when the tensor holds attention windows rather than whole images
+        (windowed attention partitions the grid, padded at the bottom and right, into
+        ``N * windows`` items in row-major order). The spatial part then runs on the whole
+        reassembled grid, so a large kernel reaches across windows as it would without them.
+      shift: the cyclic shift (sh, sw) the block rolled the grid by before partitioning
+        (Swin's shifted windows); it is undone for the spatial part and redone after.
       spatial_dims: 2, or 3 when the batch holds stacks of ``num_slices`` slices per volume
         (volume-major order, as the slice-stack encoder lays them out).
       num_slices: slices per volume for ``spatial_dims=3``.
@@ -40,7 +45,8 @@ class TokenLayout:
     kind: str
     grid: tuple[int, int] | None = None
     num_prefix: int = 0
-    items: int = 1
+    window: tuple[int, int] | None = None
+    shift: tuple[int, int] = (0, 0)
     spatial_dims: int = 2
     num_slices: int = 1
 
@@ -49,6 +55,9 @@ class TokenLayout:
             raise ValueError(f"layout kind must be one of {LAYOUT_KINDS}, got {self.kind!r}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        if self.window is not None and (self.grid is None or self.kind == "channels_first" or self.num_prefix):
+            raise ValueError("a windowed layout needs the whole grid, channels-last or sequence "
+                             "tokens and no prefix tokens")
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last view of ``x`` so linear projections act on the last axis."""
@@ -70,14 +79,42 @@ class TokenLayout:
             f"{self.num_prefix} prefix tokens); is the layout of this backbone supported?"
         )
 
+    def _window_counts(self) -> tuple[int, int]:
+        return tuple(math.ceil(g / w) for g, w in zip(self.grid, self.window))
+
+    def _merge_windows(self, t: torch.Tensor) -> torch.Tensor:
+        """(N * windows, wh, ww, C) or (N * windows, wh * ww, C) -> (N, h, w, C), unshifted."""
+        (wh, ww), (nh, nw), (h, w) = self.window, self._window_counts(), self.grid
+        c = t.shape[-1]
+        if t.shape[0] % (nh * nw) or t[0].numel() != wh * ww * c:
+            raise ValueError(
+                f"expected attention windows of {wh}x{ww} tokens, {nh * nw} per image of a {h}x{w} "
+                f"grid, got a tensor of shape {tuple(t.shape)}; was the backbone resized after injection?"
+            )
+        n = t.shape[0] // (nh * nw)
+        grid = t.reshape(n, nh, nw, wh, ww, c).transpose(2, 3).reshape(n, nh * wh, nw * ww, c)[:, :h, :w]
+        return torch.roll(grid, self.shift, dims=(1, 2)) if any(self.shift) else grid
+
+    def _split_windows(self, grid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_merge_windows`; padded positions are zero."""
+        (wh, ww), (nh, nw) = self.window, self._window_counts()
+        n, h, w, c = grid.shape
+        if any(self.shift):
+            grid = torch.roll(grid, tuple(-s for s in self.shift), dims=(1, 2))
+        grid = F.pad(grid, (0, 0, 0, nw * ww - w, 0, nh * wh - h))
+        return grid.reshape(n, nh, wh, nw, ww, c).transpose(2, 3).reshape(like.shape)
+
     def map_spatial(self, t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Apply ``fn`` to the spatial map under channels-last tokens ``t``.
 
-        ``fn`` receives (B, C, h, w) for 2D or (B * items, C, D, h, w) for 3D and must keep
-        the shape; prefix tokens are passed through untouched.
+        ``fn`` receives (B, C, h, w) for 2D or (B, C, D, h, w) for 3D, always whole images
+        (attention windows are reassembled first), and must keep the shape; prefix tokens
+        are passed through untouched.
         """
         prefix = None
-        if self.kind == "sequence":
+        if self.window is not None:
+            grid = self._merge_windows(t)
+        elif self.kind == "sequence":
             n, length, c = t.shape
             if self.num_prefix:
                 prefix, t = t[:, : self.num_prefix], t[:, self.num_prefix :]
@@ -90,20 +127,18 @@ class TokenLayout:
         # and its batch bookkeeping breaks on the reshapes below.
         m = grid.permute(0, 3, 1, 2).as_subclass(torch.Tensor)
         if self.spatial_dims == 3:
-            per_volume = self.num_slices * self.items
-            if n % per_volume:
+            if n % self.num_slices:
                 raise ValueError(
-                    f"a 3D adapter got a batch of {n} slice grids, not a multiple of "
-                    f"num_slices={self.num_slices} x items={self.items}"
+                    f"a 3D adapter got a batch of {n} slices, not a multiple of num_slices={self.num_slices}"
                 )
-            b = n // per_volume
-            m = m.reshape(b, self.num_slices, self.items, c, h, w).permute(0, 2, 3, 1, 4, 5)
-            m = fn(m.reshape(b * self.items, c, self.num_slices, h, w))
-            m = m.reshape(b, self.items, c, self.num_slices, h, w).permute(0, 3, 1, 2, 4, 5)
-            m = m.reshape(n, c, h, w)
+            b = n // self.num_slices
+            m = fn(m.reshape(b, self.num_slices, c, h, w).transpose(1, 2))
+            m = m.transpose(1, 2).reshape(n, c, h, w)
         else:
             m = fn(m)
         out = m.permute(0, 2, 3, 1)
+        if self.window is not None:
+            return self._split_windows(out, like=t)
         if self.kind == "sequence":
             out = out.reshape(n, h * w, c)
             if prefix is not None:
