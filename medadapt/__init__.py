@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import importlib
 
-from medadapt.runtime import tune_cpu_allocator
+from medadapt.runtime import quiet_gpu_only_notices, tune_cpu_allocator
 
 __version__ = "0.1.0"
 
 tune_cpu_allocator()   # see medadapt/runtime.py: more than 2x faster CPU steps
+quiet_gpu_only_notices()
 
 _EXPORTS = {
     # adapter library and injection

@@ -41,3 +41,19 @@ def test_large_blocks_come_from_the_heap_and_stay_there():
     # glibc's defaults, kept with MEDADAPT_MALLOC_TUNING=0: a fresh mapping per block.
     applied, mmapped, _ = _run("0")
     assert not applied and mmapped
+
+
+def test_loading_an_image_prints_no_gpu_decoder_notice(tmp_path):
+    # MONAI's LoadImage builds its GPU DICOM reader too; without a GPU decoder it logs and warns.
+    child = r"""
+import sys, numpy as np, nibabel as nib
+import medadapt
+from monai.transforms import LoadImage
+path = sys.argv[1] + "/volume.nii.gz"
+nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), path)
+LoadImage(image_only=True)(path)
+print("loaded")
+"""
+    out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "loaded" in out.stdout
+    assert "nvImageCodec" not in out.stdout + out.stderr
