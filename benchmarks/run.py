@@ -15,6 +15,7 @@ Sections (each row: what was compared, both measurements, their ratio, the targe
   demo       peak RSS and time of one training epoch of the dka_brats demo bundle
   allocator  a LiteMedSAM 3D training step and inference window with and without medadapt's
              glibc allocator settings (medadapt/runtime.py)
+  stem       the dka_brats training step with a learned input stem against three selected sequences
 Absolute times depend on the machine and its load; the ratios are the result.
 """
 
@@ -119,9 +120,15 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024)
 
 def _training_rss_mb(method: str, checkpointing: bool = False) -> float:
     """Peak RSS added by training steps, over the process after building the model: what
-    fine-tuning itself costs, without torch's libraries and the weights every method shares."""
+    fine-tuning itself costs, without torch's libraries and the weights every method shares.
+
+    Measured with glibc's default allocator settings: medadapt's (medadapt/runtime.py) keep
+    the memory freed after building the model in the process, training reuses it, and the
+    peak would then hardly move whatever training needs.
+    """
     out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, method, "1" if checkpointing else "0"],
-                         capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                         capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONWARNINGS="ignore", MEDADAPT_MALLOC_TUNING="0"))
     peak, before = (float(v) for v in out.stdout.split()[:2])
     return peak - before
 
@@ -264,13 +271,16 @@ def bench_dwconv(quick: bool) -> list[dict]:
     return rows
 
 
-_ALLOCATOR_CHILD = r"""
-import resource, sys, time, warnings, torch
+# The dka_brats model's training step and inference window, timed in a fresh process.
+# argv: repeats, the input mapping as JSON.
+_BRATS_STEP_CHILD = r"""
+import json, resource, sys, time, warnings, torch
 warnings.filterwarnings("ignore")
 import medadapt
 torch.manual_seed(0)
 model = medadapt.create_model("segmentation3d", backbone="litemedsam", num_classes=3, in_channels=4, num_slices=4,
-                              multilabel=True, method="dka", method_options={"bottleneck": 16})
+                              input_mapping=json.loads(sys.argv[2]), multilabel=True, method="dka",
+                              method_options={"bottleneck": 16})
 optimizer = torch.optim.AdamW(medadapt.param_groups(model))
 x, y = torch.rand(1, 4, 64, 64, 4), (torch.rand(1, 3, 64, 64, 4) > 0.5).float()
 window = torch.rand(1, 4, 240, 240, 4)
@@ -297,14 +307,17 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
+def _brats_step(quick: bool, input_mapping="learned", tuning: str = "1") -> list[float]:
+    """[training step ms, inference window ms, peak RSS MB] of the dka_brats model, in a child."""
+    out = subprocess.run([sys.executable, "-c", _BRATS_STEP_CHILD, "1" if quick else "3", json.dumps(input_mapping)],
+                         capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONWARNINGS="ignore", MEDADAPT_MALLOC_TUNING=tuning))
+    return [float(v) for v in out.stdout.split()[-3:]]
+
+
 def bench_allocator(quick: bool) -> list[dict]:
     """The same work in two processes: glibc's defaults against medadapt's settings."""
-    results = {}
-    for tuning in ("0", "1"):
-        out = subprocess.run([sys.executable, "-c", _ALLOCATOR_CHILD, "1" if quick else "3"], capture_output=True,
-                             text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore",
-                                                              MEDADAPT_MALLOC_TUNING=tuning))
-        results[tuning] = [float(v) for v in out.stdout.split()[-3:]]
+    results = {tuning: _brats_step(quick, tuning=tuning) for tuning in ("0", "1")}
     (step0, window0, rss0), (step1, window1, rss1) = results["0"], results["1"]
     what = "LiteMedSAM DKA 3D, 2 CPU threads; glibc defaults vs medadapt's settings"
     return [
@@ -317,9 +330,22 @@ def bench_allocator(quick: bool) -> list[dict]:
     ]
 
 
+def bench_stem(quick: bool) -> list[dict]:
+    """BraTS' four sequences into a 3-channel encoder: a learned 1x1 stem (the default) must be
+    trained through the whole frozen encoder; passing three of the sequences on needs none of that."""
+    learned, select = _brats_step(quick, "learned"), _brats_step(quick, [1, 2, 3])
+    what = "dka_brats model, LiteMedSAM DKA 3D, 1 x 4 x 64 x 64 x 4; input_mapping [1, 2, 3] vs 'learned'"
+    return [
+        _row("stem", f"training step ({what})", learned[0], select[0], "ms", None,
+             note=f"{learned[0] / select[0]:.1f}x faster"),
+        _row("stem", f"peak RSS of a training step and an inference window ({what})", learned[2], select[2], "MB",
+             None, note=f"{learned[2] - select[2]:.0f} MB less"),
+    ]
+
+
 SECTIONS = {"dwconv": bench_dwconv, "step": bench_step, "memory": bench_memory, "cache": bench_cache,
             "window": bench_window, "demo": bench_demo,
-            "allocator": bench_allocator}
+            "allocator": bench_allocator, "stem": bench_stem}
 
 
 def to_markdown(rows: list[dict]) -> str:

@@ -162,6 +162,28 @@ def test_channel_mapping_is_explicit():
         learned(torch.rand(1, 3, 8, 8))
 
 
+def test_input_mapping_by_channel_list_trains_nothing_before_the_encoder():
+    volume = torch.rand(1, 4, 32, 32, 4)
+    selecting = _build("segmentation3d", num_classes=3, in_channels=4, num_slices=4, input_mapping=[1, 2, 3],
+                       method="dka", method_options={"large_kernel": 7, "small_kernel": 3})
+    learned = _build("segmentation3d", num_classes=3, in_channels=4, num_slices=4, input_mapping="learned",
+                     method="dka", method_options={"large_kernel": 7, "small_kernel": 3})
+    assert not list(selecting.stem.parameters()) and len(list(learned.stem.parameters())) == 2
+    stack = volume.movedim(4, 2).transpose(1, 2).reshape(4, 4, 32, 32)
+    assert torch.equal(selecting.stem(stack), stack[:, 1:])
+    # What reaches the frozen patch embedding needs no gradient with a selection, so the
+    # backward pass stops at the first adapter; a learned stem needs it all the way down.
+    seen = {}
+    for name, model in (("select", selecting), ("learned", learned)):
+        embed = model.backbone.encoder.patch_embed
+        hook = embed.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0].requires_grad))
+        model.train()(volume).sum().backward()
+        hook.remove()
+    assert seen == {"select": False, "learned": True}
+    with pytest.raises(ValueError, match="select"):
+        _build("segmentation3d", num_classes=3, in_channels=4, num_slices=4, input_mapping=[0, 9, 1])
+
+
 def test_create_model_rejects_unknown_task():
     with pytest.raises(ValueError, match="unknown task"):
         medadapt.create_model("detection")

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medadapt.backbones import Backbone
-from medadapt.models.stem import make_stem
+from medadapt.models.stem import InputMapping, make_stem
 
 
 def fit_to_backbone(x: torch.Tensor, backbone: Backbone) -> torch.Tensor:
@@ -40,7 +40,7 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, in_channels: int | None = None,
-                 input_mapping: str | None = None, dropout: float = 0.0, preprocess: bool = True):
+                 input_mapping: InputMapping = None, dropout: float = 0.0, preprocess: bool = True):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")

@@ -19,6 +19,7 @@ from medadapt.memory import enable_gradient_checkpointing
 from medadapt.models.box_prompt import BoxPromptSegmenter
 from medadapt.models.classifier import Classifier
 from medadapt.models.segmenter import Segmenter
+from medadapt.models.stem import InputMapping
 from medadapt.models.volume import VolumeSegmenter
 
 TASKS = ("classification", "segmentation", "segmentation3d", "box_segmentation")
@@ -34,7 +35,7 @@ def create_model(
     backbone_options: dict[str, Any] | None = None,
     adapter_checkpoint: str | None = None,
     in_channels: int | None = None,
-    input_mapping: str | None = None,
+    input_mapping: InputMapping = None,
     num_slices: int | None = None,
     decoder_channels: int = 32,
     multilabel: bool = False,
@@ -51,7 +52,9 @@ def create_model(
       method, method_options: the adapter method and its options.
       backbone_checkpoint, backbone_options: passed to ``create_backbone``.
       adapter_checkpoint: a folder written by ``save_adapters`` to load strictly.
-      in_channels, input_mapping: input channels and how they reach the backbone.
+      in_channels, input_mapping: input channels and how they reach the backbone: "learned"
+        (a trainable 1x1 convolution), "repeat" (one channel copied), or a list of the input
+        channels to pass on, e.g. [1, 2, 3]; None picks learned / repeat / identity.
       num_slices, slice_axis: the patch depth and the slicing axis for "segmentation3d".
       decoder_channels, multilabel: decoder width, and sigmoid (True) or softmax outputs.
       gradient_checkpointing: recompute the encoder's blocks in the backward pass instead of

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from medadapt.backbones import Backbone
 from medadapt.models.classifier import backbone_input
 from medadapt.models.decoder import PyramidDecoder
-from medadapt.models.stem import make_stem
+from medadapt.models.stem import InputMapping, make_stem
 
 
 class Segmenter(nn.Module):
@@ -30,7 +30,7 @@ class Segmenter(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, in_channels: int | None = None,
-                 input_mapping: str | None = None, decoder_channels: int = 64, multilabel: bool = False,
+                 input_mapping: InputMapping = None, decoder_channels: int = 64, multilabel: bool = False,
                  preprocess: bool = True):
         super().__init__()
         self.backbone = backbone

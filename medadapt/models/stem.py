@@ -55,10 +55,21 @@ class ChannelMapping(nn.Module):
         return f"{self.in_channels} -> {self.out_channels}, mode={self.mode}, select={self.select}"
 
 
-def make_stem(in_channels: int, backbone_channels: int, mode: str | None, select=None) -> nn.Module:
-    """Identity when the channels already match and no mapping is asked for."""
-    if mode is None:
+InputMapping = str | Sequence[int] | None
+
+
+def make_stem(in_channels: int, backbone_channels: int, mapping: InputMapping) -> nn.Module:
+    """The stem for ``mapping``: "learned", "repeat", a list of input channel indices to
+    select (e.g. [1, 2, 3]), or None for the identity when the channels already match (a
+    learned mapping for several channels, repeat for one, otherwise).
+
+    A learned stem sits before the frozen encoder, so training it backpropagates through the
+    whole encoder, including layers without adapters; a selection has nothing to train.
+    """
+    if mapping is None:
         if in_channels == backbone_channels:
             return nn.Identity()
-        mode = "repeat" if in_channels == 1 else "learned"
-    return ChannelMapping(in_channels, backbone_channels, mode, select)
+        mapping = "repeat" if in_channels == 1 else "learned"
+    if isinstance(mapping, str):
+        return ChannelMapping(in_channels, backbone_channels, mapping)
+    return ChannelMapping(in_channels, backbone_channels, "select", select=[int(i) for i in mapping])

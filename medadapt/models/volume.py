@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from medadapt.backbones import Backbone
 from medadapt.models.decoder import PyramidDecoder
-from medadapt.models.stem import make_stem
+from medadapt.models.stem import InputMapping, make_stem
 
 
 class VolumeSegmenter(nn.Module):
@@ -34,7 +34,7 @@ class VolumeSegmenter(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, num_slices: int, in_channels: int | None = None,
-                 input_mapping: str | None = None, decoder_channels: int = 32, multilabel: bool = False,
+                 input_mapping: InputMapping = None, decoder_channels: int = 32, multilabel: bool = False,
                  slice_axis: int = 2, preprocess: bool = True):
         super().__init__()
         if slice_axis not in (0, 1, 2):
