@@ -92,11 +92,9 @@ class SamViT(Family):
 
     def site(self, encoder, block_name, block, site):
         dim = block.norm1.normalized_shape[0]
-        if site == "attn" and block.window_size > 0:
-            ws = block.window_size
-            return Site(f"{block_name}.attn", dim, dict(kind="channels_last", grid=self._grid(encoder), window=(ws, ws)))
         if site == "attn":
-            return Site(f"{block_name}.attn", dim, dict(kind="channels_last"))
+            window = (block.window_size,) * 2 if block.window_size > 0 else None
+            return Site(f"{block_name}.attn", dim, dict(kind="channels_last", grid=self._grid(encoder), window=window))
         if site == "mlp":
             return Site(f"{block_name}.mlp", dim, dict(kind="channels_last"))
         return Site(block_name, dim, dict(kind="channels_last"))
