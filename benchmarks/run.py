@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs")
     parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the tables (default {RESULTS})")
     args = parser.parse_args(argv)
     rows = []
     for name in args.only or list(SECTIONS):
@@ -371,13 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in section_rows:
             print(f"   {r['name']}: {r['ours']} {r['unit']} (ratio {r['ratio']}, target {r['target']})", flush=True)
         rows += section_rows
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, command: "
               f"`python benchmarks/run.py{' --quick' if args.quick else ''}"
               f"{' --only ' + ' '.join(args.only) if args.only else ''}`\n\n")
     suffix = "" if not args.only else "_" + "_".join(args.only)
-    (RESULTS / f"perf{suffix}.md").write_text(header + to_markdown(rows) + "\n")
-    (RESULTS / f"perf{suffix}.json").write_text(json.dumps(rows, indent=1))
+    (args.out / f"perf{suffix}.md").write_text(header + to_markdown(rows) + "\n")
+    (args.out / f"perf{suffix}.json").write_text(json.dumps(rows, indent=1))
     print(to_markdown(rows))
     return 0
 

@@ -4,8 +4,8 @@ Each ``bench`` subcommand is one line in ``BENCH_COMMANDS`` (name, help, and the
 that configures its parser, as a callable or a ``"module:function"`` string imported only
 when the parser is built), or one call of `add_bench_command` before the parser is built::
 
-    BENCH_COMMANDS.append(("perf", "performance ratios", "medadapt.perf.cli:configure"))
-    # or: add_bench_command("perf", "performance ratios", configure)
+    BENCH_COMMANDS.append(("erf-sweep", "ERF area ratios per kernel size", "mypackage.sweep:configure"))
+    # or: add_bench_command("erf-sweep", "ERF area ratios per kernel size", configure)
 
 ``configure(parser)`` adds the arguments and sets ``func`` (``parser.set_defaults(func=run)``).
 """
@@ -40,6 +40,7 @@ Examples:
 BENCH_COMMANDS: list[tuple[str, str, Callable | str]] = [
     ("protocol", "the papers' table: methods x data fractions x folds on one fixed test set",
      "medadapt.protocol.cli:configure_protocol"),
+    ("perf", "speed and memory ratios (benchmarks/run.py of a source checkout)", "medadapt.protocol.perf:configure"),
 ]
 
 
