@@ -135,6 +135,19 @@ def test_bad_dataset_stops_before_training_and_writes_nothing(tmp_path):
     assert not (out / "models").exists() and not (out / "train.log").exists()
 
 
+def test_tracking_mlflow_records_training_and_validation_metrics(tmp_path):
+    # MONAI's own --tracking mlflow, into the default local store <output_dir>/mlruns.db.
+    mlflow = pytest.importorskip("mlflow")
+    out = tmp_path / "run"
+    run_bundle("bundles/dka_busi_cls/train.json", *TINY, "--demo_options", SMALL_DEMO["dka_busi_cls"],
+               "--max_epochs", "1", "--output_dir", str(out), "--image_size", "64", "--tracking", "mlflow")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    logged = set().union(*(r.data.metrics for r in runs))
+    assert {"train_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_auc"} <= logged
+
+
 def test_bad_fraction_is_named(tmp_path):
     result = run_bundle("bundles/dka_busi_cls/train.json", *TINY, "--fraction", "0", "--output_dir",
                         str(tmp_path / "run"), check=False)
