@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import json
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -259,6 +261,66 @@ def test_mni152_tissue_runs_a_cell_with_dice_per_tissue(tmp_path):
     assert row["count"] == "8 slices" and 0.0 <= row["dice"] <= 1.0
     cell = json.loads(next((tmp_path / "mni" / "cells").glob("*.json")).read_text())
     assert len(cell["metrics"]["dice_per_class"]) == 2 and cell["training"]["steps"] == 1
+
+
+def test_mni152_tissue_3d_stacks_are_the_slices_and_stay_apart_in_z(tmp_path):
+    from PIL import Image
+
+    from medadapt.protocol import mni152
+    from medadapt.protocol.presets import get_preset, prepare_dataset
+
+    preset = get_preset("mni152_tissue_3d")
+    root, stacks, _ = prepare_dataset(preset, None, tmp_path, "segmentation3d")
+    _, slices, _ = prepare_dataset(get_preset("mni152_tissue"), None, tmp_path, "segmentation")
+    zone_of = {e["z"]: e["zone"] for e in slices}
+    test_z = sorted(z for z, zone in zone_of.items() if zone == "test")
+    assert [e["z"] for e in stacks if e["zone"] == "test"] == test_z[::mni152.STACK_SLICES]
+    for entry in stacks:
+        planes = range(entry["z"], entry["z"] + mni152.STACK_SLICES)
+        # A stack never spans a gap or a zone boundary.
+        assert all(zone_of.get(z) == entry["zone"] for z in planes)
+        if entry["zone"] == "pool":
+            assert min(abs(z - t) for z in planes for t in test_z) > mni152.GAP_SLICES
+    # The stack holds exactly the slices' pixels, plane by plane.
+    import nibabel as nib
+
+    first = stacks[0]
+    volume = np.asarray(nib.load(first["image"]).dataobj)
+    labels = np.asarray(nib.load(first["label"]).dataobj)
+    for k, z in enumerate(range(first["z"], first["z"] + mni152.STACK_SLICES)):
+        assert np.array_equal(volume[..., k], np.asarray(Image.open(Path(root) / "images" / f"z{z:02d}.png")))
+        assert np.array_equal(labels[..., k], np.asarray(Image.open(Path(root) / "labels" / f"z{z:02d}.png")))
+    sample = preset.transforms(True, "segmentation3d", 32)(stacks[0])
+    assert tuple(sample["image"].shape) == (3, 32, 32, mni152.STACK_SLICES)
+    assert tuple(sample["label"].shape) == (1, 32, 32, mni152.STACK_SLICES)
+
+
+def test_mni152_tissue_3d_runs_a_cell_with_3d_adapters(tmp_path):
+    from medadapt.adapters.dka import DualKernelAdapter
+
+    built = []
+    real_build = runner.ModelFactory.build
+
+    def build(factory, method, options, seed):
+        model = real_build(factory, method, options, seed)
+        built.append(model)
+        return model
+
+    tiny = {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner.ModelFactory, "build", build)
+        table = run_protocol(dataset="mni152_tissue_3d", backbone="timm:vit_tiny_patch16_224", backbone_options=tiny,
+                             image_size=32, methods=["dka"], fractions=[0.2], folds=1, steps=1, batch_size=1,
+                             out=str(tmp_path / "out"), demo_dir=str(tmp_path), progress=False, echo=lambda m: None)
+    (row,) = table
+    assert row["count"] == "2 stacks" and 0.0 <= row["dice"] <= 1.0
+    adapters = [m for m in built[-1].modules() if isinstance(m, DualKernelAdapter)]
+    # 3D kernels (bottleneck, 1, 3, 51, 51) over the stack of 4 slices.
+    assert adapters and all(tuple(a.large.shape[2:]) == (3, 51, 51) for a in adapters)
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    assert cell["settings"]["method_options"]["spatial_dims"] == 3
+    assert cell["settings"]["method_options"]["num_slices"] == 4
+    assert len(cell["metrics"]["dice_per_class"]) == 2 and cell["metrics"]["n"] == 2
 
 
 class Fixed(torch.nn.Module):

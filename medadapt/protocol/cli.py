@@ -34,6 +34,8 @@ Examples:
   medadapt bench protocol                      # the embedded BUSI demo, quick backbone, minutes
   medadapt bench protocol --dataset mni152_tissue --fractions 0.05 0.1 0.2 --folds 2 --steps 10 \\
       --out results/mni152                     # real MNI152 MRI, grey/white matter, LiteMedSAM
+  medadapt bench protocol --dataset mni152_tissue_3d --fractions 0.2 --folds 2 --steps 10 \
+      --batch-size 1 --out results/mni152_3d   # the same MRI as 4-slice stacks, 3D adapters
 """
 
 # One line per bench subcommand: (name, help, configure) with configure a callable or "module:function".
@@ -114,9 +116,9 @@ def configure_protocol(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="busi", help=f"dataset preset: {', '.join(PRESET_NAMES)} (default busi)")
-    data.add_argument("--task", help="classification or segmentation (default: the dataset's first)")
+    data.add_argument("--task", help="classification, segmentation or segmentation3d (default: the dataset's first)")
     data.add_argument("--root", help="dataset folder in its official layout; without it the embedded demo is "
-                      "used (mni152_tissue: where to write its slices)")
+                      "used (mni152_tissue[_3d]: where to write its slices)")
     data.add_argument("--demo-option", action="append", default=[], metavar="KEY=VALUE",
                       help="demo generator option, e.g. per_class=4 (repeatable)")
     data.add_argument("--demo-dir", help="where to build the demo (default OUT/data)")

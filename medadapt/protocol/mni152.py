@@ -18,6 +18,11 @@ the brain; ``GAP_SLICES`` slices (8 mm) on each side of it are used by nobody; t
 are drawn only from the two outer ranges (inferior and superior). Only slices with at least
 ``MIN_WM_VOXELS`` white-matter voxels are used at all (so every slice has both tissues).
 
+For volumes (``mni152_tissue_3d``, task "segmentation3d") the same slices are grouped into
+stacks of ``STACK_SLICES`` consecutive slices (8 mm), written as NIfTI (H, W, S) image and label
+volumes: the test band gives ``TEST_SLICES // STACK_SLICES`` test stacks, and each contiguous run
+of the training pool gives as many non-overlapping stacks as fit in it. A stack is one sample.
+
 The files are written once into a folder (idempotent, a marker records what was written),
 because the split machinery works on files and checks their content hashes.
 """
@@ -31,14 +36,16 @@ from pathlib import Path
 import numpy as np
 
 NAME = "mni152_tissue"
+NAME_3D = "mni152_tissue_3d"
 CLASSES = ("background", "grey matter", "white matter")
 RESOLUTION = 2
 TEST_SLICES = 8
 GAP_SLICES = 4
+STACK_SLICES = 4
 MIN_WM_VOXELS = 240
 MASK_THRESHOLD = 0.2  # nilearn.datasets.load_mni152_brain_mask's threshold on the [0, 1] T1
 MARKER = ".medadapt_mni152_tissue.json"
-VERSION = 1
+VERSION = 2
 
 README = """\
 medadapt mni152_tissue: axial slices of the real MNI152 (ICBM 2009) template from nilearn
@@ -47,6 +54,8 @@ medadapt mni152_tissue: axial slices of the real MNI152 (ICBM 2009) template fro
 images/z<NN>.png  T1 slice, 8-bit grey, zero-padded to a square, anterior up
 labels/z<NN>.png  0 background, 1 grey matter, 2 white matter (argmax of 1-GM-WM, GM, WM inside
                   the brain mask T1 > 0.2)
+stacks/images/s<NN>.nii.gz, stacks/labels/s<NN>.nii.gz
+                  slices z<NN> to z<NN+{stack}-1> of the same planes as one (H, W, {stack}) volume
 
 zones (slice index z on the 2 mm grid): test {test}, gap (unused) {gap}, training pool {pool}.
 All slices come from ONE template: neighbouring slices are near-copies, hence the gap.
@@ -127,10 +136,42 @@ def build_slices(root: str | os.PathLike) -> str:
         files += [f"images/{name}", f"labels/{name}"]
     span = lambda zs: f"{min(zs)}-{max(zs)}" if zs else "-"  # noqa: E731
     gap = ", ".join(span(part) for part in (zone["gap"][:GAP_SLICES], zone["gap"][GAP_SLICES:]))
+    stacks = stack_starts(zone)
+    (root / "stacks" / "images").mkdir(parents=True, exist_ok=True)
+    (root / "stacks" / "labels").mkdir(parents=True, exist_ok=True)
+    for z0 in stacks["test"] + stacks["pool"]:
+        name = f"s{z0:02d}.nii.gz"
+        planes = range(z0, z0 + STACK_SLICES)
+        image = np.stack([_square(np.clip(t1[:, :, z] * scale, 0, 255).round().astype(np.uint8)) for z in planes], -1)
+        label = np.stack([_square(labels[:, :, z]) for z in planes], -1)
+        _write_nifti(image, root / "stacks" / "images" / name)
+        _write_nifti(label, root / "stacks" / "labels" / name)
+        files += [f"stacks/images/{name}", f"stacks/labels/{name}"]
     (root / "README.txt").write_text(README.format(resolution=RESOLUTION, test=span(zone["test"]), gap=gap,
+                                                   stack=STACK_SLICES,
                                                    pool=", ".join(f"{a}-{b}" for a, b in _runs(zone["pool"]))))
-    marker.write_text(json.dumps({"version": VERSION, "zones": zone, "files": files}, indent=1))
+    marker.write_text(json.dumps({"version": VERSION, "zones": zone, "stacks": stacks, "files": files}, indent=1))
     return str(root)
+
+
+def stack_starts(zone: dict[str, list[int]]) -> dict[str, list[int]]:
+    """First slice of every stack: non-overlapping runs of ``STACK_SLICES`` inside each
+    contiguous run of the test band and of the training pool (a stack never spans a gap)."""
+    starts: dict[str, list[int]] = {}
+    for name in ("test", "pool"):
+        starts[name] = [z for a, b in _runs(zone[name]) for z in range(a, b - STACK_SLICES + 2, STACK_SLICES)]
+    return starts
+
+
+def _write_nifti(array: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    from medadapt.io import atomic_path
+
+    # 2 mm voxels, as the template's grid; the planes keep the PNGs' orientation (anterior up).
+    affine = np.diag([float(RESOLUTION)] * 3 + [1.0])
+    with atomic_path(path) as tmp:
+        nib.save(nib.Nifti1Image(array, affine), str(tmp))
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:
@@ -143,11 +184,20 @@ def _runs(values: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def datalist(root: str | os.PathLike) -> list[dict]:
-    """Entries for every written slice: "image", "label", "case", "group", "z", "zone"."""
+def datalist(root: str | os.PathLike, volumes: bool = False) -> list[dict]:
+    """Entries for every written slice (or, with ``volumes``, every stack): "image", "label",
+    "case", "group", "z" (the stack's first slice), "zone"."""
     root = Path(root)
     record = json.loads((root / MARKER).read_text())
     entries = []
+    if volumes:
+        for zone_name in ("test", "pool"):
+            for z in record["stacks"][zone_name]:
+                name = f"s{z:02d}.nii.gz"
+                entries.append({"image": str(root / "stacks" / "images" / name),
+                                "label": str(root / "stacks" / "labels" / name),
+                                "case": f"s{z:02d}", "group": f"s{z:02d}", "z": z, "zone": zone_name})
+        return entries
     for zone_name in ("test", "pool"):
         for z in record["zones"][zone_name]:
             name = f"z{z:02d}.png"
@@ -162,8 +212,11 @@ def partition(entries: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def transforms(train: bool, task: str = "segmentation", size: int = 256):
-    """Grey PNG read as RGB, labels as class indices (1, H, W); resize; flips and small affine
-    jitter for training; per-image min-max to [0, 1] (the backbone's own normalisation follows)."""
+    """Slices (task "segmentation"): grey PNG read as RGB, labels as class indices (1, H, W).
+    Stacks ("segmentation3d"): NIfTI (1, H, W, S) repeated to 3 channels, labels (1, H, W, S).
+    Resize in plane; flips and small in-plane affine jitter for training; per-sample min-max to
+    [0, 1] (the backbone's own normalisation follows)."""
+    import torch
     from monai.data import PILReader
     from monai.transforms import (
         Compose,
@@ -171,25 +224,33 @@ def transforms(train: bool, task: str = "segmentation", size: int = 256):
         LoadImaged,
         RandAffined,
         RandFlipd,
+        RepeatChanneld,
         Resized,
         ScaleIntensityd,
     )
-    import torch
 
     from medadapt.data.transforms import pil_to_gray, pil_to_rgb
 
     keys = ["image", "label"]
-    steps = [
-        LoadImaged(keys="image", reader=PILReader(converter=pil_to_rgb, reverse_indexing=False),
-                   image_only=True, ensure_channel_first=True),
-        LoadImaged(keys="label", reader=PILReader(converter=pil_to_gray, reverse_indexing=False),
-                   image_only=True, ensure_channel_first=True),
-        Resized(keys=keys, spatial_size=(size, size), mode=("bilinear", "nearest")),
-    ]
+    volumes = task == "segmentation3d"
+    if volumes:
+        steps = [LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
+                 RepeatChanneld(keys="image", repeats=3),
+                 Resized(keys=keys, spatial_size=(size, size, -1), mode=("trilinear", "nearest"))]
+    else:
+        steps = [
+            LoadImaged(keys="image", reader=PILReader(converter=pil_to_rgb, reverse_indexing=False),
+                       image_only=True, ensure_channel_first=True),
+            LoadImaged(keys="label", reader=PILReader(converter=pil_to_gray, reverse_indexing=False),
+                       image_only=True, ensure_channel_first=True),
+            Resized(keys=keys, spatial_size=(size, size), mode=("bilinear", "nearest")),
+        ]
     if train:
+        # In plane only: rotation about the slice axis, no scaling across slices.
         steps += [
             RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-            RandAffined(keys=keys, prob=0.5, rotate_range=(0.17,), scale_range=(0.1, 0.1),
+            RandAffined(keys=keys, prob=0.5, rotate_range=(0.0, 0.0, 0.17) if volumes else (0.17,),
+                        scale_range=(0.1, 0.1, 0.0) if volumes else (0.1, 0.1),
                         mode=("bilinear", "nearest"), padding_mode="zeros"),
         ]
     steps += [ScaleIntensityd(keys="image", minv=0.0, maxv=1.0), EnsureTyped(keys=keys, dtype=torch.float32)]

@@ -2,8 +2,9 @@
 
 The 2D presets of :mod:`medadapt.data` (``busi``, ``isic2018``, ``isic2019``) read the official
 layouts, or build the embedded demo when no root is given. ``mni152_tissue`` (see
-:mod:`medadapt.protocol.mni152`) is real MRI from nilearn with a fixed, z-separated test set.
-BraTS is 3D (sliding-window volumes) and is not part of this 2D runner.
+:mod:`medadapt.protocol.mni152`) is real MRI from nilearn with a fixed, z-separated test set;
+``mni152_tissue_3d`` is the same MRI as stacks of slices for the 3D slice-stack segmenter.
+BraTS (whole volumes under a sliding window) is trained with ``bundles/dka_brats`` instead.
 
 Adding a preset = one :class:`ProtocolPreset` entry in ``PRESETS``.
 """
@@ -22,10 +23,12 @@ class ProtocolPreset:
 
     Arguments:
         name: ``--dataset`` name.
-        tasks: supported tasks ("classification", "segmentation"); the first is the default.
+        tasks: supported tasks ("classification", "segmentation", "segmentation3d"); the first
+            is the default.
         prepare: ``prepare(root, work_dir, task, demo_options) -> (root, datalist, is_demo)``.
         transforms: ``transforms(train, task, size) -> Compose`` giving "image" (3, H, W) in
-            [0, 1] and "label" (a class index, or a (1, H, W) mask / class map).
+            [0, 1] and "label" (a class index, or a (1, H, W) mask / class map); for
+            "segmentation3d" (3, H, W, S) and (1, H, W, S), slices on the last axis.
         num_classes: ``num_classes(task)``: classes (classification), output channels
             (segmentation: 1 for a binary sigmoid mask).
         stratify_key: entry key to stratify splits by, for classification.
@@ -37,6 +40,7 @@ class ProtocolPreset:
         note: one line for the report.
         classes: class names, if any.
         unit: what one training sample is called in the table ("imgs", "slices").
+        num_slices: slices per sample for "segmentation3d" (the slice-stack model's depth).
     """
 
     name: str
@@ -51,10 +55,11 @@ class ProtocolPreset:
     note: str = ""
     classes: tuple[str, ...] | None = field(default=None)
     unit: str = "imgs"
+    num_slices: int | None = None
 
     def multilabel(self, task: str) -> bool:
         """Sigmoid outputs (binary masks) rather than softmax classes."""
-        return task == "segmentation" and self.num_classes(task) == 1
+        return task != "classification" and self.num_classes(task) == 1
 
 
 def _data_preset(name: str) -> ProtocolPreset:
@@ -91,21 +96,26 @@ def _data_preset(name: str) -> ProtocolPreset:
     )
 
 
-def _mni152_preset() -> ProtocolPreset:
+def _mni152_preset(volumes: bool = False) -> ProtocolPreset:
     from medadapt.protocol import mni152
+
+    name = mni152.NAME_3D if volumes else mni152.NAME
 
     def prepare(root, work_dir, task, demo_options):
         if demo_options:
-            raise ValueError(f"--demo-option: dataset {mni152.NAME!r} has no demo options")
+            raise ValueError(f"--demo-option: dataset {name!r} has no demo options")
+        # Both presets share one folder: the stacks are written beside the slices.
         folder = mni152.build_slices(root or Path(work_dir) / mni152.NAME)
-        return folder, mni152.datalist(folder), False
+        return folder, mni152.datalist(folder, volumes=volumes), False
 
+    sample = (f"stacks of {mni152.STACK_SLICES} consecutive axial slices (NIfTI)" if volumes else "axial slices")
     return ProtocolPreset(
-        name=mni152.NAME, tasks=("segmentation",), prepare=prepare,
+        name=name, tasks=("segmentation3d",) if volumes else ("segmentation",), prepare=prepare,
         transforms=lambda train, task, size: mni152.transforms(train, task, size),
         num_classes=lambda task: len(mni152.CLASSES), partition=mni152.partition,
-        classes=mni152.CLASSES, unit="slices",
-        note=("real MNI152 T1 (nilearn, 2 mm) axial slices, GM / WM labels from the template's tissue maps; "
+        classes=mni152.CLASSES, unit="stacks" if volumes else "slices",
+        num_slices=mni152.STACK_SLICES if volumes else None,
+        note=(f"real MNI152 T1 (nilearn, 2 mm) {sample}, GM / WM labels from the template's tissue maps; "
               f"fixed test band of {mni152.TEST_SLICES} slices, {mni152.GAP_SLICES}-slice gaps to the training pool"),
     )
 
@@ -115,6 +125,7 @@ _BUILDERS: dict[str, Callable[[], ProtocolPreset]] = {
     "isic2018": lambda: _data_preset("isic2018"),
     "isic2019": lambda: _data_preset("isic2019"),
     "mni152_tissue": _mni152_preset,
+    "mni152_tissue_3d": lambda: _mni152_preset(volumes=True),
 }
 PRESET_NAMES = tuple(_BUILDERS)
 
@@ -122,7 +133,7 @@ PRESET_NAMES = tuple(_BUILDERS)
 def get_preset(name: str) -> ProtocolPreset:
     """The protocol preset ``name``; raises naming ``--dataset`` and the known ones."""
     if name == "brats":
-        raise ValueError("--dataset: 'brats' is 3D (sliding-window volumes); bench protocol runs the 2D presets "
+        raise ValueError("--dataset: 'brats' is whole volumes under a sliding window; bench protocol runs the presets "
                          f"{list(PRESET_NAMES)} (train BraTS with bundles/dka_brats)")
     if name not in _BUILDERS:
         raise ValueError(f"--dataset: unknown dataset {name!r}; choose one of {list(PRESET_NAMES)}")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 METRICS = {
     "classification": ("accuracy", "balanced_accuracy"),
     "segmentation": ("dice",),
+    "segmentation3d": ("dice",),
 }
 METRIC_TITLES = {
     "accuracy": "Accuracy (%)",
@@ -64,7 +65,7 @@ def build_rows(methods: Sequence[str], fractions: Sequence[float], folds: int, m
         method_info: method -> {"size_option", "size", "trainable", "total", "options"}.
         cells: (method, fraction, fold) -> the stored cell record, for finished cells.
         fraction_counts: fraction -> training images per fold (from the splits).
-        task: "classification" or "segmentation" (which metrics).
+        task: "classification", "segmentation" or "segmentation3d" (which metrics).
         unit: what a training sample is called in the count label.
     """
     rows = []

@@ -149,16 +149,27 @@ def resolved_options(method: str, options: dict) -> dict:
 class ModelFactory:
     """Task models around ONE loaded backbone: it is built once and deep-copied per model.
 
-    Mirrors ``medadapt.create_model`` for "classification" and "segmentation" (2D): a
-    Classifier or a Segmenter (decoder width 32, sigmoid for one channel), then ``inject``.
+    Mirrors ``medadapt.create_model`` for "classification", "segmentation" (2D) and
+    "segmentation3d": a Classifier, a Segmenter or a VolumeSegmenter of ``num_slices`` slices
+    (decoder width 32, sigmoid for one channel), then ``inject`` (3D adapter variants for
+    "segmentation3d", see :meth:`method_options`).
     """
 
     def __init__(self, task: str, backbone: str, backbone_options: dict, backbone_checkpoint: str | None,
-                 num_classes: int, multilabel: bool, seed: int):
+                 num_classes: int, multilabel: bool, seed: int, num_slices: int | None = None):
+        if task == "segmentation3d" and not num_slices:
+            raise ValueError("task 'segmentation3d' needs the preset's num_slices")
         self.task, self.backbone, self.backbone_options = task, backbone, dict(backbone_options)
         self.backbone_checkpoint, self.num_classes, self.multilabel, self.seed = (
             backbone_checkpoint, num_classes, multilabel, seed)
+        self.num_slices = num_slices
         self._pristine: nn.Module | None = None
+
+    def method_options(self, options: dict) -> dict:
+        """``options`` with the task's defaults: 3D adapters over the stack for "segmentation3d"."""
+        if self.task == "segmentation3d":
+            return {"spatial_dims": 3, "num_slices": self.num_slices, **options}
+        return dict(options)
 
     def pristine(self) -> nn.Module:
         if self._pristine is None:
@@ -172,16 +183,19 @@ class ModelFactory:
 
     def build(self, method: str, options: dict, seed: int) -> nn.Module:
         from medadapt.injection import inject
-        from medadapt.models import Classifier, Segmenter
+        from medadapt.models import Classifier, Segmenter, VolumeSegmenter
 
         encoder = copy.deepcopy(self.pristine())
         torch.manual_seed(seed)
         if self.task == "classification":
             model = Classifier(encoder, self.num_classes, in_channels=3)
+        elif self.task == "segmentation3d":
+            model = VolumeSegmenter(encoder, self.num_classes, self.num_slices, in_channels=3,
+                                    decoder_channels=DECODER_CHANNELS, multilabel=self.multilabel)
         else:
             model = Segmenter(encoder, self.num_classes, in_channels=3, decoder_channels=DECODER_CHANNELS,
                               multilabel=self.multilabel)
-        return inject(model, method, **options)
+        return inject(model, method, **self.method_options(options))
 
     def trainable(self, method: str, options: dict) -> dict[str, int]:
         from medadapt.injection import count_parameters
@@ -497,7 +511,8 @@ def run_protocol(
     image_size = int(image_size or (DEMO_IMAGE_SIZE if is_demo else preset.default_size))
     num_classes = preset.num_classes(task)
     multilabel = preset.multilabel(task)
-    factory = ModelFactory(task, backbone, backbone_options, backbone_checkpoint, num_classes, multilabel, seed)
+    factory = ModelFactory(task, backbone, backbone_options, backbone_checkpoint, num_classes, multilabel, seed,
+                           num_slices=preset.num_slices)
 
     # Each method once: options, size, trainable parameters (and errors before any training).
     method_info: dict[str, dict] = {}
@@ -508,7 +523,7 @@ def run_protocol(
             size, _ = iso_size(factory, method, options, int(iso_params))
             options[option] = size
         counts = factory.trainable(method, options)
-        full = resolved_options(method, options)
+        full = resolved_options(method, factory.method_options(options))
         method_info[method] = {"options": full, "size_option": option, "size": full.get(option) if option else None,
                                "trainable": counts["trainable"], "total": counts["total"]}
         if iso_params is not None:
@@ -537,7 +552,8 @@ def run_protocol(
         f"- command: `{command}`" if command else "- command: run_protocol(...) (Python API)",
         f"- data: {data_root}{' (embedded demo, SYNTHETIC lesions)' if is_demo else ''}; {preset.note}",
         f"- fixed test set: {len(test_entries)} samples (seed {seed}); training pool {records[fractions[0]]['pool']}",
-        f"- backbone: {backbone}{' ' + json.dumps(backbone_options) if backbone_options else ''}; input {image_size} px; "
+        f"- backbone: {backbone}{' ' + json.dumps(backbone_options) if backbone_options else ''}; input {image_size} px"
+        f"{f' x {preset.num_slices} slices' if preset.num_slices else ''}; "
         f"{'steps ' + str(steps) if steps else 'epochs ' + str(epochs)}, batch {batch_size}, AdamW "
         f"(adapters {lr_adapter:g}, head {lr_head:g}, weight decay {weight_decay:g}), cosine schedule",
         f"- folds: {folds}; ± is the sample standard deviation over folds"
