@@ -9,8 +9,8 @@
     print(rows.markdown)          # also results/busi/protocol.md and protocol.csv
 
 Modules: `runner` (``run_protocol``, training and evaluation of one cell, iso-parameter
-sizing), `presets` (the datasets it runs on), `mni152` (real MNI152 MRI slices with grey /
-white matter labels, from nilearn, offline), `report` (the table), `cli` (``medadapt bench``).
+sizing), `presets` (the datasets it runs on), `mni152` (real MNI152 MRI slices and
+4-slice stacks with grey / white matter labels, from nilearn, offline), `report` (the table), `cli` (``medadapt bench``).
 
 Names are resolved lazily so that importing the package does not import torch or MONAI.
 """
