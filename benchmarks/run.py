@@ -99,9 +99,12 @@ def bench_step(quick: bool) -> list[dict]:
 
 
 _MEMORY_CHILD = r"""
-import resource, sys, warnings, torch
+import sys, warnings, torch
 warnings.filterwarnings("ignore")
 import medadapt
+def status_mb(key):  # this process's own figures; ru_maxrss would keep the forking parent's RSS across exec
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 method, checkpointing = sys.argv[1], sys.argv[2] == "1"
 torch.manual_seed(0)
 model = medadapt.create_model("classification", backbone="medsam_vit_b", backbone_options={"img_size": 256},
@@ -109,18 +112,23 @@ model = medadapt.create_model("classification", backbone="medsam_vit_b", backbon
                               gradient_checkpointing=checkpointing).train()
 optimizer = torch.optim.AdamW(medadapt.param_groups(model, lr_backbone=1e-5))
 x, y = torch.rand(2, 3, 256, 256), torch.tensor([0, 2])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = status_mb("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:  # restart VmHWM here: the peak of training alone
+    f.write("5")
 for _ in range(2):
     optimizer.zero_grad()
     torch.nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024)
+print(status_mb("VmHWM"), before)
 """
 
 
 def _training_rss_mb(method: str, checkpointing: bool = False) -> float:
-    """Peak RSS added by training steps, over the process after building the model: what
+    """Peak RSS added by training steps, over the process's RSS once the model is built: what
     fine-tuning itself costs, without torch's libraries and the weights every method shares.
+    The child reads its own /proc/self/status (VmRSS, then VmHWM restarted through
+    clear_refs), because ru_maxrss keeps the RSS of the parent it was forked from, which after
+    the earlier sections is larger than anything the child does.
 
     Measured with glibc's default allocator settings: medadapt's (medadapt/runtime.py) keep
     the memory freed after building the model in the process, training reuses it, and the
