@@ -20,7 +20,7 @@ from medadapt.models.box_prompt import BoxPromptSegmenter
 from medadapt.models.classifier import Classifier
 from medadapt.models.segmenter import Segmenter
 from medadapt.models.stem import InputMapping
-from medadapt.models.volume import VolumeSegmenter
+from medadapt.models.volume import VolumeSegmenter, stack_adapter_options
 
 TASKS = ("classification", "segmentation", "segmentation3d", "box_segmentation")
 
@@ -83,8 +83,7 @@ def create_model(
                 raise ValueError("task 'segmentation3d' needs num_slices (the ROI size on the slice axis)")
             model = VolumeSegmenter(encoder, num_classes, num_slices, decoder_channels=decoder_channels,
                                     multilabel=multilabel, slice_axis=slice_axis, **common)
-            options.setdefault("spatial_dims", 3)
-            options.setdefault("num_slices", num_slices)
+            options = stack_adapter_options(options, num_slices)
     inject(model, method, **options)
     if adapter_checkpoint:
         load_adapters(model, adapter_checkpoint)

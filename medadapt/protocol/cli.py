@@ -34,7 +34,7 @@ Examples:
   medadapt bench protocol                      # the embedded BUSI demo, quick backbone, minutes
   medadapt bench protocol --dataset mni152_tissue --fractions 0.05 0.1 0.2 --folds 2 --steps 10 \\
       --out results/mni152                     # real MNI152 MRI, grey/white matter, LiteMedSAM
-  medadapt bench protocol --dataset mni152_tissue_3d --fractions 0.2 --folds 2 --steps 10 \
+  medadapt bench protocol --dataset mni152_tissue_3d --fractions 0.2 --folds 2 --steps 10 \\
       --batch-size 1 --out results/mni152_3d   # the same MRI as 4-slice stacks, 3D adapters
 """
 

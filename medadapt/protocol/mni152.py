@@ -128,11 +128,13 @@ def build_slices(root: str | os.PathLike) -> str:
     (root / "labels").mkdir(parents=True, exist_ok=True)
     files = []
     scale = 255.0 / max(float(t1.max()), 1e-6)
-    for z in zone["test"] + zone["pool"]:
+    # (image, label) planes as written, shared by the PNG slices and the NIfTI stacks.
+    planes = {z: (_square(np.clip(t1[:, :, z] * scale, 0, 255).round().astype(np.uint8)), _square(labels[:, :, z]))
+              for z in zone["test"] + zone["pool"]}
+    for z, (image, label) in planes.items():
         name = f"z{z:02d}.png"
-        image = _square(np.clip(t1[:, :, z] * scale, 0, 255).round().astype(np.uint8))
         Image.fromarray(image).save(root / "images" / name)
-        Image.fromarray(_square(labels[:, :, z])).save(root / "labels" / name)
+        Image.fromarray(label).save(root / "labels" / name)
         files += [f"images/{name}", f"labels/{name}"]
     span = lambda zs: f"{min(zs)}-{max(zs)}" if zs else "-"  # noqa: E731
     gap = ", ".join(span(part) for part in (zone["gap"][:GAP_SLICES], zone["gap"][GAP_SLICES:]))
@@ -141,11 +143,9 @@ def build_slices(root: str | os.PathLike) -> str:
     (root / "stacks" / "labels").mkdir(parents=True, exist_ok=True)
     for z0 in stacks["test"] + stacks["pool"]:
         name = f"s{z0:02d}.nii.gz"
-        planes = range(z0, z0 + STACK_SLICES)
-        image = np.stack([_square(np.clip(t1[:, :, z] * scale, 0, 255).round().astype(np.uint8)) for z in planes], -1)
-        label = np.stack([_square(labels[:, :, z]) for z in planes], -1)
-        _write_nifti(image, root / "stacks" / "images" / name)
-        _write_nifti(label, root / "stacks" / "labels" / name)
+        stack = [planes[z] for z in range(z0, z0 + STACK_SLICES)]
+        _write_nifti(np.stack([image for image, _ in stack], -1), root / "stacks" / "images" / name)
+        _write_nifti(np.stack([label for _, label in stack], -1), root / "stacks" / "labels" / name)
         files += [f"stacks/images/{name}", f"stacks/labels/{name}"]
     (root / "README.txt").write_text(README.format(resolution=RESOLUTION, test=span(zone["test"]), gap=gap,
                                                    stack=STACK_SLICES,
@@ -189,20 +189,14 @@ def datalist(root: str | os.PathLike, volumes: bool = False) -> list[dict]:
     "case", "group", "z" (the stack's first slice), "zone"."""
     root = Path(root)
     record = json.loads((root / MARKER).read_text())
+    kind, folder, pattern = ("stacks", root / "stacks", "s{:02d}.nii.gz") if volumes else ("zones", root, "z{:02d}.png")
     entries = []
-    if volumes:
-        for zone_name in ("test", "pool"):
-            for z in record["stacks"][zone_name]:
-                name = f"s{z:02d}.nii.gz"
-                entries.append({"image": str(root / "stacks" / "images" / name),
-                                "label": str(root / "stacks" / "labels" / name),
-                                "case": f"s{z:02d}", "group": f"s{z:02d}", "z": z, "zone": zone_name})
-        return entries
     for zone_name in ("test", "pool"):
-        for z in record["zones"][zone_name]:
-            name = f"z{z:02d}.png"
-            entries.append({"image": str(root / "images" / name), "label": str(root / "labels" / name),
-                            "case": f"z{z:02d}", "group": f"z{z:02d}", "z": z, "zone": zone_name})
+        for z in record[kind][zone_name]:
+            name = pattern.format(z)
+            case = name.split(".")[0]
+            entries.append({"image": str(folder / "images" / name), "label": str(folder / "labels" / name),
+                            "case": case, "group": case, "z": z, "zone": zone_name})
     return entries
 
 

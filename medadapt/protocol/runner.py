@@ -168,7 +168,9 @@ class ModelFactory:
     def method_options(self, options: dict) -> dict:
         """``options`` with the task's defaults: 3D adapters over the stack for "segmentation3d"."""
         if self.task == "segmentation3d":
-            return {"spatial_dims": 3, "num_slices": self.num_slices, **options}
+            from medadapt.models.volume import stack_adapter_options
+
+            return stack_adapter_options(options, self.num_slices)
         return dict(options)
 
     def pristine(self) -> nn.Module:
