@@ -30,10 +30,14 @@ def _assert_protocol(splits: dict, datalist: list[dict], label_key: str | None) 
     group_of = {e["case"]: e["group"] for e in datalist}
     label_of = {e["case"]: e.get(label_key) for e in datalist}
     test_cases = {e["case"] for e in splits["test"]}
-    test_groups = {group_of[c] for c in test_cases}
-    pool = [e for e in datalist if e["case"] not in test_cases]
+    val_cases = {e["case"] for e in splits["val"]}
+    assert not test_cases & val_cases
+    test_groups = {group_of[c] for c in test_cases | val_cases}  # neither may meet training
+    assert not {group_of[c] for c in test_cases} & {group_of[c] for c in val_cases}
+    pool = [e for e in datalist if e["case"] not in test_cases | val_cases]
     pool_per_class = Counter(label_of[e["case"]] for e in pool)
     assert splits["counts"]["test"] == len(test_cases) and splits["counts"]["pool"] == len(pool)
+    assert splits["counts"]["val"] == len(val_cases)
     for record in splits["fractions"]:
         assert record["pool"] == len(pool)
         for fold in record["folds"]:
@@ -60,25 +64,49 @@ def test_counts_stratification_and_minimum_per_class(tmp_path):
     test_classes = Counter(e["class"] for e in splits["test"])
     for cls, n in Counter(classes).items():
         assert test_classes[cls] == _round_half_up(0.2 * n)  # stratified fixed test set
-    pool = {cls: n - test_classes[cls] for cls, n in Counter(classes).items()}
+    val_classes = Counter(e["class"] for e in splits["val"])
+    pool = {cls: n - test_classes[cls] - val_classes[cls] for cls, n in Counter(classes).items()}
+    for cls, n in Counter(classes).items():  # stratified validation set from what the test set left
+        assert val_classes[cls] == max(1, _round_half_up(0.1 * (n - test_classes[cls])))
     for record in splits["fractions"]:
         for fold in record["folds"]:
             for cls, n in pool.items():  # single-image groups: exact counts
                 assert fold["per_class"][str(cls)] == max(1, _round_half_up(record["fraction"] * n))
     tiny = splits["fractions"][0]
-    assert sorted(tiny["bumped"]) == ["0", "1", "2"]  # 0.63 % of 40/24/6 rounds to 0: bumped to 1
+    assert sorted(tiny["bumped"]) == ["0", "1", "2"]  # 0.63 % of 36/22/5 rounds to 0: bumped to 1
     assert all(f["count"] == 3 for f in tiny["folds"])
     full = splits["fractions"][-1]
-    assert all(f["count"] == len(datalist) - len(splits["test"]) for f in full["folds"])
+    assert all(f["count"] == len(datalist) - len(splits["test"]) - len(splits["val"]) for f in full["folds"])
+
+
+def test_validation_set_is_never_the_test_set_and_a_fixed_test_set_is_kept(tmp_path):
+    classes = [0] * 20 + [1] * 10
+    datalist = tiny_files_datalist(tmp_path, classes)
+    splits = make_splits(datalist, [0.5], folds=2, seed=0, label_key="class", val_fraction=0.2)
+    val, test = load_split(splits, part="val"), load_split(splits, part="test")
+    assert val and test and not {e["image"] for e in val} & {e["image"] for e in test}
+    assert Counter(e["class"] for e in val) == {0: 3, 1: 2}
+    # A test set fixed by the dataset's design stays exactly as given.
+    fixed, pool = datalist[:5], datalist[5:]
+    splits = make_splits(pool, [1.0], folds=1, seed=0, label_key="class", test=fixed)
+    assert sorted(e["case"] for e in splits["test"]) == sorted(e["case"] for e in fixed)
+    assert splits["counts"]["total"] == len(datalist)
+    _assert_protocol(splits, datalist, "class")
+    # A splits file from before validation sets existed is refused, not read as the test set.
+    del splits["val"]
+    with pytest.raises(ValueError, match="no validation set"):
+        load_split(splits, part="val")
+    with pytest.raises(ValueError, match="val_fraction"):
+        make_splits(datalist, [0.5], val_fraction=1.0)
 
 
 def test_folds_disjoint_while_pool_allows(tmp_path):
     datalist = tiny_files_datalist(tmp_path, [0] * 50 + [1] * 50)
-    splits = make_splits(datalist, [0.1], folds=5, seed=3, label_key="class")
+    splits = make_splits(datalist, [0.1], folds=5, seed=3, label_key="class", val_fraction=0)
     folds = [{e["case"] for e in f["train"]} for f in splits["fractions"][0]["folds"]]
     assert all(len(f) == 8 for f in folds)  # 10 % of 40 per class
     assert len(set().union(*folds)) == sum(len(f) for f in folds)  # 5 x 8 <= 80: no overlap
-    wrap = make_splits(datalist, [0.4], folds=5, seed=3, label_key="class")
+    wrap = make_splits(datalist, [0.4], folds=5, seed=3, label_key="class", val_fraction=0)
     folds = [{e["case"] for e in f["train"]} for f in wrap["fractions"][0]["folds"]]
     assert all(len(f) == 32 for f in folds) and len(set().union(*folds)) == 80  # wraps, covers all
 
@@ -191,9 +219,8 @@ def test_load_split_parts(tmp_path):
     train = load_split(path, 0.25, fold=1, part="train")
     assert [e["case"] for e in train] == [e["case"] for e in splits["fractions"][0]["folds"][1]["train"]]
     assert all(os.path.isabs(e["image"]) and os.path.isfile(e["image"]) for e in train)
-    assert load_split(path, part="val") == load_split(path, part="test")  # no val list: the test set
-    splits["val"] = splits["test"][:1]
-    assert len(load_split(splits, part="val")) == 1
+    val, test = load_split(path, part="val"), load_split(path, part="test")
+    assert len(val) == 2 and len(test) == 4 and not {e["case"] for e in val} & {e["case"] for e in test}
     moved = tmp_path / "moved"
     shutil.copytree(tmp_path / "data", moved)
     assert all(e["image"].startswith(str(moved)) for e in load_split(path, 0.25, 0, root=moved))

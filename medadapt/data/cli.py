@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, default=5, help="training subsets per fraction (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share held out as the fixed test set (default 0.2)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of the rest held out as the validation set that chooses checkpoints (default 0.1)")
     parser.add_argument("--duplicates", choices=("group", "raise"), default="group",
                         help="identical images: keep them in one group (default) or stop with an error")
     parser.add_argument("--check", choices=("full", "headers", "none"), default="full",
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         folds=args.folds,
         seed=args.seed,
         test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
         group_key="group",
         label_key=preset.stratify_key,
         root=args.root,

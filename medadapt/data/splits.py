@@ -2,7 +2,8 @@
 
 The protocol (DKA paper, below-100 % experiments):
 
-- one fixed test set, stratified by class, drawn once for a seed;
+- one fixed test set, stratified by class, drawn once for a seed (or given);
+- one fixed validation set from the rest, for choosing checkpoints (never the test set);
 - for each fraction and fold, a training subset of the remaining pool, stratified by class
   with at least one image per class (a fraction that would give a class zero images is
   bumped to one, and the actual counts are recorded beside the fraction);
@@ -14,9 +15,9 @@ The protocol (DKA paper, below-100 % experiments):
   the same split, adding a fraction leaves the others unchanged.
 
 The JSON holds datalists with paths relative to its ``root``; `load_split` returns them with
-absolute paths, ready for ``train#dataset#data`` in a bundle. The "val" part is the fixed
-test set unless the JSON has a "val" list of its own (kept simple on purpose: with a few
-training images there is nothing to spare for a validation subset). In a bundle::
+absolute paths, ready for ``train#dataset#data`` in a bundle. Training subsets are drawn from
+the pool without the validation set, so a checkpoint is chosen on images it was not trained
+on and the test set is only ever used for the final report. In a bundle::
 
     "imports": ["$import medadapt.data"],
     "splits_json": "splits.json", "fraction": 0.0063, "fold": 0,
@@ -49,14 +50,17 @@ def make_splits(
     folds: int = 5,
     seed: int = 0,
     test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
     group_key: str = "group",
     label_key: str | None = None,
     root: str | os.PathLike | None = None,
     duplicates: str = "group",
     classes: Sequence[str] | None = None,
     dataset: str | None = None,
+    test: Sequence[dict] | None = None,
 ) -> dict:
-    """Split ``datalist`` into a fixed test set and per-(fraction, fold) training subsets.
+    """Split ``datalist`` into a fixed test set, a validation set and per-(fraction, fold)
+    training subsets.
 
     Arguments:
         datalist: entries with "image" paths; ``group_key`` and ``label_key`` as below.
@@ -64,6 +68,8 @@ def make_splits(
         folds: training subsets drawn per fraction.
         seed: seed of every random draw.
         test_fraction: share of each class's images held out as the fixed test set, in (0, 1).
+        val_fraction: share of each class's remaining images held out as the validation
+            set, in [0, 1) (at least one group per class when the class has two or more).
         group_key: entries sharing this value always land on the same side (patient, lesion,
             case). Entries without it are their own group.
         label_key: class key to stratify by (e.g. "class"); None for segmentation datasets
@@ -74,11 +80,15 @@ def make_splits(
             group and records them in the JSON; "raise" raises naming the files.
         classes: class names, stored in the JSON for readers.
         dataset: dataset name, stored in the JSON.
+        test: a test set fixed by the dataset's design (entries not in ``datalist``); then
+            ``test_fraction`` is not used and ``datalist`` is the whole pool.
 
     Returns the JSON-ready dict (see `save_splits`).
     """
-    fractions = _check_arguments(datalist, fractions, folds, test_fraction, duplicates)
-    entries = sorted((dict(e) for e in datalist), key=lambda e: (str(e.get(group_key, "")), _first_image(e)))
+    fractions = _check_arguments(datalist, fractions, folds, test_fraction, val_fraction, duplicates)
+    fixed_test = [dict(e) for e in test] if test is not None else None
+    entries = sorted((dict(e) for e in list(datalist) + (fixed_test or [])),
+                     key=lambda e: (str(e.get(group_key, "")), _first_image(e)))
     root = Path(root).expanduser().resolve() if root is not None else _common_root(entries)
 
     # Groups: the given key, joined through identical content.
@@ -90,15 +100,25 @@ def make_splits(
         raise DatasetError(f"{len(duplicate_sets)} set(s) of identical images found: {listing}")
     strata = _group_strata(entries, groups, label_key)
 
-    rng = np.random.default_rng([seed, 0])
-    test_groups, notes = _draw_test(strata, groups, test_fraction, rng)
-    pool_strata = {s: [g for g in gs if g not in test_groups] for s, gs in strata.items()}
+    if fixed_test is None:
+        test_groups, notes = _draw_test(strata, groups, test_fraction, np.random.default_rng([seed, 0]))
+    else:
+        fixed = {_image_key(e) for e in fixed_test}
+        test_groups = {g for e, g in zip(entries, groups) if _image_key(e) in fixed}
+        notes = [f"the test set ({len(fixed_test)} samples) is fixed by the dataset"]
+    remaining = {s: [g for g in gs if g not in test_groups] for s, gs in strata.items()}
+    val_groups, val_notes = set(), []
+    if val_fraction > 0:
+        val_groups, val_notes = _draw_test(remaining, groups, val_fraction, np.random.default_rng([seed, 2]))
+        notes += [n.replace("absent from the test set", "absent from the validation set") for n in val_notes]
+    pool_strata = {s: [g for g in gs if g not in val_groups] for s, gs in remaining.items()}
     sizes = Counter(groups)
 
     by_group = defaultdict(list)
     for entry, group in zip(entries, groups):
         by_group[group].append(entry)
     test = [e for g in sorted(test_groups) for e in by_group[g]]
+    val = [e for g in sorted(val_groups) for e in by_group[g]]
 
     result_fractions = [_draw_fraction(f, folds, seed, pool_strata, sizes, by_group) for f in fractions]
 
@@ -108,14 +128,16 @@ def make_splits(
         "root": str(root),
         "seed": seed,
         "folds": folds,
-        "test_fraction": test_fraction,
+        "test_fraction": None if fixed_test is not None else test_fraction,
+        "val_fraction": val_fraction,
         "group_key": group_key,
         "label_key": label_key,
         "classes": list(classes) if classes is not None else None,
-        "counts": _counts(entries, groups, test_groups, label_key),
+        "counts": _counts(entries, groups, test_groups, val_groups, label_key),
         "duplicates": duplicate_sets,
         "notes": notes,
         "test": [_relative(e, root) for e in test],
+        "val": [_relative(e, root) for e in val],
         "fractions": [
             {**rec, "folds": [{**f, "train": [_relative(e, root) for e in f["train"]]} for f in rec["folds"]]}
             for rec in result_fractions
@@ -148,8 +170,8 @@ def load_split(
         fraction: the training fraction (matched to the stored one within 1e-9); needed for
             part "train".
         fold: fold index for part "train".
-        part: "train", "val" (the JSON's "val" list if it has one, else the fixed test set)
-            or "test".
+        part: "train", "val" (the validation set, for choosing checkpoints) or "test" (the
+            fixed test set, for the final report).
         root: dataset folder to resolve paths against, if it moved since the JSON was
             written (default: the JSON's "root").
     """
@@ -158,8 +180,13 @@ def load_split(
     if splits.get("format") != FORMAT:
         raise ValueError(f"not a medadapt splits file (format {splits.get('format')!r}, expected {FORMAT!r})")
     base = Path(root) if root is not None else Path(splits["root"])
-    if part in ("val", "test"):
-        entries = splits["val"] if part == "val" and "val" in splits else splits["test"]
+    if part == "val":
+        if "val" not in splits:
+            raise ValueError("the splits file has no validation set (it was made by an older medadapt, which "
+                             "validated on the test set); make a new one with `medadapt split`")
+        entries = splits["val"]
+    elif part == "test":
+        entries = splits["test"]
     elif part == "train":
         if fraction is None:
             raise ValueError("fraction is required for part='train'")
@@ -185,7 +212,8 @@ def content_hash(paths: str | Sequence[str]) -> str:
 
 
 def check_no_leakage(splits: dict, known_hashes: dict | None = None) -> None:
-    """Raise if any group or any image content is in both a training subset and the test set.
+    """Raise if any group or any image content is in two of: a training subset, the
+    validation set, the test set.
 
     `make_splits` calls it on its own result; call it on a JSON edited by hand.
 
@@ -204,24 +232,33 @@ def check_no_leakage(splits: dict, known_hashes: dict | None = None) -> None:
             memo[paths] = content_hash(list(paths))
         return memo[paths]
 
-    test_groups = {str(e.get(key, e["image"])) for e in splits["test"]}
-    test_hashes = {digest(e) for e in splits["test"]}
+    held_out = {part: splits.get(part) or [] for part in ("test", "val")}
+    groups = {part: {str(e.get(key, e["image"])) for e in entries} for part, entries in held_out.items()}
+    hashes = {part: {digest(e) for e in entries} for part, entries in held_out.items()}
+    for entry in held_out["val"]:
+        where = f"validation: {entry.get('case', entry['image'])}"
+        if str(entry.get(key, entry["image"])) in groups["test"]:
+            raise DatasetError(f"{where} is in the validation set and its group is in the test set")
+        if digest(entry) in hashes["test"]:
+            raise DatasetError(f"{where} has the same content as an image of the test set")
     for record in splits["fractions"]:
         for fold in record["folds"]:
             for entry in fold["train"]:
                 group = str(entry.get(key, entry["image"]))
                 where = f"fraction {record['fraction']} fold {fold['fold']}: {entry.get('case', entry['image'])}"
-                if group in test_groups:
-                    raise DatasetError(f"{where} is in training and its group {group!r} is in the test set")
-                if digest(entry) in test_hashes:
-                    raise DatasetError(f"{where} has the same content as an image of the test set")
+                for part, name in (("test", "test set"), ("val", "validation set")):
+                    if group in groups[part]:
+                        raise DatasetError(f"{where} is in training and its group {group!r} is in the {name}")
+                    if digest(entry) in hashes[part]:
+                        raise DatasetError(f"{where} has the same content as an image of the {name}")
 
 
 def split_summary(splits: dict) -> str:
     """A table of the absolute training counts per fraction and fold, for printing."""
     counts = splits["counts"]
     lines = [
-        f"{splits.get('dataset') or 'dataset'}: {counts['total']} images, test {counts['test']}, pool {counts['pool']}"
+        f"{splits.get('dataset') or 'dataset'}: {counts['total']} images, test {counts['test']}, "
+        f"validation {counts.get('val', 0)}, pool {counts['pool']}"
         f", seed {splits['seed']}"
     ]
     for record in splits["fractions"]:
@@ -235,7 +272,7 @@ def split_summary(splits: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- internals
-def _check_arguments(datalist, fractions, folds, test_fraction, duplicates) -> list[float]:
+def _check_arguments(datalist, fractions, folds, test_fraction, val_fraction, duplicates) -> list[float]:
     if not datalist:
         raise DatasetError("cannot split an empty datalist: no cases were found")
     if not fractions:
@@ -252,6 +289,8 @@ def _check_arguments(datalist, fractions, folds, test_fraction, duplicates) -> l
         raise ValueError(f"folds (--folds) must be at least 1, got {folds}")
     if not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"test_fraction (--test-fraction) must be in (0, 1), got {test_fraction}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction (--val-fraction) must be in [0, 1), got {val_fraction}")
     if duplicates not in ("group", "raise"):
         raise ValueError(f"duplicates (--duplicates) must be 'group' or 'raise', got {duplicates!r}")
     return checked
@@ -365,15 +404,16 @@ def _draw_fraction(fraction, folds, seed, pool_strata, sizes, by_group) -> dict:
     }
 
 
-def _counts(entries, groups, test_groups, label_key) -> dict:
-    in_test = [g in test_groups for g in groups]
-    counts = {"total": len(entries), "test": sum(in_test), "pool": len(entries) - sum(in_test), "groups": len(set(groups))}
+def _counts(entries, groups, test_groups, val_groups, label_key) -> dict:
+    part = ["test" if g in test_groups else "val" if g in val_groups else "pool" for g in groups]
+    counts = {"total": len(entries), "test": part.count("test"), "val": part.count("val"), "pool": part.count("pool"),
+              "groups": len(set(groups))}
     if label_key is not None:
-        per_class = defaultdict(lambda: {"total": 0, "test": 0, "pool": 0})
-        for entry, test in zip(entries, in_test):
+        per_class = defaultdict(lambda: {"total": 0, "test": 0, "val": 0, "pool": 0})
+        for entry, where in zip(entries, part):
             row = per_class[str(entry[label_key])]
             row["total"] += 1
-            row["test" if test else "pool"] += 1
+            row[where] += 1
         counts["per_class"] = dict(sorted(per_class.items()))
     return counts
 

@@ -1,10 +1,20 @@
 """MONAI dictionary transforms for the dataset presets (keys "image" and "label").
 
-- `brats_transforms`: 3D, four MR sequences stacked as channels (t1, t1ce, t2, flair), labels
-  converted to TC / WT / ET for the release, RAS orientation, resampling, per-channel
-  z-score over brain voxels, random crops and flips for training.
-- `image2d_transforms` (and the `busi_transforms` / `isic_transforms` presets): 2D PNG/JPG
-  read as RGB, masks merged and binarised, resized, normalised by a named scheme.
+Each chain is written once, as a MONAI config (``brats_transform_config``,
+``image2d_transform_config``): the bundles embed that config, so a user reads and overrides
+every step (``--train#preprocessing#transforms#3#prob 0.2``), and the Python functions
+(`brats_transforms`, `image2d_transforms`, `busi_transforms`, `isic_transforms`) instantiate
+the same config. A config refers to the bundle's settings by reference (``@image_size``,
+``@roi_size``, ``@pixdim``, ``@release``); the Python functions supply them as values.
+
+- BraTS (3D): four MR sequences stacked as channels (t1, t1ce, t2, flair), labels converted
+  to TC / WT / ET for the release, RAS orientation, resampling, per-channel z-score over
+  brain voxels, random crops and flips for training.
+- 2D PNG/JPG: read as RGB, masks merged and binarised, resized, scaled to [0, 1] (the model
+  applies its backbone's own normalisation).
+
+Stages: "train" (labels, random augmentation), "validate" (labels, deterministic) and
+"infer" (no labels). Every stage refuses non-finite voxels, naming the file.
 
 2D arrays are channel-first in numpy order, (C, H, W): row index first, as torchvision and
 timm expect and as matplotlib shows them.
@@ -16,32 +26,11 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
-from monai.data import PILReader
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    MapTransform,
-    NormalizeIntensityd,
-    Orientationd,
-    RandAdjustContrastd,
-    RandAffined,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandRotate90d,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    RandSpatialCropd,
-    Resized,
-    ScaleIntensityd,
-    ScaleIntensityRanged,
-    Spacingd,
-    SpatialPadd,
-)
+from monai.transforms import Compose, MapTransform
 
 from medadapt.data.brats import MSD_TO_STANDARD
-from medadapt.data.brats_labels import ConvertBraTSLabelsd, canonical_release, release_from_name
+from medadapt.data.brats_labels import canonical_release, release_from_name
+from medadapt.data.errors import DatasetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,6 +110,28 @@ class MergeMasksd(MapTransform):
         return d
 
 
+class CheckFinited(MapTransform):
+    """Refuse images holding NaN or infinite values, naming the file: a model given them
+    returns an all-background answer that looks like a result.
+
+    Arguments:
+        keys: image keys (loaded by `LoadImaged`, so they carry their file name).
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = torch.as_tensor(d[key])
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                bad = int((~torch.isfinite(value)).sum())
+                meta = getattr(d[key], "meta", {}) or {}
+                source = meta.get("filename_or_obj") or d.get("case") or key
+                raise DatasetError(f"{source}: {bad} voxel(s) of {key!r} are NaN or infinite; "
+                                   "fix or mask them before running the model")
+        return d
+
+
 def pil_to_rgb(image):
     """PIL converter: three channels whatever the file holds (grey, palette, RGBA)."""
     return image.convert("RGB")
@@ -131,40 +142,115 @@ def pil_to_gray(image):
     return image.convert("L")
 
 
-# ---------------------------------------------------------------------------- normalisation
-def _minmax(keys):
-    # MedSAM: per-image min-max to [0, 1] (not SAM's ImageNet mean/std).
-    return [ScaleIntensityd(keys=keys, minv=0.0, maxv=1.0)]
+
+# ---------------------------------------------------------------------------- configs
+STAGES = ("train", "validate", "infer")
 
 
-def _imagenet(keys):
-    return [
-        ScaleIntensityRanged(keys=keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
-        NormalizeIntensityd(keys=keys, subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True),
-    ]
+def _step(target: str, **args) -> dict:
+    """One MONAI config item."""
+    return {"_target_": target, **args}
 
 
-def _efficientnet_lite(keys):
-    # EfficientNet-Lite's own preprocessing: (x - 127) / 128 on 0-255 pixels.
-    return [NormalizeIntensityd(keys=keys, subtrahend=127.0, divisor=128.0)]
+def _callable(target: str) -> dict:
+    """A config item that is the function itself, not its result."""
+    return {"_target_": target, "_mode_": "callable"}
 
 
-# name -> builder of the transforms that normalise an RGB image holding 0-255 values.
-NORMALIZATIONS = {
-    "minmax": _minmax,
-    "imagenet": _imagenet,
-    "efficientnet_lite": _efficientnet_lite,
-}
+def _is_reference(value) -> bool:
+    return isinstance(value, str) and value.startswith("@")
 
 
-def normalization_transforms(name: str, keys: KeysCollection = "image") -> list:
-    """The transforms of normalisation scheme ``name`` (see `NORMALIZATIONS`)."""
-    if name not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {name!r}")
-    return NORMALIZATIONS[name](keys)
+def _unless_none(value) -> bool | str:
+    """``_disabled_`` of an optional step: decided now for a value, when the bundle is parsed
+    for a reference."""
+    return f"${value} is None" if _is_reference(value) else value is None
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+def _normalization_steps(name: str, keys: str = "image") -> list[dict]:
+    # Input scaled to [0, 1] for "minmax" (MedSAM; the models then apply their backbone's
+    # own normalisation); the others reproduce backbone presets in the data for users who
+    # build models without it.
+    steps = {
+        "minmax": [_step("ScaleIntensityd", keys=keys, minv=0.0, maxv=1.0)],
+        "imagenet": [
+            _step("ScaleIntensityRanged", keys=keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
+            _step("NormalizeIntensityd", keys=keys, subtrahend=list(IMAGENET_MEAN), divisor=list(IMAGENET_STD),
+                  channel_wise=True),
+        ],
+        # EfficientNet-Lite's own preprocessing: (x - 127) / 128 on 0-255 pixels.
+        "efficientnet_lite": [_step("NormalizeIntensityd", keys=keys, subtrahend=127.0, divisor=128.0)],
+    }
+    if name not in steps:
+        raise ValueError(f"normalization must be one of {sorted(steps)}, got {name!r}")
+    return steps[name]
+
+
+NORMALIZATIONS = ("minmax", "imagenet", "efficientnet_lite")
+
+
+def instantiate(config: dict, **settings):
+    """Build the transform ``config`` with ``settings`` as the values its references name."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({**settings, "transform": config})
+    return parser.get_parsed_content("transform")
 
 
 # ---------------------------------------------------------------------------- 3D BraTS
+def brats_transform_config(
+    stage: str,
+    release="@release",
+    roi_size="@roi_size",
+    pixdim="@pixdim",
+    crop: str = "posneg",
+    num_samples: int = 1,
+) -> dict:
+    """The MONAI config of the BraTS chain for ``stage`` (see `brats_transforms`).
+
+    ``release``, ``roi_size`` and ``pixdim`` are values or references to bundle settings.
+    """
+    _check_stage(stage)
+    if crop not in ("posneg", "random"):
+        raise ValueError(f"crop must be 'posneg' or 'random', got {crop!r}")
+    if not _is_reference(release):
+        release = "auto" if str(release).lower() == "auto" else canonical_release(release)
+    keys = ["image"] if stage == "infer" else ["image", "label"]
+    steps = [
+        _step("LoadImaged", keys=keys, image_only=True),
+        _step("EnsureChannelFirstd", keys=keys),
+        _step("medadapt.data.transforms.CheckFinited", keys="image"),
+        _step("medadapt.data.transforms.BraTSChannelOrderd", keys="image", release=release),
+    ]
+    if stage != "infer":
+        steps.append(_step("medadapt.data.brats_labels.ConvertBraTSLabelsd", keys="label", release=release))
+    # Labels spelled out: MONAI 1.6 warns that its default is changing to the image's "space".
+    steps.append(_step("Orientationd", keys=keys, axcodes="RAS", labels=[["L", "R"], ["P", "A"], ["I", "S"]]))
+    steps.append(_step("Spacingd", keys=keys, pixdim=pixdim, mode=["bilinear", "nearest"][: len(keys)],
+                       _disabled_=_unless_none(pixdim)))
+    # z-score over brain voxels only: the zero background would otherwise dominate the statistics.
+    steps.append(_step("NormalizeIntensityd", keys="image", nonzero=True, channel_wise=True))
+    if stage == "train":
+        steps.append(_step("SpatialPadd", keys=keys, spatial_size=roi_size))
+        if crop == "posneg":
+            steps.append(_step("RandCropByPosNegLabeld", keys=keys, label_key="label", spatial_size=roi_size, pos=1,
+                               neg=1, num_samples=num_samples, image_key="image", image_threshold=0))
+        else:
+            steps.append(_step("RandSpatialCropd", keys=keys, roi_size=roi_size, random_size=False))
+        steps += [_step("RandFlipd", keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
+        steps += [
+            _step("RandScaleIntensityd", keys="image", factors=0.1, prob=1.0),
+            _step("RandShiftIntensityd", keys="image", offsets=0.1, prob=1.0),
+        ]
+    steps.append(_step("EnsureTyped", keys=keys, dtype="$torch.float32"))
+    return _step("Compose", transforms=steps)
+
+
 def brats_transforms(
     train: bool,
     release: str = "2021",
@@ -193,40 +279,68 @@ def brats_transforms(
     Output: "image" float32 (4, H, W, D) z-scored per channel over non-zero voxels; "label"
     float32 (3, H, W, D) holding TC, WT, ET.
     """
-    if crop not in ("posneg", "random"):
-        raise ValueError(f"crop must be 'posneg' or 'random', got {crop!r}")
-    release = "auto" if str(release).lower() == "auto" else canonical_release(release)
-    keys = ["image", "label"] if with_label else ["image"]
-    steps = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys)]
-    steps.append(BraTSChannelOrderd(keys="image", release=release))
-    if with_label:
-        steps.append(ConvertBraTSLabelsd(keys="label", release=release))
-    # Labels spelled out: MONAI 1.6 warns that its default is changing to the image's "space".
-    steps.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
-    if pixdim is not None:
-        modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-        steps.append(Spacingd(keys=keys, pixdim=tuple(pixdim), mode=modes))
-    # z-score over brain voxels only: the zero background would otherwise dominate the statistics.
-    steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
-    if train:
-        steps.append(SpatialPadd(keys=keys, spatial_size=tuple(roi_size)))
-        if crop == "posneg" and with_label:
-            steps.append(RandCropByPosNegLabeld(
-                keys=keys, label_key="label", spatial_size=tuple(roi_size), pos=1, neg=1,
-                num_samples=num_samples, image_key="image", image_threshold=0,
-            ))
-        else:
-            steps.append(RandSpatialCropd(keys=keys, roi_size=tuple(roi_size), random_size=False))
-        steps += [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
-        steps += [
-            RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
-        ]
-    steps.append(EnsureTyped(keys=keys, dtype=torch.float32))
-    return Compose(steps)
+    if train and not with_label:
+        raise ValueError("training transforms need labels (with_label=True)")
+    stage = "train" if train else ("validate" if with_label else "infer")
+    config = brats_transform_config(stage, crop=crop, num_samples=num_samples)
+    return instantiate(config, release=release, roi_size=list(roi_size), pixdim=None if pixdim is None else list(pixdim))
 
 
 # ---------------------------------------------------------------------------- 2D images
+def image2d_transform_config(
+    stage: str,
+    task: str = "segmentation",
+    size="@image_size",
+    normalization: str = "minmax",
+    flip_axes: Sequence[int] = (1,),
+    rotate90: bool = False,
+    affine: bool = True,
+) -> dict:
+    """The MONAI config of the 2D chain for ``stage`` (see `image2d_transforms`).
+
+    ``size`` is a value (int or (H, W)) or a reference to a bundle setting.
+    """
+    _check_stage(stage)
+    if task not in ("segmentation", "classification"):
+        raise ValueError(f"task must be 'segmentation' or 'classification', got {task!r}")
+    if not _is_reference(size):
+        size = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+    else:
+        # A bundle's image_size is one number (a square) or (H, W).
+        size = f"$[{size}, {size}] if isinstance({size}, int) else list({size})"
+    normalize = _normalization_steps(normalization)
+    seg = task == "segmentation" and stage != "infer"
+    keys = ["image", "label"] if seg else ["image"]
+    interpolation = ["bilinear", "nearest"][: len(keys)]
+    steps = [
+        _step("LoadImaged", keys="image", image_only=True, ensure_channel_first=True,
+              reader=_step("PILReader", converter=_callable("medadapt.data.transforms.pil_to_rgb"),
+                           reverse_indexing=False)),
+    ]
+    if seg:
+        steps += [
+            _step("LoadImaged", keys="label", image_only=True, ensure_channel_first=True,
+                  reader=_step("PILReader", converter=_callable("medadapt.data.transforms.pil_to_gray"),
+                               reverse_indexing=False)),
+            _step("medadapt.data.transforms.MergeMasksd", keys="label"),
+        ]
+    train = stage == "train"
+    if train and rotate90:
+        # Before the resize: a quarter turn swaps height and width, and the output must
+        # still be ``size`` when it is not square.
+        steps.append(_step("RandRotate90d", keys=keys, prob=0.5, max_k=3))
+    steps.append(_step("Resized", keys=keys, spatial_size=size, mode=interpolation))
+    if train:
+        steps += [_step("RandFlipd", keys=keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
+        if affine:
+            steps.append(_step("RandAffined", keys=keys, prob=0.5, rotate_range=[0.26], scale_range=[0.1, 0.1],
+                               mode=interpolation, padding_mode="zeros"))
+        steps.append(_step("RandAdjustContrastd", keys="image", prob=0.3, gamma=[0.7, 1.5]))
+    steps += normalize
+    steps.append(_step("EnsureTyped", keys=keys, dtype="$torch.float32"))
+    return _step("Compose", transforms=steps)
+
+
 def image2d_transforms(
     train: bool,
     task: str = "segmentation",
@@ -256,38 +370,16 @@ def image2d_transforms(
 
     Output: "image" float32 (3, H, W); for segmentation "label" float32 (1, H, W).
     """
-    if task not in ("segmentation", "classification"):
-        raise ValueError(f"task must be 'segmentation' or 'classification', got {task!r}")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    normalize = normalization_transforms(normalization, "image")
-    seg = task == "segmentation" and with_label
-    keys = ["image", "label"] if seg else ["image"]
-    steps = [
-        LoadImaged(keys="image", reader=PILReader(converter=pil_to_rgb, reverse_indexing=False),
-                   image_only=True, ensure_channel_first=True),
-    ]
-    if seg:
-        steps += [
-            LoadImaged(keys="label", reader=PILReader(converter=pil_to_gray, reverse_indexing=False),
-                       image_only=True, ensure_channel_first=True),
-            MergeMasksd(keys="label"),
-        ]
-    if train and rotate90:
-        # Before the resize: a quarter turn swaps height and width, and the output must
-        # still be ``size`` when it is not square.
-        steps.append(RandRotate90d(keys=keys, prob=0.5, max_k=3))
-    steps.append(Resized(keys=keys, spatial_size=size, mode=("bilinear", "nearest")[: len(keys)]))
-    if train:
-        steps += [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in flip_axes]
-        if affine:
-            steps.append(RandAffined(
-                keys=keys, prob=0.5, rotate_range=(0.26,), scale_range=(0.1, 0.1),
-                mode=("bilinear", "nearest")[: len(keys)], padding_mode="zeros",
-            ))
-        steps.append(RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)))
-    steps += normalize
-    steps.append(EnsureTyped(keys=keys, dtype=torch.float32))
-    return Compose(steps)
+    if train and not with_label and task == "segmentation":
+        raise ValueError("training transforms need labels (with_label=True)")
+    stage = "train" if train else ("validate" if with_label else "infer")
+    return instantiate(image2d_transform_config(stage, task, size, normalization, flip_axes, rotate90, affine))
+
+
+# Augmentations per dataset: ultrasound depth runs top to bottom, so BUSI is flipped left-right
+# only; dermoscopy has no up or left, so ISIC is flipped both ways and turned by quarter turns.
+BUSI_AUGMENTATION = {"flip_axes": (1,), "rotate90": False}
+ISIC_AUGMENTATION = {"flip_axes": (0, 1), "rotate90": True}
 
 
 def busi_transforms(
@@ -299,7 +391,7 @@ def busi_transforms(
 ) -> Compose:
     """BUSI preset of `image2d_transforms`: left-right flips only, since ultrasound depth
     runs top to bottom and flipping it would show impossible anatomy."""
-    return image2d_transforms(train, task, size, normalization, flip_axes=(1,), rotate90=False, with_label=with_label)
+    return image2d_transforms(train, task, size, normalization, with_label=with_label, **BUSI_AUGMENTATION)
 
 
 def isic_transforms(
@@ -311,4 +403,4 @@ def isic_transforms(
 ) -> Compose:
     """ISIC preset of `image2d_transforms`: dermoscopy has no up or left, so flips on both
     axes and 90-degree rotations."""
-    return image2d_transforms(train, task, size, normalization, flip_axes=(0, 1), rotate90=True, with_label=with_label)
+    return image2d_transforms(train, task, size, normalization, with_label=with_label, **ISIC_AUGMENTATION)
