@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,7 +75,8 @@ def test_dwconv_matches_torch(path, x_shape, kernel):
     _check_against_torch(lambda x, ws: dwconv(x, ws[0], path=path), x_shape, [kernel])
 
 
-@pytest.mark.parametrize("maps_per_block", [1, 2, 5, 10])   # channel ranges of one sample; whole samples
+# Channel ranges of one sample; whole samples; all maps at once (as on a GPU).
+@pytest.mark.parametrize("maps_per_block", [1, 2, 5, 10, 1000])
 @pytest.mark.parametrize("path", ["fft", "mixed"])
 @pytest.mark.parametrize("x_shape,kernel", [((3, 5, 9, 7), (7, 4)), ((3, 5, 4, 9, 8), (3, 7, 6))])
 def test_fft_blocks_cover_every_map(monkeypatch, maps_per_block, path, x_shape, kernel):
@@ -189,6 +192,97 @@ def test_half_precision_inputs_run_through_fft():
     assert _rel(y.float(), ref) < 2e-2
 
 
+# Mixed precision: under CPU bf16 autocast every path must give what torch's convolution
+# gives there (a bf16 result, gradients in the inputs' dtypes), close to the fp32 values.
+AMP_RTOL = 2e-2
+AMP_CASES = [
+    ((2, 4, 24, 20), (51, 51)),       # clipped to the map, FFT territory
+    ((2, 4, 24, 20), (5, 5)),
+    ((2, 4, 24, 20), (3, 3)),
+    ((1, 3, 4, 12, 10), (3, 51, 51)),
+    ((1, 3, 4, 12, 10), (3, 5, 5)),
+]
+
+
+def _check_under_autocast(fn, x_shape, kernel_shapes, input_dtype):
+    """fn(x, kernels) under bf16 autocast against torch convolutions of the same fp32 values (in fp64)."""
+    gen = torch.Generator().manual_seed(hash((x_shape, tuple(kernel_shapes))) % 2**31)
+    x = torch.randn(*x_shape, generator=gen, requires_grad=True)
+    ws = [torch.randn(x_shape[1], 1, *k, generator=gen, requires_grad=True) for k in kernel_shapes]
+    grad_out = torch.randn(*x_shape, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # An adapter's convolution sees the bf16 output of a linear layer; a plain fp32
+        # input must work as well.
+        y = fn(x.to(input_dtype), ws)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y, [x, *ws], grad_out.to(y.dtype))
+
+    x64 = x.detach().double().requires_grad_()
+    ws64 = [w.detach().double().requires_grad_() for w in ws]
+    y64 = sum(_reference(x64, w) for w in ws64)
+    grads64 = torch.autograd.grad(y64, [x64, *ws64], grad_out.double())
+    named = [("output", y, y64)] + [(f"gradient {i}", g, g64) for i, (g, g64) in enumerate(zip(grads, grads64))]
+    for name, got, want in named:
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        assert _rel(got, want) < AMP_RTOL, f"{name} off by {_rel(got, want):.2e}"
+    assert all(g.dtype == torch.float32 for g in grads)   # the leaves' own dtype
+
+
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", [None, "direct", "fft", "mixed"])
+@pytest.mark.parametrize("x_shape,kernel", AMP_CASES)
+def test_dwconv_under_bf16_autocast(path, x_shape, kernel, input_dtype):
+    _check_under_autocast(lambda x, ws: dwconv(x, ws[0], path=path), x_shape, [kernel], input_dtype)
+
+
+@pytest.mark.parametrize("path", [None, "fft", "mixed"])
+@pytest.mark.parametrize(
+    "x_shape,kernels", [((2, 4, 24, 20), [(51, 51), (5, 5)]), ((1, 3, 4, 12, 10), [(3, 51, 51), (3, 5, 5)])]
+)
+def test_dwconv_multi_under_bf16_autocast(path, x_shape, kernels):
+    """A Dual-Kernel Adapter's two kernels, folded into one convolution."""
+    _check_under_autocast(lambda x, ws: dwconv_multi(x, ws, path=path), x_shape, kernels, torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", ["fft", "mixed"])
+def test_backward_inside_autocast_region(path):
+    """Hand-written backward passes must not meet autocast's casts when backward runs inside it."""
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    w = torch.randn(4, 1, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dwconv(x.to(torch.bfloat16), w, path=path)
+        y.float().square().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_dka_adapter_trains_under_bf16_autocast(spatial_dims):
+    """DKA forward + backward under autocast, against the same module in fp32."""
+    from medadapt.adapters.base import TokenLayout
+    from medadapt.adapters.dka import DualKernelAdapter
+
+    torch.manual_seed(0)
+    layout = TokenLayout("channels_last", spatial_dims=spatial_dims, num_slices=4 if spatial_dims == 3 else 1)
+    adapter = DualKernelAdapter(16, layout, bottleneck=4, dropout=0.0, zero_init=False)
+    tokens = torch.randn(4 if spatial_dims == 3 else 2, 20, 20, 16)
+    params = [adapter.large, adapter.small, adapter.down.weight, adapter.up.weight]
+
+    def run(amp: bool):
+        x = tokens.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = adapter(x)
+        grads = torch.autograd.grad(out.float().square().mean(), [x, *params])
+        return out, grads
+
+    out32, grads32 = run(False)
+    out16, grads16 = run(True)
+    assert out16.dtype == torch.bfloat16 and out32.dtype == torch.float32
+    for got, want in zip((out16, *grads16), (out32, *grads32)):
+        assert torch.isfinite(got).all()
+        assert _rel(got, want) < AMP_RTOL, f"off by {_rel(got, want):.2e}"
+
+
 def test_bad_inputs_raise_value_error():
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(ValueError, match="not depthwise for 4 channels"):
@@ -230,3 +324,44 @@ def test_benchmark_quick_run_smoke():
     assert rows and all(r["torch_ms"] > 0 and r["medadapt_ms"] > 0 for r in rows)
     assert {"name", "shape", "kernel", "torch_ms", "medadapt_ms", "speedup", "target", "pass"} <= set(rows[0])
     assert "| name |" in bench.to_markdown(rows)
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
+    """benchmarks/gpu.py --smoke builds every row it can on the CPU and writes both files."""
+    import json
+
+    bench = _load_benchmark("gpu")
+    assert bench.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert not [r["name"] for r in rows if r["note"].startswith("failed")]
+    sections = [r["section"] for r in rows]
+    assert sections.count("dwconv") == 2 * len(bench.DWCONV_CASES)   # float32 and bf16 per case
+    assert sections.count("step") == 2 * len(bench.SMOKE.batches) and "amp" in sections
+    assert all(r["baseline"] > 0 and r["ours"] > 0 for r in rows)
+    dwconv_targets = {r["name"].split(",")[0]: r["target"] for r in rows if r["section"] == "dwconv"}
+    assert dwconv_targets["2D k51 16ch"] == ">= 5x faster" and dwconv_targets["2D k3 16ch"] is None
+    assert all(r["target"] == "<= 1.1" and isinstance(r["pass"], bool) for r in rows if r["section"] == "step")
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| section | comparison |" in table and table.count("\n| dwconv |") == sections.count("dwconv")
+
+
+def test_gpu_benchmark_without_a_gpu_exits_with_code_2(monkeypatch, capsys):
+    bench = _load_benchmark("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in ([], ["--device", "cuda"], ["--device", "cpu"]):   # the CPU only with --smoke
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
+        assert "needs a GPU" in capsys.readouterr().err

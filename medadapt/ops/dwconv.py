@@ -15,6 +15,11 @@ backward, but picks per call among three implementations (see ``dwconv_impl``):
 The choice comes from the cost model in :func:`choose_path`. Kernels are first clipped to
 the part that can ever touch the map (:func:`clip_kernel`), which is exact for odd and
 even kernels alike.
+
+Under ``torch.autocast`` every path returns what torch's convolution would, a tensor in
+the autocast dtype, with gradients in the dtypes of ``x`` and the kernel: the direct
+convolutions run in the autocast dtype, the FFTs in fp32 (half-precision FFTs are slow or
+unavailable for most lengths, and a 51x51 kernel sums thousands of products).
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from medadapt.ops.dwconv_impl import FFTDepthwiseConv, MixedDepthwiseConv, direct_dwconv, fft_plan, fft_size, same_offsets
+from medadapt.ops.dwconv_impl import (
+    FFTDepthwiseConv,
+    MixedDepthwiseConv,
+    autocast_dtype,
+    direct_dwconv,
+    fft_plan,
+    fft_size,
+    same_offsets,
+)
 
 __all__ = ["dwconv", "dwconv_multi", "fold_kernels", "clip_kernel", "choose_path", "path_costs", "fft_size"]
 
@@ -206,12 +219,19 @@ def _choose_path(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], requir
     return best if costs[best] < FFT_MARGIN * costs["direct"] else "direct"
 
 
-def _transform_dwconv(x: torch.Tensor, weight: torch.Tensor, path: str) -> torch.Tensor:
+def _run_path(x: torch.Tensor, weight: torch.Tensor, path: str, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """The convolution by ``path``; ``out_dtype`` is autocast's dtype, or None outside autocast."""
+    if path == "direct":
+        if out_dtype is not None:
+            x, weight = x.to(out_dtype), weight.to(out_dtype)
+        return direct_dwconv(x, weight)
     axes, sizes = fft_plan(tuple(x.shape[2:]), tuple(weight.shape[2:]))
     if not axes:   # a 1x1(x1) kernel: a per-channel scale
+        if out_dtype is not None:
+            x, weight = x.to(out_dtype), weight.to(out_dtype)
         return x * weight.reshape(1, -1, *([1] * (x.ndim - 2)))
     function = FFTDepthwiseConv if path == "fft" else MixedDepthwiseConv
-    return function.apply(x, weight, axes, sizes)
+    return function.apply(x, weight, axes, sizes, out_dtype or x.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,9 +272,10 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> to
         :func:`choose_path` decides from the shapes and whether gradients are needed.
 
     Returns:
-      A tensor shaped like ``x``. Gradients reach ``x`` and ``weight`` on every path;
-      second derivatives only on the direct one (the FFT-based backward passes are
-      written by hand).
+      A tensor shaped like ``x``, in ``x``'s dtype, or in the autocast dtype inside
+      ``torch.autocast`` (as torch's convolution). Gradients reach ``x`` and ``weight`` on
+      every path, in their own dtypes; second derivatives only on the direct one (the
+      FFT-based backward passes are written by hand).
     """
     _check(x, weight)
     if path is not None and path not in PATHS:
@@ -262,9 +283,13 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> to
     clip, path = _dispatch(tuple(x.shape), tuple(weight.shape), _needs_grad(x, weight), path)
     if clip is not None:
         weight = weight[clip]
-    if path == "direct":
-        return direct_dwconv(x, weight)
-    return _transform_dwconv(x, weight, path)
+    out_dtype = autocast_dtype(x)
+    if out_dtype is None:
+        return _run_path(x, weight, path, None)
+    # Each path casts for itself: autocast inside would cast the convolutions' inputs but
+    # not the kernels the hand-written backward passes hand to them, nor keep FFTs in fp32.
+    with torch.autocast(x.device.type, enabled=False):
+        return _run_path(x, weight, path, out_dtype)
 
 
 @lru_cache(maxsize=4096)

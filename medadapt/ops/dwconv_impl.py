@@ -22,6 +22,7 @@ are slow).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from functools import lru_cache
@@ -306,7 +307,10 @@ class _Plan:
         return torch.fft.rfftn(g, s=self.sizes, dim=self.kdims)
 
 
-def _plan(x_shape, kernel, axes, sizes, complex_itemsize) -> _Plan:
+def _plan(x_shape, kernel, axes, sizes, complex_itemsize, device: torch.device) -> _Plan:
+    if device.type != "cpu":
+        # Blocks are about CPU caches; on a GPU each block only adds kernel launches.
+        return _cached_plan(x_shape, kernel, axes, sizes, x_shape[0] * x_shape[1])
     spatial = list(x_shape[2:])
     for a, size in zip(axes, sizes):
         spatial[a] = size
@@ -354,8 +358,36 @@ def _fft_backward(plan: _Plan, grad_y, need_x, need_w, spec_g_conj=None, spec_x_
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half precision has no CPU FFT: compute in fp32 and round the results.
+    # Half precision has no CPU FFT, and cuFFT takes it for power-of-two lengths only (and
+    # loses accuracy on long sums): transform in fp32 and round the results.
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Mixed precision
+# ---------------------------------------------------------------------------------------
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)   # autocast leaves float64 alone
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs a convolution of ``x`` in, or None where autocast is off.
+
+    Convolutions are on autocast's lower-precision list (CPU and CUDA alike), so under
+    ``torch.autocast`` the result of ``dwconv`` is in the autocast dtype whatever the path.
+    """
+    device = x.device.type
+    if x.dtype not in _AUTOCAST_ELIGIBLE or not torch.amp.is_autocast_available(device):
+        return None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def autocast_off(device_type: str):
+    """A context without autocast on ``device_type``: the paths here cast for themselves
+    (FFTs in fp32, convolutions in the caller's dtype), and autocast inside them would cast
+    a convolution's input but not the kernel handed to it by hand."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _complex_itemsize(dtype: torch.dtype) -> int:
@@ -377,13 +409,15 @@ class FFTDepthwiseConv(torch.autograd.Function):
     per map and one per channel (the batch sum happens between spectra).
 
     Arguments of ``apply``: x, weight, axes (spatial axes to transform), sizes (FFT
-    length per transformed axis), as given by :func:`fft_plan`.
+    length per transformed axis), as given by :func:`fft_plan`, and the output's dtype
+    (``x.dtype``, or autocast's dtype). Transforms run in fp32 (fp64 for fp64 inputs)
+    whatever the dtypes of ``x`` and the kernel; gradients come back in their own dtypes.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, axes, sizes):
+    def forward(ctx, x, weight, axes, sizes, out_dtype):
         compute = _compute_dtype(x.dtype)
-        plan = _plan(tuple(x.shape), tuple(weight.shape[2:]), axes, sizes, _complex_itemsize(compute))
+        plan = _plan(tuple(x.shape), tuple(weight.shape[2:]), axes, sizes, _complex_itemsize(compute), x.device)
         # Blocks must be contiguous slices (channels-last input would make every FFT strided).
         xc = x.to(compute).contiguous()
         spec_g = plan.kernel_spectrum(weight, compute)
@@ -400,7 +434,7 @@ class FFTDepthwiseConv(torch.autograd.Function):
         ctx.plan = plan
         ctx.dtypes = (x.dtype, weight.dtype, compute)
         ctx.save_for_backward(spec_x_all, spec_g if ctx.needs_input_grad[0] else None)
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -408,15 +442,17 @@ class FFTDepthwiseConv(torch.autograd.Function):
         spec_x_all, spec_g = ctx.saved_tensors
         x_dtype, w_dtype, compute = ctx.dtypes
         need_x, need_w = ctx.needs_input_grad[:2]
-        # Conjugates are materialised once: multiplying by a lazily conjugated tensor is
-        # several times slower than a plain product.
-        spec_g_conj = torch.conj_physical(spec_g) if need_x else None
-        grad_x, grad_w = _fft_backward(
-            ctx.plan, grad_y.to(compute), need_x, need_w, spec_g_conj=spec_g_conj, spec_x_all=spec_x_all
-        )
+        with autocast_off(grad_y.device.type):   # backward called inside an autocast region
+            # Conjugates are materialised once: multiplying by a lazily conjugated tensor is
+            # several times slower than a plain product.
+            spec_g_conj = torch.conj_physical(spec_g) if need_x else None
+            grad_x, grad_w = _fft_backward(
+                ctx.plan, grad_y.to(compute), need_x, need_w, spec_g_conj=spec_g_conj, spec_x_all=spec_x_all
+            )
         return (
             None if grad_x is None else grad_x.to(x_dtype),
             None if grad_w is None else grad_w.to(w_dtype),
+            None,
             None,
             None,
         )
@@ -430,14 +466,16 @@ class MixedDepthwiseConv(torch.autograd.Function):
     gradient runs at a fraction of that speed. Here it is the FFT correlation of ``x``
     and ``dY`` instead, which costs two forward transforms and one small inverse one.
 
-    Arguments of ``apply``: as :class:`FFTDepthwiseConv`.
+    Arguments of ``apply``: as :class:`FFTDepthwiseConv`. The convolutions run in the
+    output's dtype, as autocast would run them; the weight gradient's FFTs in fp32.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, axes, sizes):
+    def forward(ctx, x, weight, axes, sizes, out_dtype):
         ctx.axes_sizes = (axes, sizes)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
-        return direct_dwconv(x, weight)
+        ctx.x_dtype = x.dtype
+        return direct_dwconv(x.to(out_dtype), weight.to(out_dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -445,12 +483,14 @@ class MixedDepthwiseConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = grad_w = None
-        if need_x:
-            grad_x = direct_dwconv(grad_y, weight, flip=True)
-        if need_w:
-            compute = _compute_dtype(x.dtype)
-            plan = _plan(tuple(x.shape), tuple(weight.shape[2:]), *ctx.axes_sizes, _complex_itemsize(compute))
-            xc = x.to(compute).contiguous()
-            _, grad_w = _fft_backward(plan, grad_y.to(compute).contiguous(), False, True, x=xc)
-            grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, None, None
+        with autocast_off(grad_y.device.type):   # backward called inside an autocast region
+            if need_x:
+                grad_x = direct_dwconv(grad_y, weight.to(grad_y.dtype), flip=True).to(ctx.x_dtype)
+            if need_w:
+                compute = _compute_dtype(x.dtype)
+                plan = _plan(tuple(x.shape), tuple(weight.shape[2:]), *ctx.axes_sizes, _complex_itemsize(compute),
+                             x.device)
+                xc = x.to(compute).contiguous()
+                _, grad_w = _fft_backward(plan, grad_y.to(compute).contiguous(), False, True, x=xc)
+                grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, None, None, None
