@@ -45,6 +45,7 @@ _EXPORTS = {
     "VolumeSegmenter": "medadapt.models",
     "BoxPromptSegmenter": "medadapt.models",
     "create_model": "medadapt.models",
+    "load_model": "medadapt.models",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,27 +1,42 @@
 """Adapter-only checkpoints: the trainable weights as safetensors plus a JSON config.
 
-``save_adapters(model, dir)`` writes ``adapter_model.safetensors`` and ``adapter_config.json``
-(method, options, targets, and a fingerprint of the frozen base weights). ``load_adapters``
-re-creates the adapters on a freshly built base model, checks the fingerprint and loads
-strictly, listing whatever differs.
+``save_adapters(model, dir)`` writes ``medadapt_adapters.safetensors`` and
+``medadapt_config.json``: the method, its options and targets, a fingerprint of the frozen
+base weights and, for models built by :func:`medadapt.create_model`, the arguments that
+rebuild the whole model (:func:`medadapt.load_model`). ``load_adapters`` re-creates the
+adapters on a freshly built base model, checks the files and the fingerprint and loads
+strictly, listing whatever differs; a refused load leaves the model as it was.
+
+The files once used Hugging Face PEFT's names (``adapter_model.safetensors``,
+``adapter_config.json``), but PEFT cannot load them (other module names, another config
+format), so they now carry medadapt's own names; folders with the old names still load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from medadapt.injection import inject, injection_record
+from medadapt.injection import inject, injection_record, set_stage
 from medadapt.io import atomic_path, atomic_write_text
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "medadapt_adapters.safetensors"
+CONFIG_NAME = "medadapt_config.json"
+# The names folders had before; read when a folder has no file of the current names.
+LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_CONFIG_NAME = "adapter_config.json"
 FORMAT = "medadapt-adapters"
+VERSION = 1
+# create_model's arguments, recorded on the model it returns (plain JSON data).
+BUILD_ATTR = "medadapt_build"
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -63,14 +78,33 @@ def base_fingerprint(model: nn.Module) -> dict[str, str]:
     return {name: _tensor_digest(t) for name, t in _state_dict(model).items() if name not in trainable}
 
 
-def _saved_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
+def _stored_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
+    """The model's own tensors that an adapter file holds, by their file names."""
     if record["method"] == "full":
         # Full fine-tuning changes everything, BatchNorm statistics included.
-        return {k: v.detach().cpu().contiguous() for k, v in _state_dict(model).items()}
-    return {n: p.detach().cpu().contiguous() for n, p in named_parameters(model).items() if p.requires_grad}
+        return _state_dict(model)
+    return {n: p for n, p in named_parameters(model).items() if p.requires_grad}
+
+
+def _saved_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in _stored_tensors(model, record).items()}
 
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_record(model: nn.Module) -> dict | None:
+    """The create_model arguments recorded on ``model``, or None for a model built otherwise."""
+    return getattr(model, BUILD_ATTR, None) or getattr(getattr(model, "module", None), BUILD_ATTR, None)
+
+
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """The (config, weights) files of the adapter folder ``path``: the current names, or the
+    old PEFT-style names for a folder written before the rename."""
+    folder = Path(path)
+    if not (folder / CONFIG_NAME).is_file() and (folder / LEGACY_CONFIG_NAME).is_file():
+        return folder / LEGACY_CONFIG_NAME, folder / LEGACY_WEIGHTS_NAME
+    return folder / CONFIG_NAME, folder / WEIGHTS_NAME
 
 
 def save_adapters(model: nn.Module, path: str | Path, dtype: str | torch.dtype | None = None) -> Path:
@@ -91,9 +125,12 @@ def save_adapters(model: nn.Module, path: str | Path, dtype: str | torch.dtype |
     tensors = _saved_tensors(model, record)
     if storage is not None:
         tensors = {k: v.to(storage) if v.is_floating_point() else v for k, v in tensors.items()}
+    from medadapt import __version__
+
     config = {
         "format": FORMAT,
-        "version": 1,
+        "version": VERSION,
+        "medadapt_version": __version__,
         "method": record["method"],
         "options": record["options"],
         "family": record["family"],
@@ -103,11 +140,26 @@ def save_adapters(model: nn.Module, path: str | Path, dtype: str | torch.dtype |
         "storage_dtype": None if storage is None else str(storage).removeprefix("torch."),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "base_fingerprint": {} if record["method"] == "full" else base_fingerprint(model),
+        # What rebuilds the whole model (medadapt.load_model); None if not built by create_model.
+        "model": build_record(model),
     }
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "method": record["method"]})
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=1))
+    _remove_legacy_files(folder)
     return folder
+
+
+def _remove_legacy_files(folder: Path) -> None:
+    # Files of the old names left in a folder saved again would be a second, stale copy.
+    legacy_config = folder / LEGACY_CONFIG_NAME
+    try:
+        is_ours = json.loads(legacy_config.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return
+    if is_ours:
+        (folder / LEGACY_WEIGHTS_NAME).unlink(missing_ok=True)
+        legacy_config.unlink(missing_ok=True)
 
 
 def _storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -119,23 +171,136 @@ def _storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def read_adapter_config(path: str | Path) -> dict:
+    """The validated config of the adapter folder ``path``; ValueError names what is wrong."""
     folder = Path(path)
-    config_file = folder / CONFIG_NAME
+    config_file, _ = adapter_files(folder)
     if not config_file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not a medadapt adapter folder")
+        raise FileNotFoundError(f"no {CONFIG_NAME} (or the older {LEGACY_CONFIG_NAME}) in {folder}: "
+                                "not a medadapt adapter folder")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{config_file} is not a medadapt adapter config (format={config.get('format')!r})")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_file} is not a medadapt adapter config (format={found!r})")
+    problems = _config_problems(config)
+    if problems:
+        raise ValueError(f"{config_file} is malformed: " + "; ".join(problems))
     return config
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_shape_table(value) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape) for shape in value.values())
+
+
+def _is_fingerprint(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items())
+
+
+def _config_problems(config: dict) -> list[str]:
+    """What is missing or wrong in an adapter config, one phrase per field."""
+    required = {
+        "version": (lambda v: v == VERSION, f"{VERSION} (the version this medadapt reads)"),
+        "method": (lambda v: isinstance(v, str) and v != "", "a method name"),
+        "options": (lambda v: isinstance(v, dict), "a mapping of the method's options"),
+        "family": (lambda v: isinstance(v, str), "a backbone family name"),
+        "encoder": (lambda v: isinstance(v, str), "the encoder's module name"),
+        "targets": (_is_str_list, "a list of module names"),
+        "tensors": (_is_shape_table, "a mapping of tensor names to shapes"),
+        "base_fingerprint": (_is_fingerprint, "a mapping of weight names to digests"),
+    }
+    optional = {
+        "stage": (lambda v: v in (1, 2), "1 or 2"),
+        "storage_dtype": (lambda v: v is None or v in STORAGE_DTYPES, f"null or one of {sorted(STORAGE_DTYPES)}"),
+        "model": (lambda v: v is None or isinstance(v, dict), "null or a mapping of create_model arguments"),
+    }
+    problems = []
+    for key, (valid, what) in {**required, **optional}.items():
+        if key not in config:
+            if key in required:
+                problems.append(f"{key!r} is missing")
+        elif not valid(config[key]):
+            problems.append(f"{key!r} must be {what}, got {_short(config[key])}")
+    saves_whole_encoder = config.get("method") == "full" or config.get("stage") == 2
+    if (not saves_whole_encoder and "base_fingerprint" in config
+            and _is_fingerprint(config["base_fingerprint"]) and not config["base_fingerprint"]):
+        # Only a folder holding the whole encoder (full fine-tuning, stage 2) may have no frozen
+        # base; an empty fingerprint elsewhere would let the adapters load onto any base unchecked.
+        problems.append("'base_fingerprint' is empty: nothing tells which base model the adapters belong to")
+    return problems
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _describe(names, limit=10) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def _read_tensors(weights_file: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The weights file's tensors, checked on their own: readable, as the config lists them,
+    and finite."""
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} is missing")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights_file} is not a readable safetensors file: {error}") from None
+    listed = {k: tuple(v) for k, v in config["tensors"].items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if listed != found:
+        differ = sorted(set(listed) ^ set(found)) + sorted(k for k in set(listed) & set(found) if listed[k] != found[k])
+        raise ValueError(f"{weights_file} does not hold the tensors its config lists ({_describe(differ)}): "
+                         "the two files are from different saves")
+    not_finite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:
+        raise ValueError(f"{weights_file}: tensors hold NaN or Inf values: {_describe(not_finite)}; "
+                         "training diverged, or the file is damaged")
+    return tensors
+
+
+@contextlib.contextmanager
+def _restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """Undo whatever the block did to ``model``'s structure if it raises.
+
+    Injection replaces child modules (the originals live on inside the wrappers), sets
+    attributes and requires_grad and writes the injection record; it never changes a weight.
+    So each module's attributes, the contents of its registries (children, parameters,
+    buffers, hooks), the requires_grad flags and the record are all there is to restore.
+    """
+    saved = []
+    for module in model.modules():
+        attributes = dict(vars(module))
+        registries = {k: copy.copy(v) for k, v in attributes.items() if isinstance(v, (dict, set))}
+        saved.append((module, attributes, registries))
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    record = injection_record(model)
+    saved_record = copy.deepcopy(record)
+    try:
+        yield
+    except BaseException:
+        for module, attributes, registries in saved:
+            vars(module).clear()
+            vars(module).update(attributes)
+            for name, contents in registries.items():
+                attributes[name].clear()
+                attributes[name].update(contents)
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+        if record is not None:
+            record.clear()
+            record.update(saved_record)
+        raise
 
 
 def load_adapters(model: nn.Module, path: str | Path, check_base: bool = True) -> nn.Module:
@@ -145,53 +310,75 @@ def load_adapters(model: nn.Module, path: str | Path, check_base: bool = True) -
       model: the same architecture the adapters were trained on, with its pretrained weights.
       path: a folder written by :func:`save_adapters`.
       check_base: compare the base weights' fingerprint and refuse a different base model.
+
+    The files are checked first (a well-formed config; floating-point, finite tensors as the
+    config lists them); anything refused raises, and leaves ``model`` as it was.
     """
     config = read_adapter_config(path)
+    _, weights_file = adapter_files(path)
+    tensors = _read_tensors(weights_file, config)
+    with _restored_on_failure(model):
+        record = _prepare(model, config, path)
+        if record["targets"] != config["targets"]:
+            raise ValueError(f"adapters in {path} target {len(config['targets'])} modules, this model "
+                             f"offers {len(record['targets'])}: different architecture")
+        if check_base and config["base_fingerprint"]:
+            _check_base(model, config["base_fingerprint"], path)
+        destinations = _stored_tensors(model, record)
+        _check_fit(tensors, destinations, weights_file)
+        with torch.no_grad():
+            for name, value in tensors.items():
+                destinations[name].copy_(value)
+    return model
+
+
+def _prepare(model: nn.Module, config: dict, path) -> dict:
+    """Inject the saved method into ``model`` (or check the one it has) at the saved stage."""
     record = injection_record(model)
     if record is None:
-        inject(model, config["method"], **config["options"])
-        if config.get("stage", 1) == 2:
-            from medadapt.injection import set_stage
-
-            set_stage(model, 2)
+        try:
+            inject(model, config["method"], **config["options"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the {config['method']!r} adapters in {path} do not fit this model with their "
+                             f"saved options: {error}") from error
     elif record["method"] != config["method"] or record["options"] != config["options"]:
         raise ValueError(
             f"model already has {record['method']!r} adapters with other options than {path} "
             f"({config['method']!r}); load onto a fresh base model"
         )
-    record = injection_record(model)
-    if record["targets"] != config["targets"]:
-        raise ValueError(f"adapters in {path} target {len(config['targets'])} modules, this model "
-                         f"offers {len(record['targets'])}: different architecture")
-    if check_base and config["base_fingerprint"]:
-        current = base_fingerprint(model)
-        saved = config["base_fingerprint"]
-        missing = set(saved) - set(current)
-        extra = set(current) - set(saved)
-        changed = {k for k in set(saved) & set(current) if saved[k] != current[k]}
-        if missing or extra or changed:
-            parts = []
-            if changed:
-                parts.append(f"{len(changed)} weights differ ({_describe(changed)})")
-            if missing:
-                parts.append(f"missing in this model: {_describe(missing)}")
-            if extra:
-                parts.append(f"not in the trained base: {_describe(extra)}")
-            raise ValueError(f"the base model differs from the one the adapters in {path} were trained on: "
-                             + "; ".join(parts) + ". Pass check_base=False to load anyway.")
+    stage = config.get("stage", 1)
+    if injection_record(model).get("stage", 1) != stage:
+        set_stage(model, stage)   # stage 2 saves the encoder too: the same tensors must be trainable
+    return injection_record(model)
 
-    weights_file = Path(path) / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} is missing")
-    try:
-        tensors = load_file(str(weights_file))
-    except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{weights_file} is not a readable safetensors file: {error}") from None
-    expected = _saved_tensors(model, record)
+
+def _check_base(model: nn.Module, saved: dict[str, str], path) -> None:
+    current = base_fingerprint(model)
+    missing = set(saved) - set(current)
+    extra = set(current) - set(saved)
+    changed = {k for k in set(saved) & set(current) if saved[k] != current[k]}
+    if missing or extra or changed:
+        parts = []
+        if changed:
+            parts.append(f"{len(changed)} weights differ ({_describe(changed)})")
+        if missing:
+            parts.append(f"missing in this model: {_describe(missing)}")
+        if extra:
+            parts.append(f"not in the trained base: {_describe(extra)}")
+        raise ValueError(f"the base model differs from the one the adapters in {path} were trained on: "
+                         + "; ".join(parts) + ". Pass check_base=False to load anyway.")
+
+
+def _check_fit(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], weights_file: Path) -> None:
     missing = set(expected) - set(tensors)
     unexpected = set(tensors) - set(expected)
-    shapes = {k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape)}
-    if missing or unexpected or shapes:
+    common = set(expected) & set(tensors)
+    shapes = {k for k in common if tuple(expected[k].shape) != tuple(tensors[k].shape)}
+    # Floating-point weights need floating-point data (any precision: it is cast); integer
+    # buffers (BatchNorm's counters under full fine-tuning) need their own dtype.
+    dtypes = {k for k in common if (tensors[k].is_floating_point() != expected[k].is_floating_point()
+                                    or not expected[k].is_floating_point() and tensors[k].dtype != expected[k].dtype)}
+    if missing or unexpected or shapes or dtypes:
         parts = []
         if missing:
             parts.append(f"missing: {_describe(missing)}")
@@ -200,15 +387,8 @@ def load_adapters(model: nn.Module, path: str | Path, check_base: bool = True) -
         if shapes:
             parts.append("shape mismatch: " + _describe(
                 f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes))
+        if dtypes:
+            parts.append("wrong dtype: " + _describe(
+                f"{k} {str(tensors[k].dtype).removeprefix('torch.')} where the model has "
+                f"{str(expected[k].dtype).removeprefix('torch.')}" for k in dtypes))
         raise ValueError(f"{weights_file} does not fit this model: " + "; ".join(parts))
-    if config["method"] == "full":
-        state = _state_dict(model)
-        with torch.no_grad():
-            for name, value in tensors.items():
-                state[name].copy_(value)
-    else:
-        params = named_parameters(model)
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
-    return model

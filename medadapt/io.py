@@ -3,30 +3,104 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
+import stat
+import time
 from pathlib import Path
 from typing import Iterator
+
+# A temporary file older than this is abandoned whoever wrote it: no save takes a day, and
+# the age rule covers what the pid rule cannot (reused pids, writers on other hosts).
+STALE_TEMP_AGE_S = 24 * 3600
+
+
+def _host() -> str:
+    # The host goes into temporary names so that a folder shared between machines (NFS)
+    # never has one machine judge another's writer dead by a pid of its own.
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def _temp_pattern(target: Path) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(target.name)}\.tmp-(?P<pid>\d+)-[0-9a-f]+-(?P<host>\w+)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, but another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Delete the temporary folders of ``target`` left by writers killed mid-save.
+
+    One is stale when its writer's pid is no longer alive on this host, or when it is older
+    than ``STALE_TEMP_AGE_S``; those of live writers are left alone. Returns what was removed.
+    """
+    target = Path(target)
+    pattern, host, now = _temp_pattern(target), _host(), time.time()
+    removed = []
+    try:
+        candidates = list(target.parent.glob(f".{glob.escape(target.name)}.tmp-*"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = pattern.fullmatch(candidate.name)
+        if match is None:
+            continue
+        try:
+            old = now - candidate.lstat().st_mtime > STALE_TEMP_AGE_S
+            dead = match["host"] == host and not _pid_alive(int(match["pid"]))
+            if old or dead:
+                if candidate.is_dir() and not candidate.is_symlink():
+                    shutil.rmtree(candidate)
+                else:
+                    candidate.unlink()
+                removed.append(candidate)
+        except OSError:   # gone already, or not ours to remove: never fail a save over it
+            continue
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only on success.
+    """Yield a temporary path for ``path``; rename it over ``path`` only on success.
 
-    A process killed mid-write leaves the previous good file, never a truncated one.
+    A process killed mid-write leaves the previous good file, never a truncated one. The
+    temporary file has the target's own name (writers such as nibabel pick the format from
+    it) inside a hidden folder beside it, ``.<name>.tmp-<pid>-<token>-<host>/``, which also
+    catches the writers' own side files (safetensors writes through a ``.tmpXXXXXX`` of its
+    own); a folder left by a killed process is removed by the next save of the same file.
+    The file gets the permissions ``open(path, "w")`` would give: the existing file's, or
+    the umask's.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the extension: writers such as nibabel pick the file format from it.
-    suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
+    remove_stale_temporaries(target)
+    folder = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}-{_host()}"
+    folder.mkdir()
+    tmp = folder / target.name
     try:
-        yield Path(tmp)
+        # os.open with 0o666 applies the umask, as open() does (tempfile.mkstemp forces 0600).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            mode = stat.S_IMODE(target.stat().st_mode)
+        except FileNotFoundError:
+            mode = stat.S_IMODE(tmp.stat().st_mode)
+        yield tmp
+        # Set after writing: some writers (safetensors) replace the file with a 0600 one of their own.
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

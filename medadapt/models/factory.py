@@ -18,6 +18,7 @@ from medadapt.injection import inject
 from medadapt.memory import enable_gradient_checkpointing
 from medadapt.models.box_prompt import BoxPromptSegmenter
 from medadapt.models.classifier import Classifier
+from medadapt.models.loading import record_build
 from medadapt.models.segmenter import Segmenter
 from medadapt.models.stem import InputMapping
 from medadapt.models.volume import VolumeSegmenter, stack_adapter_options
@@ -60,6 +61,9 @@ def create_model(
       gradient_checkpointing: recompute the encoder's blocks in the backward pass instead of
         storing their activations (less memory, more time; see benchmarks).
     """
+    # Every argument, taken before anything else is defined: save_adapters writes them so that
+    # medadapt.load_model can rebuild this model from its adapter folder alone.
+    build_arguments = dict(locals())
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     options = dict(method_options or {})
@@ -89,4 +93,5 @@ def create_model(
         load_adapters(model, adapter_checkpoint)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    record_build(model, build_arguments)
     return model
