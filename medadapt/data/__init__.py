@@ -9,9 +9,10 @@
     train = data.load_split(splits, 0.0063, fold=0, part="train")
     transform = data.busi_transforms(train=True, task="classification", normalization="imagenet")
 
-Modules: `brats`, `busi`, `isic` (one per dataset), `brats_labels` (label conventions per
-BraTS release), `transforms` (MONAI dictionary transforms), `validate`, `splits`, `presets`
-(the registry), `demo` (embedded demo datasets), `cli` (``medadapt split``).
+Modules: `brats`, `busi`, `isic`, `mni152` (one per dataset: its reader and its preset),
+`preset` (`DatasetPreset`, what a dataset owns), `presets` (the registry), `brats_labels`
+(label conventions per BraTS release), `transforms` (MONAI dictionary transforms, written as
+configs), `validate`, `splits`, `demo` (embedded demo datasets), `cli` (``medadapt split``).
 
 Names are resolved lazily so that importing the package does not import MONAI.
 """
@@ -25,6 +26,7 @@ _EXPORTS = {
     "MissingFileError": "medadapt.data.errors",
     # presets
     "PRESETS": "medadapt.data.presets",
+    "DatasetPreset": "medadapt.data.preset",
     "get_preset": "medadapt.data.presets",
     "load_datalist": "medadapt.data.presets",
     "dataset_or_demo": "medadapt.data.presets",
@@ -49,6 +51,8 @@ _EXPORTS = {
     "SelectChannelsd": "medadapt.data.transforms",
     "BraTSChannelOrderd": "medadapt.data.transforms",
     "NORMALIZATIONS": "medadapt.data.transforms",
+    "brats_transform_config": "medadapt.data.transforms",
+    "image2d_transform_config": "medadapt.data.transforms",
     # checks and splits
     "validate_datalist": "medadapt.data.validate",
     "make_splits": "medadapt.data.splits",

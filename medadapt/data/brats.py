@@ -189,3 +189,60 @@ def _msd_datalist(data_dir: Path, require_labels: bool) -> list[dict]:
     if not datalist:
         raise DatasetError(f"MSD Task01 dataset {str(data_dir)!r}: no cases found")
     return datalist
+
+
+# ---------------------------------------------------------------------------- preset
+from medadapt.data.preset import DatasetPreset  # noqa: E402  (the preset builds on the readers above)
+
+
+class BraTSPreset(DatasetPreset):
+    """BraTS 2018-2021, 2023 GLI and MSD Task01: four MR sequences, TC / WT / ET regions."""
+
+    name = "brats"
+    tasks = ("segmentation3d",)
+    spatial_dims = 3
+    unit = "cases"
+    demo_note = "real MNI152 anatomy (nilearn) with SYNTHETIC tumour lesions"
+    settings = {"release": "auto", "roi_size": [128, 128, 128], "pixdim": None}
+    regions = ("tumour core (TC)", "whole tumour (WT)", "enhancing tumour (ET)")
+
+    def datalist(self, root, task="segmentation3d", require_labels=True, release="auto", **_):
+        return brats_datalist(root, release=release, require_labels=require_labels)
+
+    def validate(self, datalist, task, root=None, require_labels=True, read_data=True, release="auto", **_):
+        # The label values are checked against the release before training starts: read
+        # with the wrong convention, a release silently loses its enhancing tumour.
+        from medadapt.data.validate import validate_datalist
+
+        if release == "auto" and root is not None:
+            release = detect_release(root)
+        validate_datalist(datalist, "brats", release=None if release == "auto" else release, read_data=read_data,
+                          require_labels=require_labels)
+
+    def plain_datalist(self, path):
+        """One case folder holding the four sequences as separate files (any release's
+        names), or 4D NIfTI files with the sequences as channels (t1, t1ce, t2, flair)."""
+        folder = Path(path)
+        if folder.is_dir():
+            for separator, names in FILE_SUFFIXES.values():
+                files = {m: [f for f in visible_entries(folder) if f.name.lower().endswith(
+                    tuple(f"{separator}{names[m]}{e}" for e in _NIFTI_EXTENSIONS))] for m in MODALITIES}
+                if all(len(found) == 1 for found in files.values()):
+                    return [{"image": [str(files[m][0]) for m in MODALITIES], "case": folder.name}]
+        return super().plain_datalist(path)
+
+    def output_names(self, task):
+        return list(self.regions)
+
+    def transform_config(self, stage, task):
+        from medadapt.data.transforms import brats_transform_config
+
+        return brats_transform_config(stage)
+
+    def prediction_steps(self, task):
+        # Regions back to the release's label values ("auto": BraTS 2021's, the most common).
+        return [{"_target_": "medadapt.engine.transforms.RegionsToLabelsd", "keys": "pred",
+                 "release": "$'2021' if @release == 'auto' else @release"}]
+
+
+BRATS = BraTSPreset()

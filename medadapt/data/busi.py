@@ -162,3 +162,29 @@ def write_merged_masks(datalist: list[dict], cache_dir: str | os.PathLike) -> li
             Image.fromarray(merge_masks(sources)).save(target)
         out.append({**entry, "label": str(target)})
     return out
+
+
+# ---------------------------------------------------------------------------- preset
+from medadapt.data.preset import DatasetPreset  # noqa: E402  (the preset builds on the reader above)
+
+
+class BUSIPreset(DatasetPreset):
+    """BUSI: benign / malignant / normal breast ultrasound, with lesion masks."""
+
+    name = "busi"
+    tasks = ("classification", "segmentation")
+    classes = BUSI_CLASSES
+    stratify_key = "class"
+    demo_note = "real anatomy images with SYNTHETIC breast-ultrasound-style lesions"
+    settings = {"image_size": 256}
+
+    def datalist(self, root, task="classification", require_labels=True, mask_cache=None, **_):
+        return busi_datalist(root, task=task, mask_cache=mask_cache)
+
+    def transform_config(self, stage, task):
+        from medadapt.data.transforms import BUSI_AUGMENTATION, image2d_transform_config
+
+        return image2d_transform_config(stage, task, **BUSI_AUGMENTATION)
+
+
+BUSI = BUSIPreset()

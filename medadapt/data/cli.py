@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from medadapt.data.brats import detect_release
 from medadapt.data.presets import PRESETS, get_preset, load_datalist
 from medadapt.data.splits import make_splits, save_splits, split_summary
-from medadapt.data.validate import validate_datalist
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,22 +47,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``medadapt split`` with parsed ``args``."""
     preset = get_preset(args.dataset)
-    task = args.task or preset.tasks[0]
-    options = {"release": args.release} if args.dataset == "brats" else {}
-    if args.mask_cache:
-        options["mask_cache"] = args.mask_cache
+    task = preset.check_task(args.task)
+    # Reader options only the datasets that have them take (the others ignore them).
+    options = {"release": args.release, "mask_cache": args.mask_cache}
     datalist = load_datalist(args.dataset, args.root, task=task, **options)
     if args.check != "none":
-        release = None
-        if args.dataset == "brats":
-            release = detect_release(args.root) if args.release == "auto" else args.release
-        validate_datalist(
-            datalist,
-            preset.validation_task(task),
-            release=release,
-            num_classes=len(preset.classes) if preset.classes and task == "classification" else None,
-            read_data=args.check == "full",
-        )
+        preset.validate(datalist, task, root=args.root, read_data=args.check == "full", release=args.release)
     splits = make_splits(
         datalist,
         fractions=args.fractions,

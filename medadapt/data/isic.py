@@ -158,3 +158,43 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict]:
                 f"{str(path)!r}: column(s) {missing} missing; header is {header}, expected {list(columns)}"
             )
         return list(reader)
+
+
+# ---------------------------------------------------------------------------- presets
+from medadapt.data.preset import DatasetPreset  # noqa: E402  (the presets build on the readers above)
+
+
+class _ISICPreset(DatasetPreset):
+    demo_note = "real images with SYNTHETIC dermoscopy-style lesions"
+    settings = {"image_size": 256}
+
+    def transform_config(self, stage, task):
+        from medadapt.data.transforms import ISIC_AUGMENTATION, image2d_transform_config
+
+        return image2d_transform_config(stage, task, **ISIC_AUGMENTATION)
+
+
+class ISIC2018Preset(_ISICPreset):
+    """ISIC 2018 Task 1: dermoscopic lesion segmentation."""
+
+    name = "isic2018"
+    tasks = ("segmentation",)
+
+    def datalist(self, root, task="segmentation", require_labels=True, **_):
+        return isic2018_datalist(root, require_labels=require_labels)
+
+
+class ISIC2019Preset(_ISICPreset):
+    """ISIC 2019: eight diagnostic classes (UNK has no training image, so it has no output)."""
+
+    name = "isic2019"
+    tasks = ("classification",)
+    classes = ISIC2019_CLASSES[:-1]
+    stratify_key = "class"
+
+    def datalist(self, root, task="classification", require_labels=True, **_):
+        return isic2019_datalist(root)
+
+
+ISIC2018 = ISIC2018Preset()
+ISIC2019 = ISIC2019Preset()

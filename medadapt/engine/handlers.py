@@ -6,6 +6,7 @@ moment leaves the previous good file, never a truncated one.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -50,8 +51,35 @@ def set_rng_state(state: dict) -> None:
 
 
 def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+    from medadapt.engine.distributed import is_main_process
+
+    return is_main_process()
+
+
+def _run_differences(saved: dict, current: dict) -> list[str]:
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+def check_resume(save_dir: str, run: dict, enabled: bool) -> None:
+    """Before any file is written: refuse ``--resume True`` when the run it would continue was
+    made with other settings (another fraction, fold, method or its options...), naming them.
+
+    Arguments:
+      save_dir: checkpoint folder holding ``training_state.pt``.
+      run: the settings that define the run (the bundle's ``run_settings``).
+      enabled: the bundle's ``resume``.
+    """
+    path = Path(save_dir) / STATE_NAME
+    if not enabled or not path.is_file():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(state.get("run") or "{}")
+    current = json.loads(json.dumps(run, default=str))
+    changed = _run_differences(saved, current)
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in changed)
+        raise ValueError(f"--resume True: {path} belongs to a run with other settings ({details}); resume with "
+                         "the same settings, or start a new run in another --output_dir")
 
 
 class TrainingStateSaver:
@@ -65,14 +93,16 @@ class TrainingStateSaver:
       save_dir: checkpoint folder.
       network, optimizer, lr_scheduler: what to save (scheduler optional).
       extra_state: objects with state_dict()/load_state_dict() to save as well (e.g. the
-        random state of the data transforms).
+        random state of the data transforms, the best metric so far, the training stage).
+      run: the settings that define the run, checked by `check_resume` before resuming.
     """
 
     def __init__(self, save_dir: str, network: nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_scheduler=None, extra_state: dict | None = None):
+                 lr_scheduler=None, extra_state: dict | None = None, run: dict | None = None):
         self.save_dir = Path(save_dir)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.extra_state = extra_state or {}
+        self.run = json.dumps(run or {}, sort_keys=True, default=str)
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -90,6 +120,7 @@ class TrainingStateSaver:
             "iteration": engine.state.iteration,
             "rng": rng_state(),
             "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
+            "run": self.run,
         }
         with atomic_path(self.save_dir / STATE_NAME) as tmp:
             torch.save(state, tmp)
@@ -128,15 +159,20 @@ class ResumeTraining:
         missing = sorted(set(state["trainable"]) - set(params))
         if missing:
             raise ValueError(f"{self.path} does not fit this model: unknown parameters {missing[:5]}")
+        mismatched = sorted(n for n, v in state["trainable"].items() if tuple(v.shape) != tuple(params[n].shape))
+        if mismatched:
+            raise ValueError(f"{self.path} does not fit this model: parameters {mismatched[:5]} have other shapes "
+                             "(were the method's options changed?)")
+        # Extras first: a later training stage (CLAdapter) adds parameter groups to the optimizer.
+        for key, obj in self.extra_state.items():
+            if key in state.get("extra", {}):
+                obj.load_state_dict(state["extra"][key])
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for key, obj in self.extra_state.items():
-            if key in state.get("extra", {}):
-                obj.load_state_dict(state["extra"][key])
         set_rng_state(state["rng"])
         engine.state.epoch = state["epoch"]
         engine.state.iteration = state["iteration"]
@@ -165,11 +201,23 @@ class BestModelSaver:
         self.export_full_model = export_full_model
         self.adapter_dtype = adapter_dtype
         self.best = -float("inf")
+        self.best_epoch = -1
+        self.engine = None
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        self.engine = engine
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a resumed run with its best score, so a worse epoch cannot replace the best files."""
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        if self.engine is not None and self.best_epoch >= 0:
+            self.engine.state.best_metric, self.engine.state.best_metric_epoch = self.best, self.best_epoch
 
     def __call__(self, engine) -> None:
         metric = engine.state.metrics.get(engine.state.key_metric_name)
@@ -179,6 +227,7 @@ class BestModelSaver:
         if value <= self.best:
             return
         self.best = value
+        self.best_epoch = int(engine.state.epoch)
         model = _unwrap(self.network)
         save_adapters(model, self.save_dir / "best_adapters", dtype=self.adapter_dtype)
         if self.export_full_model:
@@ -188,15 +237,25 @@ class BestModelSaver:
 
 
 class ProgressBar:
-    """A tqdm progress bar over iterations with the running loss (ignite's ProgressBar)."""
+    """A tqdm progress bar that says what it counts, with the running loss on trainers.
 
-    def __init__(self, desc: str = "train"):
-        self.desc = desc
+    Arguments:
+      desc: what runs ("dka_brats train", "validation").
+      unit: what the steps are ("batches", "cases").
+    """
+
+    def __init__(self, desc: str = "train", unit: str = "batches"):
+        self.desc, self.unit = desc, unit
 
     def attach(self, engine) -> None:
         from ignite.handlers import ProgressBar as IgniteProgressBar
 
-        IgniteProgressBar(desc=self.desc, persist=True).attach(engine, output_transform=_loss_of)
+        # One bar at a time and no bar over the sliding windows: nested bars are what leave
+        # cursor-movement codes in log files.
+        bar = IgniteProgressBar(desc=self.desc, persist=True, unit=self.unit,
+                                bar_format="{desc} [{n_fmt}/{total_fmt} " + self.unit + "] {percentage:3.0f}%|{bar}|"
+                                           "{postfix} [{elapsed}<{remaining}]")
+        bar.attach(engine, output_transform=_loss_of)
 
 
 def _loss_of(output) -> dict:
@@ -208,11 +267,52 @@ def _loss_of(output) -> dict:
     return {}
 
 
-class MetricsWriter:
-    """On the evaluator: write its metrics (and the epoch) to a JSON file, atomically."""
+class TensorBoardLearningRates:
+    """Each parameter group's learning rate in TensorBoard, every ``interval`` iterations
+    (tags ``lr/adapter``, ``lr/head``, ``lr/backbone``).
 
-    def __init__(self, path: str):
-        self.path = Path(path)
+    Arguments:
+      optimizer: the trainer's optimizer.
+      log_dir: TensorBoard folder.
+      interval: iterations between points.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, log_dir: str, interval: int = 1):
+        self.optimizer, self.log_dir, self.interval = optimizer, log_dir, max(1, int(interval))
+        self.writer = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.writer is not None and self.writer.flush())
+
+    def __call__(self, engine) -> None:
+        if not _is_main_process():
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        for index, group in enumerate(self.optimizer.param_groups):
+            self.writer.add_scalar(f"lr/{group.get('name', index)}", group["lr"], engine.state.iteration)
+
+
+class TensorBoardOverlay:
+    """After each validation: input, reference and prediction of the last validation case
+    side by side on its middle slice (volumes) or the image itself (2D), in TensorBoard
+    (tag ``validation/overlay``). Channels of the reference and prediction are coloured
+    (red, green, blue for TC, WT, ET); the input shows its first channel in grey.
+
+    Arguments:
+      log_dir: TensorBoard folder.
+    """
+
+    COLOURS = torch.tensor([[1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [0.3, 0.5, 1.0], [1.0, 1.0, 0.2]])
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self.writer = None
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -220,16 +320,170 @@ class MetricsWriter:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine) -> None:
+        if not _is_main_process() or not engine.state.output:
+            return
+        item = engine.state.output[-1] if isinstance(engine.state.output, list) else engine.state.output
+        if not all(k in item for k in ("image", "label", "pred")) or torch.as_tensor(item["label"]).ndim < 3:
+            return  # classification: no map to show
+        panel = overlay_panel(item["image"], item["label"], item["pred"], self.COLOURS)
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        self.writer.add_image("validation/overlay", panel, engine.state.epoch, dataformats="CHW")
+        self.writer.flush()
+
+
+def overlay_panel(image, label, pred, colours: torch.Tensor) -> torch.Tensor:
+    """(3, H, 3W) RGB in [0, 1]: the input, the reference and the prediction over it."""
+
+    def middle(x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x).detach().float().cpu()
+        return x[..., x.shape[-1] // 2] if x.ndim == 4 else x  # (C, H, W)
+
+    image, label, pred = middle(image), middle(label), middle(pred)
+    grey = image[0]
+    grey = (grey - grey.min()) / (grey.max() - grey.min()).clamp_min(1e-6)
+    base = grey.expand(3, *grey.shape)
+
+    def tint(masks: torch.Tensor) -> torch.Tensor:
+        if masks.shape[0] == 1 and masks.max() > 1:  # a class-index map
+            masks = torch.stack([masks[0] == k for k in range(1, int(masks.max()) + 1)]).float()
+        out = base.clone()
+        for k, mask in enumerate(masks > 0.5):
+            colour = colours[k % len(colours)].view(3, 1, 1)
+            out = torch.where(mask, 0.45 * out + 0.55 * colour, out)
+        return out
+
+    return torch.cat([base, tint(label), tint(pred)], dim=-1).clamp(0, 1)
+
+
+class MetricsWriter:
+    """On the evaluator: write its metrics to a JSON file, atomically, keeping what other
+    runs wrote there (training writes ``val_*``, evaluation adds ``test_*``).
+
+    The file holds the last validation's metrics, the best key metric so far
+    (``best_<name>``) and its epoch, and the epoch.
+
+    Arguments:
+      path: the JSON file.
+      prefix: replaces the ``val_`` of every metric name (``"test_"`` for the test set).
+    """
+
+    def __init__(self, path: str, prefix: str | None = None):
+        self.path = Path(path)
+        self.prefix = prefix
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _name(self, key: str) -> str:
+        return self.prefix + key[len("val_"):] if self.prefix and key.startswith("val_") else key
+
+    def __call__(self, engine) -> None:
         if not _is_main_process():
             return
-        import json
-
-        metrics = {k: _jsonable(v) for k, v in engine.state.metrics.items()}
-        record = {"metrics": metrics, "best_metric": _jsonable(getattr(engine.state, "best_metric", None)),
-                  "best_metric_epoch": getattr(engine.state, "best_metric_epoch", None)}
         from medadapt.io import atomic_write_text
 
+        record = {}
+        if self.path.is_file():
+            try:
+                record = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                record = {}
+        record.update({self._name(k): _jsonable(v) for k, v in engine.state.metrics.items()})
+        key = self._name(engine.state.key_metric_name or "")
+        if self.prefix is None and key:
+            record[f"best_{key}"] = _jsonable(getattr(engine.state, "best_metric", None))
+            record["best_epoch"] = getattr(engine.state, "best_metric_epoch", None)
+            record["epoch"] = engine.state.epoch
         atomic_write_text(self.path, json.dumps(record, indent=1))
+
+
+class StagedFineTuning:
+    """Staged fine-tuning (CLAdapter): from epoch ``stage2_epoch`` on, the method's second
+    stage, in which the whole encoder trains too, with every learning rate scaled by
+    ``lr_scale`` (the paper: lr / 10). Does nothing for methods with one stage.
+
+    Logs the trainable parameter counts of each stage. Its state (the stage) is saved with a
+    training state and restored before the optimizer on resume, since stage 2 adds the
+    encoder's parameters to the optimizer as a group of their own.
+
+    Arguments:
+      network: the trained network.
+      optimizer, lr_scheduler: the trainer's optimizer and (optional) scheduler.
+      stage2_epoch: first epoch of stage 2 (1-based); None never enters it.
+      lr_scale: factor on every learning rate from stage 2 on.
+    """
+
+    def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler=None,
+                 stage2_epoch: int | None = None, lr_scale: float = 0.1):
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.stage2_epoch = None if stage2_epoch is None else int(stage2_epoch)
+        self.lr_scale = float(lr_scale)
+        self.stage = 1
+
+    @property
+    def num_stages(self) -> int:
+        from medadapt.adapters import make_config
+        from medadapt.injection import injection_record
+
+        record = injection_record(_unwrap(self.network))
+        if record is None:
+            return 1
+        return int(getattr(make_config(record["method"], record["options"]), "num_stages", 1))
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda e: self._log_counts())
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine) -> None:
+        if (self.stage == 1 and self.stage2_epoch is not None and engine.state.epoch >= self.stage2_epoch
+                and self.num_stages >= 2):
+            self.enter_stage_two()
+            logger.info("epoch %d: stage 2 of staged fine-tuning, learning rates x %g", engine.state.epoch,
+                        self.lr_scale)
+            self._log_counts()
+
+    def enter_stage_two(self) -> None:
+        from medadapt.injection import set_stage
+
+        if self.network is not _unwrap(self.network):
+            raise ValueError("staged fine-tuning under DistributedDataParallel is not supported (DDP fixes the "
+                             "trainable parameters when it is built); run stage 2 on one process")
+        model = _unwrap(self.network)
+        before = {id(p) for p in model.parameters() if p.requires_grad}
+        set_stage(model, 2)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.lr_scale
+            group["initial_lr"] = group.get("initial_lr", group["lr"] / self.lr_scale) * self.lr_scale
+        new = [p for p in model.parameters() if p.requires_grad and id(p) not in before]
+        if new:
+            # The encoder's weights join at the head's rate (the smallest rate of stage 1).
+            head = min(self.optimizer.param_groups, key=lambda g: g["lr"])
+            self.optimizer.add_param_group({"params": new, "lr": head["lr"], "initial_lr": head["initial_lr"],
+                                            "weight_decay": head.get("weight_decay", 0.0), "name": "encoder"})
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        self.stage = 2
+
+    def _log_counts(self) -> None:
+        from medadapt.injection import count_parameters
+
+        counts = count_parameters(_unwrap(self.network))
+        logger.info("stage %d of %d: %s of %s parameters trainable", self.stage, self.num_stages,
+                    f"{counts['trainable']:,}", f"{counts['total']:,}")
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("stage", 1)) == 2 and self.stage == 1:
+            self.enter_stage_two()
 
 
 def _jsonable(value):

@@ -1,5 +1,6 @@
 """Prediction writers for the inference configs: NIfTI label maps, PNG masks, a CSV of class
-probabilities. Each file is written atomically and named after its input case."""
+probabilities. Each file is written atomically and named after its input with ``_pred``, so
+a prediction never takes the name of a ground-truth file (``_seg``, ``_mask``...)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTransform
+from monai.transforms import MapTransform
 
-from medadapt.engine.transforms import RegionsToLabelsd
+from medadapt.data.preset import case_name as file_case_name
 from medadapt.io import atomic_path, atomic_write_text
+
+SUFFIX = "_pred"
 
 
 def case_name(meta: dict) -> str:
     source = meta.get("filename_or_obj", "case")
     if isinstance(source, (list, tuple)):
         source = source[0]
-    name = Path(str(source)).name
-    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
+    return file_case_name(str(source))
 
 
 def _meta(d: dict, key: str) -> dict:
@@ -32,13 +31,18 @@ def _meta(d: dict, key: str) -> dict:
     return dict(getattr(value, "meta", {}) or {})
 
 
+def _case(d: dict, key: str, image_key: str) -> str:
+    return str(d.get("case") or case_name(_meta(d, image_key) or _meta(d, key)))
+
+
 class WriteNiftid(MapTransform):
-    """Write ``key`` (1, X, Y, Z) as ``<output_dir>/<case>_seg.nii.gz`` with the affine of the
+    """Write ``key`` (1, X, Y, Z) as ``<output_dir>/<case>_pred.nii.gz`` with the affine of the
     input image, after ``Invertd`` has put it back on the input's grid."""
 
-    def __init__(self, keys: KeysCollection, output_dir: str, image_key: str = "image", dtype=np.uint8):
+    def __init__(self, keys: KeysCollection, output_dir: str, image_key: str = "image", dtype=np.uint8,
+                 suffix: str = SUFFIX + ".nii.gz"):
         super().__init__(keys)
-        self.output_dir, self.image_key, self.dtype = Path(output_dir), image_key, dtype
+        self.output_dir, self.image_key, self.dtype, self.suffix = Path(output_dir), image_key, dtype, suffix
 
     def __call__(self, data):
         import nibabel as nib
@@ -50,7 +54,7 @@ class WriteNiftid(MapTransform):
             meta = dict(getattr(value, "meta", {}) or {})
             affine = np.asarray(meta.get("affine", image_meta.get("original_affine")), dtype=np.float64)
             array = np.asarray(torch.as_tensor(value).detach().cpu())[0].astype(self.dtype)
-            path = self.output_dir / f"{d.get('case') or case_name(image_meta or meta)}_seg.nii.gz"
+            path = self.output_dir / f"{_case(d, key, self.image_key)}{self.suffix}"
             with atomic_path(path) as tmp:
                 nib.save(nib.Nifti1Image(array, affine), str(tmp))
             d[f"{key}_path"] = str(path)
@@ -58,21 +62,24 @@ class WriteNiftid(MapTransform):
 
 
 class WritePngd(MapTransform):
-    """Write a binary mask ``key`` (1, H, W) as an 8-bit PNG (0 / 255) named ``<case><suffix>``."""
+    """Write a label map ``key`` (1, H, W) as an 8-bit PNG named ``<case>_pred.png``: a binary
+    mask as 0 / 255 (visible in any viewer), class indices as they are."""
 
-    def __init__(self, keys: KeysCollection, output_dir: str, suffix: str = "_mask.png", image_key: str = "image"):
+    def __init__(self, keys: KeysCollection, output_dir: str, suffix: str = SUFFIX + ".png", image_key: str = "image",
+                 binary: bool = True):
         super().__init__(keys)
-        self.output_dir, self.suffix, self.image_key = Path(output_dir), suffix, image_key
+        self.output_dir, self.suffix, self.image_key, self.binary = Path(output_dir), suffix, image_key, binary
 
     def __call__(self, data):
         from PIL import Image
 
         d = dict(data)
         for key in self.key_iterator(d):
-            mask = np.asarray(torch.as_tensor(d[key]).detach().cpu())[0] > 0.5
-            path = self.output_dir / f"{d.get('case') or case_name(_meta(d, self.image_key))}{self.suffix}"
+            values = np.asarray(torch.as_tensor(d[key]).detach().cpu())[0]
+            pixels = (values > 0.5) * 255 if self.binary else np.rint(values)
+            path = self.output_dir / f"{_case(d, key, self.image_key)}{self.suffix}"
             buffer = io.BytesIO()
-            Image.fromarray((mask * 255).astype(np.uint8)).save(buffer, format="PNG")
+            Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
             with atomic_path(path) as tmp:
                 tmp.write_bytes(buffer.getvalue())
             d[f"{key}_path"] = str(path)
@@ -81,7 +88,8 @@ class WritePngd(MapTransform):
 
 class WriteClassProbabilitiesd(MapTransform):
     """Append each case's class probabilities to ``<output_dir>/predictions.csv`` (rewritten
-    atomically after every case, so the file is always complete)."""
+    atomically after every case, so the file is always complete). The probabilities are the
+    model's softmax outputs, not calibrated; the file's header says so."""
 
     def __init__(self, keys: KeysCollection, output_dir: str, class_names: list[str], image_key: str = "image"):
         super().__init__(keys)
@@ -96,32 +104,11 @@ class WriteClassProbabilitiesd(MapTransform):
             if len(probs) != len(self.class_names):
                 raise ValueError(f"model gives {len(probs)} classes, the config names {len(self.class_names)}")
             best = int(probs.argmax())
-            self.rows.append([d.get("case") or case_name(_meta(d, self.image_key)), self.class_names[best],
+            self.rows.append([_case(d, key, self.image_key), self.class_names[best],
                               *[f"{p:.6f}" for p in probs.tolist()]])
             out = io.StringIO()
             writer = csv.writer(out)
-            writer.writerow(["case", "prediction", *self.class_names])
+            writer.writerow(["case", "prediction", *[f"p_{name} (uncalibrated)" for name in self.class_names]])
             writer.writerows(self.rows)
             atomic_write_text(self.path, out.getvalue())
         return d
-
-
-def prediction_writer(task: str, dataset: str, output_dir: str, preprocessing, release: str = "auto",
-                      class_names: list[str] | None = None) -> Compose:
-    """The inference post-processing of a bundle: activation, back to the input's grid, file."""
-    if task == "classification":
-        return Compose([WriteClassProbabilitiesd("pred", output_dir, class_names or [])])
-    steps = [
-        Activationsd(keys="pred", sigmoid=True),
-        AsDiscreted(keys="pred", threshold=0.5),
-        # Undo orientation, spacing and resizing so the prediction lies on the input's grid.
-        Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=True, to_tensor=True),
-    ]
-    if task == "segmentation3d":
-        # "auto" reads the release from the file names; predictions default to 2021 labels.
-        labels = "2021" if release == "auto" else release
-        steps += [RegionsToLabelsd("pred", release=labels), WriteNiftid("pred", output_dir)]
-    else:
-        suffix = "_segmentation.png" if dataset.startswith("isic") else "_mask.png"
-        steps.append(WritePngd("pred", output_dir, suffix=suffix))
-    return Compose(steps)
