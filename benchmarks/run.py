@@ -143,6 +143,7 @@ def _training_rss_mb(method: str, checkpointing: bool = False) -> float:
 
 def bench_memory(quick: bool) -> list[dict]:
     import medadapt
+    from medadapt.checkpoint import WEIGHTS_NAME
 
     rows = []
     full = _training_rss_mb("full")
@@ -155,7 +156,7 @@ def bench_memory(quick: bool) -> list[dict]:
     model = _sam_classifier("dka", {"bottleneck": 16})
     with tempfile.TemporaryDirectory() as tmp:
         sizes = {dtype: (medadapt.save_adapters(model, Path(tmp) / str(dtype), dtype=dtype)
-                         / "adapter_model.safetensors").stat().st_size / 2**20 for dtype in (None, "float16")}
+                         / WEIGHTS_NAME).stat().st_size / 2**20 for dtype in (None, "float16")}
         torch.save(model.state_dict(), Path(tmp) / "full.pt")
         full_mib = (Path(tmp) / "full.pt").stat().st_size / 2**20
     rows.append(_row("memory", "adapter file vs full checkpoint (DKA, SAM ViT-B, float32 as trained)", full_mib,

@@ -14,11 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medadapt.checkpoint import WEIGHTS_NAME
+
 from test_bundles import REPO, TINY, run_bundle
 
 BUNDLE = "dka_busi_cls"
 # No randomness that differs between processes: no augmentation, no dropout, fixed order.
-DETERMINISTIC = [*TINY, "--demo_options", "{'per_class': 5}", "--image_size", "64", "--max_epochs", "2",
+DETERMINISTIC = [*TINY, "--demo_options", "{'per_class': 6}", "--image_size", "64", "--max_epochs", "2",
                  "--method_options", "{'bottleneck': 8, 'dropout': 0.0}",
                  "--train#preprocessing", "%validate#preprocessing"]
 
@@ -48,8 +50,8 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     splits_single = json.loads((single / "splits.json").read_text())
     assert json.loads((ddp / "splits.json").read_text()) == splits_single
     assert len(splits_single["fractions"][0]["folds"][0]["train"]) % 6 == 0, "global batches must be full"
-    one = load_file(str(single / "models" / "adapters" / "adapter_model.safetensors"))
-    two = load_file(str(ddp / "models" / "adapters" / "adapter_model.safetensors"))
+    one = load_file(str(single / "models" / "adapters" / WEIGHTS_NAME))
+    two = load_file(str(ddp / "models" / "adapters" / WEIGHTS_NAME))
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)

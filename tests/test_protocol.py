@@ -20,22 +20,22 @@ from medadapt.protocol.runner import run_protocol
 TINY_CONVNEXT = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
 TINY_VIT = {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}
 SMALL = dict(dataset="busi", task="classification", backbone="timm:convnext_atto", backbone_options=TINY_CONVNEXT,
-             image_size=32, epochs=1, batch_size=4, demo_options={"per_class": 3}, progress=False,
+             image_size=32, epochs=1, batch_size=4, demo_options={"per_class": 4}, progress=False,
              echo=lambda message: None)
 
 warnings.filterwarnings("ignore", message=".*NOT pretrained.*")
 
 
 class Spy:
-    """Counts calls of runner.train_cell and passes them through."""
+    """Counts calls of runner.run_cell and passes them through."""
 
     def __init__(self):
         self.calls = []
-        self.real = runner.train_cell
+        self.real = runner.run_cell
 
-    def __call__(self, model, method, train_entries, *args, **kwargs):
-        self.calls.append((method, len(train_entries)))
-        return self.real(model, method, train_entries, *args, **kwargs)
+    def __call__(self, cell):
+        self.calls.append((cell["record"]["method"], cell["record"]["train_count"]))
+        return self.real(cell)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def _grid(out, demo_dir, **overrides):
 def test_table_has_every_cell_and_a_rerun_skips_finished_cells(tmp_path, demo_dir, monkeypatch):
     out = tmp_path / "run"
     spy = Spy()
-    monkeypatch.setattr(runner, "train_cell", spy)
+    monkeypatch.setattr(runner, "run_cell", spy)
     table = _grid(out, demo_dir)
 
     # 2 methods x 2 fractions x 2 folds, each trained once.
@@ -63,7 +63,7 @@ def test_table_has_every_cell_and_a_rerun_skips_finished_cells(tmp_path, demo_di
                                                             ("linear", 0.0063), ("linear", 1.0)]
     splits = json.loads((out / "splits.json").read_text())
     pool = splits["counts"]["pool"]
-    assert splits["counts"]["test"] == 3 and pool == 6
+    assert splits["counts"]["test"] == 3 and splits["counts"]["val"] == 3 and pool == 6
     for row in table:
         assert row["folds_done"] == 2
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["balanced_accuracy"] <= 1.0
@@ -71,7 +71,7 @@ def test_table_has_every_cell_and_a_rerun_skips_finished_cells(tmp_path, demo_di
         # 0.63 % of 6 images rounds to 0 per class: bumped to one image per class.
         expected = 3 if row["fraction"] < 1 else pool
         assert row["train_counts"] == [expected, expected]
-        assert row["count"] == f"{expected} imgs"
+        assert row["count"] == f"{expected} images"
         assert row["trainable"] > 0
     dka, linear = table[0], table[2]
     assert dka["trainable"] > linear["trainable"] and dka["size_option"] == "bottleneck" and dka["size"] == 16
@@ -79,16 +79,19 @@ def test_table_has_every_cell_and_a_rerun_skips_finished_cells(tmp_path, demo_di
 
     # Markdown, CSV and JSON on disk; the Markdown has the count next to the percentage.
     markdown = (out / "protocol.md").read_text()
-    assert "| 0.63 % (3 imgs) | 100 % (6 imgs) |" in markdown
+    assert "| 0.63 % (3 images) | 100 % (6 images) |" in markdown
     assert f"{dka['trainable']:,}" in markdown and "Balanced accuracy" in markdown
     assert markdown == table.markdown
     with open(out / "protocol.csv", newline="") as handle:
         lines = list(csv.DictReader(handle))
     assert [(r["method"], float(r["fraction"]), r["count"]) for r in lines] == [
-        ("dka", 0.0063, "3 imgs"), ("dka", 1.0, "6 imgs"), ("linear", 0.0063, "3 imgs"), ("linear", 1.0, "6 imgs")]
+        ("dka", 0.0063, "3 images"), ("dka", 1.0, "6 images"), ("linear", 0.0063, "3 images"), ("linear", 1.0, "6 images")]
     assert abs(float(lines[0]["accuracy"]) - table[0]["accuracy"]) < 1e-5
     cells = sorted(p.name for p in (out / "cells").glob("*.json"))
     assert len(cells) == 8 and "dka__0.0063__fold1.json" in cells
+    # Each cell keeps its best adapters, and only them (no full model, no training state).
+    kept = sorted(p.name for p in (out / "cells" / "dka__0.0063__fold1").iterdir())
+    assert "adapters" in kept and "checkpoints" not in kept
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
 
     # The same command again: nothing is trained, the table is rebuilt from the stored cells.
@@ -118,10 +121,35 @@ def test_segmentation_cells_report_dice(tmp_path, demo_dir):
     assert 0.0 <= row["dice"] <= 1.0
     assert "Dice (%)" in table.markdown
     cell = json.loads(next((tmp_path / "seg" / "cells").glob("*.json")).read_text())
-    # Normal BUSI images have empty masks: they are left out of the Dice mean.
-    test = json.loads((tmp_path / "seg" / "splits.json").read_text())["test"]
-    assert cell["metrics"]["n"] == len(test) == cell["test_count"]
-    assert cell["metrics"]["n_scored"] == sum(e["class_name"] != "normal" for e in test)
+    assert cell["metrics"]["dice"] == cell["metrics"]["bundle"]["test_mean_dice"]
+    assert "val_mean_dice" in cell["metrics"]["bundle"]  # the checkpoint was chosen on the validation set
+
+
+def test_a_cell_is_the_bundle_run_with_its_overrides(tmp_path, demo_dir):
+    """The protocol trains nothing itself: the bundle run as a user runs it, with the overrides
+    the cell records, gives the same adapter tensors."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    _grid(tmp_path / "cell", demo_dir, methods=["dka"], fractions=[1.0], folds=1)
+    cell = json.loads((tmp_path / "cell" / "cells" / "dka__1__fold0.json").read_text())
+    bundle = Path(cell["settings"]["bundle"])
+    args = []
+    for key, value in cell["overrides"].items():
+        args += [f"--{key}", repr(value) if isinstance(value, (dict, list)) else str(value)]
+    out = tmp_path / "direct"
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "train.json"), *args,
+                    "--output_dir", str(out)], check=True, capture_output=True, timeout=600,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    ours = {p.name: load_file(p) for p in Path(cell["adapters"]).glob("*.safetensors")}
+    theirs = {p.name: load_file(p) for p in (out / "models" / "best_adapters").glob("*.safetensors")}
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        assert ours[name].keys() == theirs[name].keys()
+        for key in ours[name]:
+            torch.testing.assert_close(ours[name][key], theirs[name][key], rtol=0, atol=0, msg=key)
 
 
 def test_iso_params_picks_the_size_closest_to_the_budget(tmp_path, demo_dir):
@@ -167,7 +195,7 @@ def test_iso_params_picks_the_size_closest_to_the_budget(tmp_path, demo_dir):
         ({"methods": ["dka", "nosuchmethod"]}, "--methods"),
         ({"folds": 0}, "--folds"),
         ({"iso_params": 0}, "--iso-params"),
-        ({"dataset": "brats"}, "--dataset"),
+        ({"dataset": "nosuchdata"}, "--dataset"),
         ({"task": "detection"}, "--task"),
         ({"method_options": {"lora": {"rank": 4}}}, "--method-option"),
     ],
@@ -188,11 +216,11 @@ def test_cli_reports_bad_options_and_runs_a_grid(tmp_path, demo_dir, capsys):
 
     args = ["bench", "protocol", "--dataset", "busi", "--methods", "linear", "--fractions", "1.0", "--folds", "1",
             "--epochs", "1", "--image-size", "32", "--backbone", "timm:convnext_atto", "--backbone-option",
-            "depths=[1,1,1,1]", "--backbone-option", "dims=[8,16,24,32]", "--demo-option", "per_class=3",
+            "depths=[1,1,1,1]", "--backbone-option", "dims=[8,16,24,32]", "--demo-option", "per_class=4",
             "--demo-dir", str(demo_dir), "--out", str(tmp_path / "cli"), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| 100 % (6 imgs) |" in printed and "1 run, 0 skipped" in printed
+    assert "| 100 % (6 images) |" in printed and "1 run, 0 skipped" in printed
     assert main(args) == 0
     assert "0 run, 1 skipped" in capsys.readouterr().out
     assert (tmp_path / "cli" / "protocol.csv").is_file()
@@ -230,48 +258,47 @@ def test_bench_perf_hands_its_options_to_the_repository_benchmarks(tmp_path, cap
 
 
 def test_mni152_tissue_keeps_train_and_test_apart_in_z(tmp_path):
-    from medadapt.protocol import mni152
-    from medadapt.protocol.presets import get_preset, prepare_dataset
+    from medadapt.data import get_preset, mni152
 
     preset = get_preset("mni152_tissue")
-    root, datalist, is_demo = prepare_dataset(preset, None, tmp_path, "segmentation")
-    assert not is_demo
-    splits = runner._make_run_splits(preset, "segmentation", datalist, root, [0.05, 0.2], 2, 0, 0.2)
+    root = preset.make_demo(tmp_path)
+    datalist = preset.datalist(root)
+    splits = runner.make_run_splits(preset, "segmentation", datalist, root, [0.05, 0.2], 2, 0, 0.2, 0.1)
     z_of = {e["case"]: e["z"] for e in datalist}
     test_z = sorted(z_of[e["case"]] for e in splits["test"])
     assert len(test_z) == mni152.TEST_SLICES and test_z == list(range(test_z[0], test_z[0] + mni152.TEST_SLICES))
-    for record in splits["fractions"]:
-        for fold in record["folds"]:
-            for entry in fold["train"]:
-                assert min(abs(z_of[entry["case"]] - z) for z in test_z) > mni152.GAP_SLICES
+    for entry in splits["val"] + [e for r in splits["fractions"] for f in r["folds"] for e in f["train"]]:
+        assert min(abs(z_of[entry["case"]] - z) for z in test_z) > mni152.GAP_SLICES
+    val = {e["case"] for e in splits["val"]}
     counts = {r["fraction"]: [f["count"] for f in r["folds"]] for r in splits["fractions"]}
-    assert counts == {0.05: [2, 2], 0.2: [8, 8]}
-    # Folds draw different slices.
+    assert val and all(c == [round(f * (splits["counts"]["pool"])) or 1] * 2 for f, c in counts.items())
+    # Folds draw different slices, none of them validation slices.
     folds = splits["fractions"][0]["folds"]
     assert {e["case"] for e in folds[0]["train"]}.isdisjoint(e["case"] for e in folds[1]["train"])
-    sample = preset.transforms(False, "segmentation", 64)(datalist[0])
+    assert not val & {e["case"] for f in folds for e in f["train"]}
+    sample = preset.transforms("validate", image_size=64)(datalist[0])
     assert tuple(sample["image"].shape) == (3, 64, 64) and tuple(sample["label"].shape) == (1, 64, 64)
     assert set(torch.unique(sample["label"]).tolist()) == {0.0, 1.0, 2.0}
 
 
 def test_mni152_tissue_runs_a_cell_with_dice_per_tissue(tmp_path):
     table = run_protocol(**{**SMALL, "dataset": "mni152_tissue", "task": None, "demo_options": None},
-                         methods=["linear"], fractions=[0.2], folds=1, steps=1, out=str(tmp_path / "mni"))
+                         methods=["linear"], fractions=[0.2], folds=1, steps=2, out=str(tmp_path / "mni"))
     (row,) = table
-    assert row["count"] == "8 slices" and 0.0 <= row["dice"] <= 1.0
+    assert row["count"].endswith(" slices") and 0.0 <= row["dice"] <= 1.0
     cell = json.loads(next((tmp_path / "mni" / "cells").glob("*.json")).read_text())
-    assert len(cell["metrics"]["dice_per_class"]) == 2 and cell["training"]["steps"] == 1
+    assert cell["overrides"]["train#trainer#epoch_length"] == 1 and cell["overrides"]["max_epochs"] == 2
 
 
 def test_mni152_tissue_3d_stacks_are_the_slices_and_stay_apart_in_z(tmp_path):
     from PIL import Image
 
-    from medadapt.protocol import mni152
-    from medadapt.protocol.presets import get_preset, prepare_dataset
+    from medadapt.data import get_preset, mni152
 
     preset = get_preset("mni152_tissue_3d")
-    root, stacks, _ = prepare_dataset(preset, None, tmp_path, "segmentation3d")
-    _, slices, _ = prepare_dataset(get_preset("mni152_tissue"), None, tmp_path, "segmentation")
+    root = preset.make_demo(tmp_path)
+    stacks = preset.datalist(root)
+    slices = get_preset("mni152_tissue").datalist(root)
     zone_of = {e["z"]: e["zone"] for e in slices}
     test_z = sorted(z for z, zone in zone_of.items() if zone == "test")
     assert [e["z"] for e in stacks if e["zone"] == "test"] == test_z[::mni152.STACK_SLICES]
@@ -290,74 +317,22 @@ def test_mni152_tissue_3d_stacks_are_the_slices_and_stay_apart_in_z(tmp_path):
     for k, z in enumerate(range(first["z"], first["z"] + mni152.STACK_SLICES)):
         assert np.array_equal(volume[..., k], np.asarray(Image.open(Path(root) / "images" / f"z{z:02d}.png")))
         assert np.array_equal(labels[..., k], np.asarray(Image.open(Path(root) / "labels" / f"z{z:02d}.png")))
-    sample = preset.transforms(True, "segmentation3d", 32)(stacks[0])
+    sample = preset.transforms("train", image_size=32)(stacks[0])
     assert tuple(sample["image"].shape) == (3, 32, 32, mni152.STACK_SLICES)
     assert tuple(sample["label"].shape) == (1, 32, 32, mni152.STACK_SLICES)
 
 
 def test_mni152_tissue_3d_runs_a_cell_with_3d_adapters(tmp_path):
-    from medadapt.adapters.dka import DualKernelAdapter
-
-    built = []
-    real_build = runner.ModelFactory.build
-
-    def build(factory, method, options, seed):
-        model = real_build(factory, method, options, seed)
-        built.append(model)
-        return model
+    from medadapt.checkpoint import read_adapter_config
 
     tiny = {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner.ModelFactory, "build", build)
-        table = run_protocol(dataset="mni152_tissue_3d", backbone="timm:vit_tiny_patch16_224", backbone_options=tiny,
-                             image_size=32, methods=["dka"], fractions=[0.2], folds=1, steps=1, batch_size=1,
-                             out=str(tmp_path / "out"), demo_dir=str(tmp_path), progress=False, echo=lambda m: None)
+    table = run_protocol(dataset="mni152_tissue_3d", backbone="timm:vit_tiny_patch16_224", backbone_options=tiny,
+                         image_size=32, methods=["dka"], fractions=[0.2], folds=1, steps=2, batch_size=1,
+                         out=str(tmp_path / "out"), demo_dir=str(tmp_path), progress=False, echo=lambda m: None)
     (row,) = table
-    assert row["count"] == "2 stacks" and 0.0 <= row["dice"] <= 1.0
-    adapters = [m for m in built[-1].modules() if isinstance(m, DualKernelAdapter)]
-    # 3D kernels (bottleneck, 1, 3, 51, 51) over the stack of 4 slices.
-    assert adapters and all(tuple(a.large.shape[2:]) == (3, 51, 51) for a in adapters)
+    assert row["count"].endswith(" stacks") and 0.0 <= row["dice"] <= 1.0
     cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    options = read_adapter_config(cell["adapters"])["options"]
+    # 3D kernels over the stack of 4 slices.
+    assert options["spatial_dims"] == 3 and options["num_slices"] == 4
     assert cell["settings"]["method_options"]["spatial_dims"] == 3
-    assert cell["settings"]["method_options"]["num_slices"] == 4
-    assert len(cell["metrics"]["dice_per_class"]) == 2 and cell["metrics"]["n"] == 2
-
-
-class Fixed(torch.nn.Module):
-    """A 'model' returning the same logits whatever the input."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, x):
-        return self.logits
-
-
-def test_evaluate_metrics_match_hand_computed_values():
-    from medadapt.protocol.runner import evaluate
-
-    # Classification: labels 0 0 0 1, predictions 0 0 1 1 -> accuracy 3/4, balanced (2/3 + 1) / 2.
-    logits = torch.eye(2)[[0, 0, 1, 1]] * 5
-    batches = [(torch.zeros(4, 3, 8, 8), torch.tensor([0, 0, 0, 1]))]
-    metrics = evaluate(Fixed(logits), batches, "classification", 2, False)
-    assert metrics["accuracy"] == pytest.approx(0.75)
-    assert metrics["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
-
-    # Binary masks: a perfect image (Dice 1), an empty reference (left out), a missed lesion (Dice 0).
-    ref = torch.zeros(3, 1, 4, 4)
-    ref[0, 0, :2] = 1
-    ref[2, 0, 2:, 2:] = 1
-    pred_logits = torch.full((3, 1, 4, 4), -5.0)
-    pred_logits[0, 0, :2] = 5.0
-    metrics = evaluate(Fixed(pred_logits), [(torch.zeros(3, 3, 4, 4), ref)], "segmentation", 1, True)
-    assert metrics["dice"] == pytest.approx(0.5) and metrics["n"] == 3 and metrics["n_scored"] == 2
-
-    # Three classes (background, GM, WM): Dice per foreground class from the argmax, then averaged.
-    label = torch.tensor([[0, 1, 1, 2]], dtype=torch.float32).reshape(1, 1, 1, 4)
-    pred = torch.tensor([0, 1, 2, 2])
-    logits = (torch.eye(3)[pred].T * 5).reshape(1, 3, 1, 4)
-    metrics = evaluate(Fixed(logits), [(torch.zeros(1, 3, 1, 4), label)], "segmentation", 3, False)
-    gm, wm = 2 * 1 / (2 + 1), 2 * 1 / (1 + 2)  # GM: 1 overlap, 2 ref, 1 pred; WM: 1 overlap, 1 ref, 2 pred
-    assert metrics["dice_per_class"] == pytest.approx([gm, wm])
-    assert metrics["dice"] == pytest.approx((gm + wm) / 2)

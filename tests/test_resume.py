@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medadapt.checkpoint import WEIGHTS_NAME
+
 from test_bundles import REPO, SMALL_DEMO, TINY, run_bundle
 
 BUNDLE = "dka_busi_cls"
@@ -21,7 +23,7 @@ ARGS = [*TINY, "--demo_options", SMALL_DEMO[BUNDLE], "--image_size", "64", "--ma
 
 
 def _adapters(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "models" / "adapters" / "adapter_model.safetensors"))
+    return load_file(str(out / "models" / "adapters" / WEIGHTS_NAME))
 
 
 @pytest.mark.slow
@@ -54,9 +56,39 @@ def test_killed_training_resumes_to_the_same_result(tmp_path):
     assert expected.keys() == resumed.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    ref_metrics = json.loads((reference / "metrics.json").read_text())["metrics"]
-    new_metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    ref_metrics = json.loads((reference / "metrics.json").read_text())
+    new_metrics = json.loads((out / "metrics.json").read_text())
     assert new_metrics == pytest.approx(ref_metrics, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_best_score_and_refuses_other_settings(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--demo_options", SMALL_DEMO[BUNDLE], "--image_size", "64", "--output_dir", str(out)]
+    run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "2")
+    best = out / "models" / "best_adapters" / WEIGHTS_NAME
+    best_bytes = best.read_bytes()
+    splits = (out / "splits.json").read_bytes()
+
+    # Another fraction, fold or method options: refused before anything is written.
+    for option, value, name in (("--fraction", "0.5", "fraction"), ("--fold", "1", "fold"),
+                                ("--method_options", "{'bottleneck': 8}", "method_options")):
+        result = run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "3", "--resume", "True",
+                            option, value, check=False)
+        assert result.returncode != 0 and "--resume True" in result.stderr and name in result.stderr, result.stderr
+        assert (out / "splits.json").read_bytes() == splits
+
+    # The best score so far comes back with the state: a resumed epoch that does not beat it
+    # leaves the best files alone (here the stored best is made unbeatable).
+    state_path = out / "models" / "training_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["extra"]["best"]["best_epoch"] in (1, 2)
+    state["extra"]["best"]["best"] = 2.0
+    torch.save(state, state_path)
+    run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "3", "--resume", "True")
+    assert torch.load(state_path, weights_only=True)["epoch"] == 3
+    assert best.read_bytes() == best_bytes
+    assert json.loads((out / "metrics.json").read_text())["best_val_accuracy"] == 2.0
 
 
 @pytest.mark.slow

@@ -61,6 +61,7 @@ def prepare_data(
     demo_options: dict | None = None,
     demo_dir: str | None = None,
     reader_options: dict | None = None,
+    check: str = "full",
 ) -> dict:
     """Datalists of one (fraction, fold) of the low-data protocol, every file checked first.
 
@@ -69,6 +70,9 @@ def prepare_data(
     subsets of the rest) is written to ``output_dir/splits.json`` unless ``splits_file`` names
     one made by ``medadapt split`` for the same dataset folder.
 
+    ``check``: "full" reads every voxel of every file the split names (finds truncated files
+    and NaNs), "headers" opens them, "none" skips the check (for a caller that checked already).
+
     Returns {"train", "val", "test": datalists, "root": dataset folder, "counts": {...},
     "demo": bool}.
     """
@@ -76,6 +80,8 @@ def prepare_data(
 
     preset = data.get_preset(dataset)
     task = preset.check_task(task)
+    if check not in ("full", "headers", "none"):
+        raise ValueError(f"option 'data_check' must be 'full', 'headers' or 'none', got {check!r}")
     fraction = check_fraction(fraction)
     folds = check_index(folds, "folds", low=1)
     fold = check_index(fold, "fold", 0, folds)
@@ -110,7 +116,8 @@ def prepare_data(
         raise ValueError(f"the split of {root} has no validation samples: there is nothing to choose a checkpoint "
                          "on; give more data or a larger val_fraction")
     # Every file any part names is checked, the test set included, before training starts.
-    preset.validate(train + val + test, task, root=root, **options)
+    if check != "none":
+        preset.validate(train + val + test, task, root=root, read_data=check == "full", **options)
     if not splits_file:
         splits_path = main_process_first(lambda: data.save_splits(splits, out / SPLITS_NAME),
                                          others=lambda: out / SPLITS_NAME)

@@ -242,14 +242,17 @@ class ProgressBar:
     Arguments:
       desc: what runs ("dka_brats train", "validation").
       unit: what the steps are ("batches", "cases").
+      enabled: False shows no bar (runs driven by another program, e.g. the protocol runner).
     """
 
-    def __init__(self, desc: str = "train", unit: str = "batches"):
-        self.desc, self.unit = desc, unit
+    def __init__(self, desc: str = "train", unit: str = "batches", enabled: bool = True):
+        self.desc, self.unit, self.enabled = desc, unit, enabled
 
     def attach(self, engine) -> None:
         from ignite.handlers import ProgressBar as IgniteProgressBar
 
+        if not self.enabled:
+            return
         # One bar at a time and no bar over the sliding windows: nested bars are what leave
         # cursor-movement codes in log files.
         bar = IgniteProgressBar(desc=self.desc, persist=True, unit=self.unit,

@@ -21,11 +21,16 @@ def setup_logging(output_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler.medadapt_run_log = True
     for name in ("medadapt", "ignite.engine.engine.SupervisedTrainer", "ignite.engine.engine.SupervisedEvaluator"):
         log = logging.getLogger(name)
         log.setLevel(logging.INFO)
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == handler.baseFilename for h in log.handlers):
-            log.addHandler(handler)
+        # One run log at a time: a process running several bundles (the protocol runner)
+        # would otherwise write every later run into every earlier run's file.
+        for old in [h for h in log.handlers if getattr(h, "medadapt_run_log", False)]:
+            log.removeHandler(old)
+            old.close()
+        log.addHandler(handler)
 
 
 def report_outputs(output_dir: str, metrics: dict | None = None, note: str | None = None) -> None:

@@ -8,9 +8,12 @@
                         folds=3, epochs=50, backbone="litemedsam", out="results/busi")
     print(rows.markdown)          # also results/busi/protocol.md and protocol.csv
 
-Modules: `runner` (``run_protocol``, training and evaluation of one cell, iso-parameter
-sizing), `presets` (the datasets it runs on), `mni152` (real MNI152 MRI slices and
-4-slice stacks with grey / white matter labels, from nilearn, offline), `report` (the table), `cli` (``medadapt bench``).
+Every cell runs the dataset's bundle (``train.json`` with overrides, then ``evaluate.json``);
+the datasets are `medadapt.data`'s presets (``mni152_tissue`` and ``mni152_tissue_3d``: real
+MNI152 MRI from nilearn, offline).
+
+Modules: `runner` (``run_protocol``, one cell, iso-parameter sizing), `distributed` (cells as
+Ray tasks), `report` (the table), `cli` (``medadapt bench``).
 
 Names are resolved lazily so that importing the package does not import torch or MONAI.
 """
@@ -23,12 +26,10 @@ _EXPORTS = {
     "run_protocol": "medadapt.protocol.runner",
     "ProtocolTable": "medadapt.protocol.runner",
     "iso_size": "medadapt.protocol.runner",
-    "train_cell": "medadapt.protocol.runner",
-    "evaluate": "medadapt.protocol.runner",
+    "run_cell": "medadapt.protocol.runner",
+    "find_bundle": "medadapt.protocol.runner",
     "DEFAULT_METHODS": "medadapt.protocol.runner",
     "DEFAULT_FRACTIONS": "medadapt.protocol.runner",
-    "get_preset": "medadapt.protocol.presets",
-    "PRESET_NAMES": "medadapt.protocol.presets",
 }
 
 __all__ = sorted(_EXPORTS)

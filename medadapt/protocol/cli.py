@@ -110,12 +110,12 @@ def parse_method_options(items: list[str]) -> dict[str, dict]:
 
 def configure_protocol(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``medadapt bench protocol``."""
-    from medadapt.protocol.presets import PRESET_NAMES
+    from medadapt.data.presets import PRESETS
 
     parser.description = PROTOCOL_DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="busi", help=f"dataset preset: {', '.join(PRESET_NAMES)} (default busi)")
+    data.add_argument("--dataset", default="busi", help=f"dataset preset: {', '.join(PRESETS)} (default busi)")
     data.add_argument("--task", help="classification, segmentation or segmentation3d (default: the dataset's first)")
     data.add_argument("--root", help="dataset folder in its official layout; without it the embedded demo is "
                       "used (mni152_tissue[_3d]: where to write its slices)")
@@ -125,6 +125,8 @@ def configure_protocol(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--image-size", type=int, help="input size in pixels (default 64 on the demo, else 256)")
     data.add_argument("--test-fraction", type=float, default=0.2,
                       help="share of each class in the fixed test set (default 0.2)")
+    data.add_argument("--val-fraction", type=float, default=0.1,
+                      help="share of the rest held out to choose each cell's checkpoint (default 0.1)")
     grid = parser.add_argument_group("grid")
     grid.add_argument("--methods", nargs="+", default=["dka", "lka", "adapter", "lora", "linear"],
                       help="adapter methods (default: dka lka adapter lora linear)")
@@ -132,6 +134,8 @@ def configure_protocol(parser: argparse.ArgumentParser) -> None:
                       help="training fractions of the pool, in (0, 1] (default 0.0063 0.0125 1.0)")
     grid.add_argument("--folds", type=int, default=3, help="training subsets per fraction (default 3)")
     model = parser.add_argument_group("model")
+    model.add_argument("--bundle", help="the bundle folder every cell runs (default: the repository's bundle for "
+                       "the dataset and task)")
     model.add_argument("--backbone", help="backbone name (default litemedsam; on the demo a quick random-weight "
                        "timm ViT, so the demo finishes in minutes)")
     model.add_argument("--backbone-option", action="append", default=[], metavar="KEY=VALUE",
@@ -151,6 +155,9 @@ def configure_protocol(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
     recipe.add_argument("--seed", type=int, default=0, help="seed of the splits and every cell (default 0)")
     recipe.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    recipe.add_argument("--ray", metavar="ADDRESS",
+                        help="run the cells as Ray tasks on the cluster at ADDRESS ('local': a local Ray runtime; "
+                        "pip install 'medadapt[ray]')")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="results", help="output folder (default results/)")
     output.add_argument("--overwrite", action="store_true",
@@ -181,8 +188,9 @@ def run_protocol_command(args: argparse.Namespace) -> int:
         method_options=parse_method_options(args.method_option), iso_params=args.iso_params,
         image_size=args.image_size, batch_size=args.batch_size, lr_adapter=args.lr_adapter, lr_head=args.lr_head,
         weight_decay=args.weight_decay, seed=args.seed, test_fraction=args.test_fraction,
-        demo_options=demo_options, demo_dir=args.demo_dir, out=args.out, overwrite=args.overwrite,
-        progress=not args.no_progress, num_workers=args.num_workers, command=command,
+        val_fraction=args.val_fraction, demo_options=demo_options, demo_dir=args.demo_dir, out=args.out,
+        overwrite=args.overwrite, progress=not args.no_progress, num_workers=args.num_workers, bundle=args.bundle,
+        ray=args.ray, command=command,
     )
     print(table.markdown)
     print(f"cells: {len(table.ran)} run, {len(table.skipped)} skipped (already finished)")

@@ -1,34 +1,35 @@
 """``run_protocol``: the papers' table, methods x data fractions x folds, on one fixed test set.
 
-For a dataset preset the runner
+Every cell is the dataset's bundle, run as a user runs it: its ``train.json`` with overrides
+(method and options, fraction, fold, seed, epochs or steps, backbone, learning rates), then
+its ``evaluate.json`` on the fixed test set. The runner itself trains nothing; it
 
-1. builds the datalist (the real dataset under ``root``, else the embedded demo) and calls
-   ``make_splits`` ONCE with a fixed seed: one fixed test set for every cell, and per fraction
-   ``folds`` training subsets of the remaining pool (stratified, grouped, at least one image
-   per class), written to ``<out>/splits.json``;
-2. builds each method's model once to count its trainable parameters (and, with
-   ``iso_params``, to pick its bottleneck / rank / prompt length closest to the budget);
-3. runs every (method, fraction, fold) cell: a fresh model (the backbone is loaded once and
-   copied; head and adapters seeded by (seed, fold), so all methods of a fold start from the
-   same head and see the same batches), AdamW with the adapters at ``lr_adapter`` and the head
-   at ``lr_head`` (``medadapt.param_groups``), cosine schedule, the preset's MONAI transforms;
-   then evaluates on the fixed test set and stores the cell as one JSON file (atomically), so a
-   rerun skips it;
-4. writes the table (mean ± std over folds per method and fraction, with the absolute training
+1. finds the bundle of the dataset and task (``bundles/<name>/train.json`` whose
+   ``dataset_name`` and ``task`` match, or the one given);
+2. builds the dataset (the real one under ``root``, else the preset's embedded demo) and
+   calls ``make_splits`` ONCE with a fixed seed: one fixed test set and one validation set for
+   every cell, and per fraction ``folds`` training subsets of the rest, in ``<out>/splits.json``,
+   which every cell reads (``--splits_file``);
+3. builds each method's model once through the bundle's ``network_def`` to count its trainable
+   parameters (and, with ``iso_params``, to pick the size closest to the budget);
+4. runs every (method, fraction, fold) cell not finished yet: the bundle's device (CUDA when
+   present), its transforms, losses, schedule, staged fine-tuning and checkpoint choice on the
+   validation set; the cell keeps its best adapters in ``<out>/cells/<cell>/adapters/`` and its
+   record (settings, the exact overrides, test metrics) in ``<out>/cells/<cell>.json``, written
+   atomically, so a rerun skips it. With ``ray`` the cells run as Ray tasks (`medadapt.protocol.ray`);
+5. writes the table (mean ± std over folds per method and fraction, with the absolute training
    counts and the trainable parameters) as Markdown and CSV after every cell.
 
-Metrics: accuracy and balanced accuracy (mean recall over the classes present in the test
-set) for classification; Dice for segmentation (binary masks: sigmoid > 0.5, images whose
-reference mask is empty are left out of the mean, as MONAI's ``ignore_empty``; several
-classes: argmax, Dice per foreground class averaged).
+Metrics are the bundle's on the test set: accuracy and balanced accuracy (mean recall) for
+classification; mean Dice for segmentation (MONAI's, empty references left out).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,26 +37,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn as nn
-
 from medadapt.io import atomic_write_text
 from medadapt.protocol import report
-from medadapt.protocol.presets import ProtocolPreset, get_preset, prepare_dataset
 
-CELL_FORMAT = "medadapt-protocol-cell/1"
+CELL_FORMAT = "medadapt-protocol-cell/2"
 DEFAULT_METHODS = ("dka", "lka", "adapter", "lora", "linear")
 DEFAULT_FRACTIONS = (0.0063, 0.0125, 1.0)
-# Options that set a method's size, searched by iso_params (first one the method has).
-SIZE_OPTIONS = ("bottleneck", "rank", "num_tokens")
 # Without --root and --backbone: a small random-weight ViT, so the demo table takes minutes.
 QUICK_BACKBONE = "timm:vit_tiny_patch16_224"
 QUICK_BACKBONE_OPTIONS = {"depth": 4}
 DEMO_IMAGE_SIZE = 64
-# Test sets up to this many samples are transformed once and kept in memory for all cells.
-CACHE_TEST_LIMIT = 256
-DECODER_CHANNELS = 32  # create_model's default
+# Test metric of the bundle (after evaluate.json's renaming) -> the table's metric.
+TABLE_METRICS = {"test_accuracy": "accuracy", "test_balanced_accuracy": "balanced_accuracy", "test_mean_dice": "dice"}
 
 
 class ProtocolTable(list):
@@ -76,17 +69,22 @@ class ProtocolTable(list):
         self.markdown = markdown
 
 
-# ----------------------------------------------------------------------------- argument checks
+# ----------------------------------------------------------------------------- arguments
 
 def check_arguments(dataset: str, task: str | None, methods, fractions, folds, epochs, steps, iso_params,
-                    batch_size, image_size, method_options) -> tuple[ProtocolPreset, str, list[str], list[float]]:
+                    batch_size, image_size, method_options):
     """Validate everything before any data or model is touched; errors name the option."""
     from medadapt.adapters import list_methods
+    from medadapt.data import get_preset
 
-    preset = get_preset(dataset)
-    task = task or preset.tasks[0]
-    if task not in preset.tasks:
-        raise ValueError(f"task (--task): dataset {dataset!r} supports {list(preset.tasks)}, not {task!r}")
+    try:
+        preset = get_preset(dataset)
+    except ValueError as error:
+        raise ValueError(f"--dataset: {error}") from None
+    try:
+        task = preset.check_task(task)
+    except ValueError as error:
+        raise ValueError(f"task (--task): {error}") from None
     methods = [str(m) for m in (methods or [])]
     if not methods:
         raise ValueError("methods (--methods): give at least one method")
@@ -129,86 +127,53 @@ def check_arguments(dataset: str, task: str | None, methods, fractions, folds, e
 
 def size_option(method: str) -> str | None:
     """The option that sets ``method``'s size (bottleneck, rank, num_tokens), or None."""
-    import dataclasses
-
     from medadapt.adapters import METHODS
 
-    fields = {f.name for f in dataclasses.fields(METHODS[method])}
-    return next((name for name in SIZE_OPTIONS if name in fields), None)
+    return getattr(METHODS[method], "size_option", None)
 
 
-def resolved_options(method: str, options: dict) -> dict:
-    """The method's full options (defaults filled in), JSON-ready."""
-    from medadapt.adapters import make_config
+# ----------------------------------------------------------------------------- the bundle
 
-    return make_config(method, dict(options)).options()
+def find_bundle(dataset: str, task: str, bundles: str | Path | None = None) -> Path:
+    """The bundle folder whose ``train.json`` trains ``dataset`` for ``task``."""
+    from medadapt.engine.paths import repository_bundles
 
-
-# ----------------------------------------------------------------------------- models
-
-class ModelFactory:
-    """Task models around ONE loaded backbone: it is built once and deep-copied per model.
-
-    Mirrors ``medadapt.create_model`` for "classification", "segmentation" (2D) and
-    "segmentation3d": a Classifier, a Segmenter or a VolumeSegmenter of ``num_slices`` slices
-    (decoder width 32, sigmoid for one channel), then ``inject`` (3D adapter variants for
-    "segmentation3d", see :meth:`method_options`).
-    """
-
-    def __init__(self, task: str, backbone: str, backbone_options: dict, backbone_checkpoint: str | None,
-                 num_classes: int, multilabel: bool, seed: int, num_slices: int | None = None):
-        if task == "segmentation3d" and not num_slices:
-            raise ValueError("task 'segmentation3d' needs the preset's num_slices")
-        self.task, self.backbone, self.backbone_options = task, backbone, dict(backbone_options)
-        self.backbone_checkpoint, self.num_classes, self.multilabel, self.seed = (
-            backbone_checkpoint, num_classes, multilabel, seed)
-        self.num_slices = num_slices
-        self._pristine: nn.Module | None = None
-
-    def method_options(self, options: dict) -> dict:
-        """``options`` with the task's defaults: 3D adapters over the stack for "segmentation3d"."""
-        if self.task == "segmentation3d":
-            from medadapt.models.volume import stack_adapter_options
-
-            return stack_adapter_options(options, self.num_slices)
-        return dict(options)
-
-    def pristine(self) -> nn.Module:
-        if self._pristine is None:
-            from medadapt.backbones import create_backbone
-
-            # Random (not pretrained) backbones are then the same in every run of the protocol.
-            torch.manual_seed(self.seed)
-            self._pristine = create_backbone(self.backbone, checkpoint=self.backbone_checkpoint,
-                                             **self.backbone_options)
-        return self._pristine
-
-    def build(self, method: str, options: dict, seed: int) -> nn.Module:
-        from medadapt.injection import inject
-        from medadapt.models import Classifier, Segmenter, VolumeSegmenter
-
-        encoder = copy.deepcopy(self.pristine())
-        torch.manual_seed(seed)
-        if self.task == "classification":
-            model = Classifier(encoder, self.num_classes, in_channels=3)
-        elif self.task == "segmentation3d":
-            model = VolumeSegmenter(encoder, self.num_classes, self.num_slices, in_channels=3,
-                                    decoder_channels=DECODER_CHANNELS, multilabel=self.multilabel)
-        else:
-            model = Segmenter(encoder, self.num_classes, in_channels=3, decoder_channels=DECODER_CHANNELS,
-                              multilabel=self.multilabel)
-        return inject(model, method, **self.method_options(options))
-
-    def trainable(self, method: str, options: dict) -> dict[str, int]:
-        from medadapt.injection import count_parameters
-
-        return count_parameters(self.build(method, options, self.seed))
+    root = Path(bundles) if bundles else repository_bundles()
+    found = []
+    for train in sorted(root.glob("*/train.json")):
+        try:
+            config = json.loads(train.read_text())
+        except (OSError, ValueError):
+            continue
+        if config.get("dataset_name") == dataset and config.get("task") == task:
+            found.append(train.parent)
+    if not found:
+        raise ValueError(f"--dataset: no bundle in {root} trains {dataset!r} for {task!r} (a bundle's train.json names "
+                         "its dataset_name and task); pass --bundle DIR")
+    return found[0]
 
 
-def iso_size(factory: ModelFactory, method: str, options: dict, budget: int,
-             counter: Callable[[str, dict], int] | None = None) -> tuple[int, int]:
+def bundle_settings(bundle: Path) -> set[str]:
+    """The top-level settings of a bundle's train config."""
+    return set(json.loads((bundle / "train.json").read_text()))
+
+
+def build_network(bundle: Path, overrides: dict):
+    """The model the bundle's ``network_def`` builds with ``overrides`` (not moved to a device)."""
+    from medadapt.engine.bundle import parsed
+
+    return parsed(bundle / "train.json", "network_def", **overrides)
+
+
+def trainable_counts(bundle: Path, overrides: dict) -> dict[str, int]:
+    from medadapt.injection import count_parameters
+
+    return count_parameters(build_network(bundle, overrides))
+
+
+def iso_size(count: Callable[[dict], int], method: str, options: dict, budget: int) -> tuple[int, int]:
     """The size (bottleneck / rank / num_tokens) whose trainable-parameter count is closest to
-    ``budget``, counted with ``count_parameters`` on the built model (head included).
+    ``budget``; ``count(options)`` counts the built model's trainable parameters (head included).
 
     The count is close to affine in the size, so two builds give the slope and the estimate;
     a local search over neighbours then settles on the closest exact count (ties: smaller).
@@ -217,12 +182,11 @@ def iso_size(factory: ModelFactory, method: str, options: dict, budget: int,
     option = size_option(method)
     if option is None:
         raise ValueError(f"{method} has no size option to fit --iso-params to")
-    count = counter or (lambda m, o: factory.trainable(m, o)["trainable"])
     memo: dict[int, int] = {}
 
     def at(size: int) -> int:
         if size not in memo:
-            memo[size] = count(method, {**options, option: size})
+            memo[size] = count({**options, option: size})
         return memo[size]
 
     slope = at(2) - at(1)
@@ -236,144 +200,52 @@ def iso_size(factory: ModelFactory, method: str, options: dict, budget: int,
         best = choice
 
 
-# ----------------------------------------------------------------------------- data
-
-def _plain(t):
-    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-
-
-class TestSet:
-    """The fixed test set as batches; transformed once and cached when small."""
-
-    def __init__(self, entries: list[dict], transform, batch_size: int, num_workers: int = 0):
-        from monai.data import DataLoader, Dataset
-
-        self.size = len(entries)
-        self.loader = DataLoader(Dataset(entries, transform), batch_size=batch_size, shuffle=False,
-                                 num_workers=num_workers)
-        self.cached = None
-        if self.size <= CACHE_TEST_LIMIT:
-            self.cached = [(_plain(b["image"]), _plain(b["label"])) for b in self.loader]
-
-    def __iter__(self):
-        if self.cached is not None:
-            return iter(self.cached)
-        return ((_plain(b["image"]), _plain(b["label"])) for b in self.loader)
-
-
-def _loss(task: str, multilabel: bool) -> nn.Module:
-    if task == "classification":
-        return nn.CrossEntropyLoss()
-    from monai.losses import DiceCELoss
-
-    if multilabel:
-        return DiceCELoss(sigmoid=True, smooth_nr=0, smooth_dr=1e-5)
-    return DiceCELoss(softmax=True, to_onehot_y=True, smooth_nr=0, smooth_dr=1e-5)
-
-
-def _target(task: str, y: torch.Tensor) -> torch.Tensor:
-    return y.reshape(-1).long() if task == "classification" else y
-
-
 # ----------------------------------------------------------------------------- one cell
-
-def train_cell(model: nn.Module, method: str, train_entries: list[dict], transform, task: str, multilabel: bool,
-               settings: dict, seed: int) -> dict:
-    """Train ``model`` in place on ``train_entries``; returns {"steps", "epochs", "final_loss"}.
-
-    AdamW over ``medadapt.param_groups`` (adapters at ``lr_adapter``, head at ``lr_head``),
-    cosine annealing over all steps. ``settings["steps"]`` fixes the number of optimiser steps;
-    otherwise ``settings["epochs"]`` passes over the training subset. CLAdapter runs its two
-    stages: the second half of the steps trains the whole model at a tenth of the rates.
-    """
-    from monai.data import DataLoader, Dataset
-
-    from medadapt.injection import param_groups, set_stage
-
-    transform.set_random_state(seed=seed % (2**32))
-    generator = torch.Generator().manual_seed(seed)
-    batch_size = min(int(settings["batch_size"]), len(train_entries))
-    loader = DataLoader(Dataset(train_entries, transform), batch_size=batch_size, shuffle=True,
-                        generator=generator, num_workers=int(settings.get("num_workers", 0)))
-    total = int(settings["steps"] or int(settings["epochs"]) * len(loader))
-    loss_fn = _loss(task, multilabel)
-
-    def optimiser(scale: float = 1.0):
-        groups = param_groups(model, lr_adapter=settings["lr_adapter"] * scale, lr_head=settings["lr_head"] * scale)
-        opt = torch.optim.AdamW(groups, weight_decay=settings["weight_decay"])
-        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
-
-    optimizer, scheduler = optimiser()
-    stage_two = total // 2 if method == "cladapter" and total >= 2 else None
-    model.train()
-    step, losses = 0, []
-    while step < total:
-        for batch in loader:
-            if step == stage_two:
-                set_stage(model, 2)
-                optimizer, scheduler = optimiser(0.1)
-            x, y = _plain(batch["image"]), _target(task, _plain(batch["label"]))
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            if step >= total:
-                break
-    return {"steps": total, "epochs": round(total / max(len(loader), 1), 3),
-            "final_loss": losses[-1] if losses else None}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, test: TestSet, task: str, num_classes: int, multilabel: bool) -> dict:
-    """Metrics on the fixed test set (see the module docstring)."""
-    model.eval()
-    if task == "classification":
-        preds, labels = [], []
-        for x, y in test:
-            preds.append(model(x).argmax(dim=1))
-            labels.append(_target(task, y))
-        pred, label = torch.cat(preds), torch.cat(labels)
-        recalls = {int(c): float((pred[label == c] == c).float().mean()) for c in label.unique()}
-        return {"accuracy": float((pred == label).float().mean()),
-                "balanced_accuracy": float(np.mean(list(recalls.values()))),
-                "recall_per_class": {str(c): r for c, r in sorted(recalls.items())}, "n": int(label.numel())}
-    from monai.metrics import DiceMetric
-
-    scores = []
-    for x, y in test:
-        logits = model(x)
-        if multilabel:
-            pred, ref = (torch.sigmoid(logits) > 0.5).float(), (y > 0.5).float()
-            metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
-        else:
-            eye = torch.eye(num_classes, device=logits.device)
-            pred = eye[logits.argmax(dim=1)].movedim(-1, 1)
-            ref = eye[y[:, 0].long()].movedim(-1, 1)
-            metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-        scores.append(metric(pred, ref))
-    per_image = torch.cat(scores)  # (N, classes)
-    per_class = torch.nanmean(per_image, dim=0)
-    dice = float(torch.nanmean(per_class))
-    return {"dice": None if math.isnan(dice) else dice,
-            "dice_per_class": [None if math.isnan(float(v)) else float(v) for v in per_class],
-            "n": int(per_image.shape[0]), "n_scored": int((~torch.isnan(per_image)).any(dim=1).sum())}
-
-
-# ----------------------------------------------------------------------------- the run
 
 def cell_id(method: str, fraction: float, fold: int) -> str:
     return f"{method}__{fraction:.10g}__fold{fold}"
 
 
+def run_cell(cell: dict) -> dict:
+    """Run one cell: the bundle's train config with the cell's overrides, then its evaluate
+    config on the fixed test set; keep the best adapters and write the cell's record.
+
+    ``cell`` holds "bundle", "overrides", "folder" (the cell's output folder), "record_path"
+    and "record" (the record's fields known before training). Plain data, so that a Ray worker
+    can run it. Returns the finished record.
+    """
+    from medadapt.engine.bundle import run_workflow
+
+    bundle, folder = Path(cell["bundle"]), Path(cell["folder"])
+    checkpoints = folder / "checkpoints"
+    if folder.exists():
+        shutil.rmtree(folder)  # a cell killed half-way starts again from scratch
+    overrides = {**cell["overrides"], "output_dir": str(folder), "ckpt_dir": str(checkpoints)}
+    start = time.perf_counter()
+    run_workflow(bundle / "train.json", **overrides)
+    trained = time.perf_counter()
+    run_workflow([bundle / "train.json", bundle / "evaluate.json"], **overrides)
+    done = time.perf_counter()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (checkpoints / "best_adapters").replace(folder / "adapters")
+    shutil.rmtree(checkpoints)
+    record = {
+        **cell["record"],
+        "metrics": {**{name: metrics.get(key) for key, name in TABLE_METRICS.items() if key in metrics},
+                    "bundle": metrics},
+        "adapters": str(folder / "adapters"),
+        "seconds": round(done - start, 2), "train_seconds": round(trained - start, 2),
+        "test_seconds": round(done - trained, 2),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(Path(cell["record_path"]), json.dumps(record, indent=1))
+    return record
+
+
+# ----------------------------------------------------------------------------- the run
+
 def _digest(value: Any) -> str:
-    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _fold_seed(seed: int, fold: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(fold)]).generate_state(1)[0])
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _echo_default(message: str) -> None:
@@ -391,28 +263,16 @@ def _differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def _make_run_splits(preset: ProtocolPreset, task: str, datalist: list[dict], root: str, fractions, folds, seed,
-                     test_fraction) -> dict:
-    """make_splits once for every fraction and fold; a preset's own fixed test set if it has one."""
-    from medadapt.data.splits import check_no_leakage, make_splits
+def make_run_splits(preset, task: str, datalist: list[dict], root: str, fractions, folds, seed, test_fraction,
+                    val_fraction) -> dict:
+    """make_splits once for every fraction and fold (the preset's own test set if it fixes one)."""
+    from medadapt.data.splits import make_splits
 
-    label_key = preset.stratify_key if task == "classification" else None
-    if preset.partition is None:
-        splits = make_splits(datalist, fractions, folds=folds, seed=seed, test_fraction=test_fraction,
-                             label_key=label_key, root=root, classes=preset.classes, dataset=preset.name)
-    else:
-        pool, test = preset.partition(datalist)
-        splits = make_splits(pool, fractions, folds=folds, seed=seed, test_fraction=preset.pool_holdout,
-                             label_key=label_key, root=root, classes=preset.classes, dataset=preset.name)
-        base = Path(splits["root"])
-        splits["val"] = splits["test"]
-        splits["test"] = [{**e, "image": str(Path(e["image"]).resolve().relative_to(base)),
-                           "label": str(Path(e["label"]).resolve().relative_to(base))} for e in test]
-        splits["counts"] = {**splits["counts"], "val": len(splits["val"]), "test": len(test),
-                            "total": splits["counts"]["total"] + len(test)}
-        splits["notes"].append(f"the test set is fixed by the {preset.name} preset; the {len(splits['val'])} "
-                               "sample(s) make_splits held out of the pool are kept as 'val' and not used")
-        check_no_leakage(splits)
+    fixed = preset.fixed_test(datalist)
+    pool, test = fixed if fixed is not None else (datalist, None)
+    splits = make_splits(pool, fractions, folds=folds, seed=seed, test_fraction=test_fraction,
+                         val_fraction=val_fraction, label_key=preset.stratify_key, root=root, classes=preset.classes,
+                         dataset=preset.name, test=test)
     splits["task"] = task
     return splits
 
@@ -438,38 +298,44 @@ def run_protocol(
     weight_decay: float = 1e-4,
     seed: int = 0,
     test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
     demo_options: dict | None = None,
     demo_dir: str | None = None,
     out: str = "results",
     overwrite: bool = False,
     progress: bool = True,
     num_workers: int = 0,
+    bundle: str | None = None,
+    ray: str | None = None,
     command: str | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> ProtocolTable:
     """Run (or resume) every (method, fraction, fold) cell and return the table rows.
 
     Arguments:
-        dataset, task: a preset of :mod:`medadapt.protocol.presets` and one of its tasks.
-        root: the dataset folder; None builds the embedded demo (``mni152_tissue``: the
-            folder to write its slices into, default ``<out>/data``).
+        dataset, task: a dataset preset (`medadapt.data.PRESETS`) and one of its tasks.
+        root: the dataset folder; None builds the preset's embedded demo in ``demo_dir``.
         methods, fractions, folds: the grid (fractions in (0, 1] of the training pool).
-        epochs, steps: passes over each training subset, or a fixed number of optimiser steps.
+        epochs, steps: passes over each training subset, or a fixed number of optimiser steps
+            (two epochs of half the steps each, so the validation set chooses between them).
         backbone, backbone_options, backbone_checkpoint: see ``medadapt.create_backbone``.
-            Default: "litemedsam" on real data; on the demo a small random-weight ViT
-            (``QUICK_BACKBONE``) so the demo runs in minutes.
+            Default: the bundle's (LiteMedSAM) on real data; on a synthetic demo a small
+            random-weight ViT (``QUICK_BACKBONE``) so the demo runs in minutes.
         method_options: {method: {option: value}}.
         iso_params: fit each method's size option to this many trainable parameters.
-        image_size: input size (default 64 on the demo, else the preset's 256).
-        batch_size, lr_adapter, lr_head, weight_decay: the recipe (AdamW, cosine schedule).
-        seed: seed of the splits, backbones and every cell.
-        test_fraction: share of each class held out as the fixed test set.
+        image_size: input size (default 64 on a synthetic demo, else the bundle's).
+        batch_size, lr_adapter, lr_head, weight_decay: the recipe's settings.
+        seed: seed of the splits and every cell.
+        test_fraction, val_fraction: shares held out as the fixed test set and as the
+            validation set that chooses each cell's checkpoint.
         demo_options, demo_dir: demo generator options and folder (default ``<out>/data``).
         out: output folder (cells/, splits.json, protocol.md, protocol.csv, protocol.json).
         overwrite: re-run finished cells that were computed with other settings (otherwise
             that is an error: use another ``out``).
         progress: show a progress bar over the cells.
         num_workers: DataLoader workers.
+        bundle: the bundle folder to run (default: the repository's bundle for the dataset).
+        ray: run the cells as Ray tasks: a cluster address, or "local" for a local runtime.
         command: the command line, recorded in the report.
         echo: where messages go (default: above the progress bar, on stderr).
 
@@ -477,85 +343,108 @@ def run_protocol(
     """
     from tqdm import tqdm
 
-    from medadapt.data.splits import load_split
+    from medadapt.injection import count_parameters, injection_record
 
     echo = echo or _echo_default
     preset, task, methods, fractions = check_arguments(dataset, task, methods, fractions, folds, epochs, steps,
                                                        iso_params, batch_size, image_size, method_options)
     folds = int(folds)
+    bundle_dir = Path(bundle) if bundle else find_bundle(preset.name, task)
+    settings_known = bundle_settings(bundle_dir)
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    work_dir = Path(demo_dir) if demo_dir else out / "data"
 
     # Data and the one split.
-    data_root, datalist, is_demo = prepare_dataset(preset, root, work_dir, task, demo_options)
+    is_demo = not root
     if is_demo:
-        echo(f"no --root: using the embedded {preset.name} demo in {data_root} "
-             "(real anatomy, SYNTHETIC lesions: a smoke test of the protocol, not a result)")
-    splits = _make_run_splits(preset, task, datalist, data_root, fractions, folds, seed, test_fraction)
+        data_root = preset.make_demo(Path(demo_dir or out / "data") / preset.name, **(demo_options or {}))
+        echo(f"no --root: using the embedded {preset.name} demo in {data_root} ({preset.demo_note})")
+    else:
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"--root {root} does not exist or is not a folder")
+        data_root = str(root)
+    synthetic = is_demo and "SYNTHETIC" in preset.demo_note
+    datalist = preset.datalist(data_root, task=task)
+    splits = make_run_splits(preset, task, datalist, data_root, fractions, folds, seed, test_fraction, val_fraction)
+    # Every file read once here; each cell then only opens the files of its split.
+    preset.validate(datalist, task, root=data_root)
     atomic_write_text(out / "splits.json", json.dumps(splits, indent=1))
-    test_entries = load_split(splits, part="test")
-    fraction_counts = {}
-    for record in splits["fractions"]:
-        fraction_counts[record["fraction"]] = [f["count"] for f in record["folds"]]
+    records = {record["fraction"]: record for record in splits["fractions"]}
+    fraction_counts = {f: [k["count"] for k in records[f]["folds"]] for f in fractions}
 
     # Backbone and image size.
     backbone_options = dict(backbone_options or {})
-    if backbone is None:
-        if is_demo:
-            backbone = QUICK_BACKBONE
-            size = int(image_size or DEMO_IMAGE_SIZE)
-            backbone_options = {**QUICK_BACKBONE_OPTIONS, "img_size": size, **backbone_options}
-            echo(f"no --backbone on the demo: using the quick {backbone} {backbone_options} with RANDOM weights; "
-                 "pass --backbone litemedsam for the papers' medical-pretrained encoder")
-        else:
-            backbone = "litemedsam"
-    image_size = int(image_size or (DEMO_IMAGE_SIZE if is_demo else preset.default_size))
-    num_classes = preset.num_classes(task)
-    multilabel = preset.multilabel(task)
-    factory = ModelFactory(task, backbone, backbone_options, backbone_checkpoint, num_classes, multilabel, seed,
-                           num_slices=preset.num_slices)
+    if backbone is None and synthetic:
+        backbone = QUICK_BACKBONE
+        size = int(image_size or DEMO_IMAGE_SIZE)
+        backbone_options = {**QUICK_BACKBONE_OPTIONS, "img_size": size, **backbone_options}
+        image_size = size
+        echo(f"no --backbone on the demo: using the quick {backbone} {backbone_options} with RANDOM weights; "
+             "pass --backbone litemedsam for the papers' medical-pretrained encoder")
+    common = {"dataset_dir": data_root, "splits_file": str((out / "splits.json").resolve()), "seed": int(seed),
+              "folds": folds, "batch_size": int(batch_size), "lr_adapter": float(lr_adapter),
+              "lr_head": float(lr_head), "weight_decay": float(weight_decay), "num_workers": int(num_workers),
+              "progress": False, "export_full_model": False, "data_check": "headers"}
+    if backbone is not None:
+        common["backbone"] = backbone
+        common["backbone_options"] = backbone_options
+    if backbone_checkpoint:
+        common["backbone_checkpoint"] = str(backbone_checkpoint)
+    if image_size is not None:
+        if "image_size" not in settings_known:
+            raise ValueError(f"image_size (--image-size): bundle {bundle_dir} has no image_size setting")
+        common["image_size"] = int(image_size)
+    if steps:
+        half = math.ceil(int(steps) / 2)
+        common.update({"max_epochs": 2, "train#trainer#epoch_length": half, "lr_scheduler#T_max": 2 * half,
+                       "val_interval": 1, "stage2_epoch": 2})
+    else:
+        common.update({"max_epochs": int(epochs), "val_interval": 1})
 
     # Each method once: options, size, trainable parameters (and errors before any training).
     method_info: dict[str, dict] = {}
     for method in methods:
         options = dict((method_options or {}).get(method) or {})
         option = size_option(method)
+        base = {**common, "method": method}
         if iso_params is not None and option is not None:
-            size, _ = iso_size(factory, method, options, int(iso_params))
+            size, _ = iso_size(lambda o: trainable_counts(bundle_dir, {**base, "method_options": o})["trainable"],
+                               method, options, int(iso_params))
             options[option] = size
-        counts = factory.trainable(method, options)
-        full = resolved_options(method, factory.method_options(options))
-        method_info[method] = {"options": full, "size_option": option, "size": full.get(option) if option else None,
-                               "trainable": counts["trainable"], "total": counts["total"]}
+        model = build_network(bundle_dir, {**base, "method_options": options})
+        counts = count_parameters(model)
+        full = injection_record(model)["options"]
+        method_info[method] = {"options": options, "resolved_options": full, "size_option": option,
+                               "size": full.get(option) if option else None, "trainable": counts["trainable"],
+                               "total": counts["total"]}
         if iso_params is not None:
-            note = (f"{option} {full[option]}" if option else "no size option, left as is")
+            note = f"{option} {full[option]}" if option else "no size option, left as is"
             echo(f"iso-params {iso_params:,}: {method} -> {note}, {counts['trainable']:,} trainable")
 
-    common = {
-        "dataset": preset.name, "task": task, "backbone": backbone, "backbone_options": backbone_options,
-        "backbone_checkpoint": str(backbone_checkpoint) if backbone_checkpoint else None,
-        "image_size": image_size, "epochs": int(epochs), "steps": int(steps) if steps else None,
-        "batch_size": int(batch_size), "lr_adapter": float(lr_adapter), "lr_head": float(lr_head),
-        "weight_decay": float(weight_decay), "seed": int(seed), "test_fraction": float(test_fraction),
+    settings = _json_ready({
+        "dataset": preset.name, "task": task, "bundle": str(bundle_dir.resolve()), "backbone": backbone,
+        "backbone_options": backbone_options, "backbone_checkpoint": backbone_checkpoint, "image_size": image_size,
+        "epochs": int(epochs), "steps": int(steps) if steps else None, "batch_size": int(batch_size),
+        "lr_adapter": float(lr_adapter), "lr_head": float(lr_head), "weight_decay": float(weight_decay),
+        "seed": int(seed), "test_fraction": float(test_fraction), "val_fraction": float(val_fraction),
         "demo_options": dict(demo_options or {}), "iso_params": int(iso_params) if iso_params else None,
-        "test_digest": _digest(splits["test"]),
-    }
-    common = _json_ready(common)
-    records = {record["fraction"]: record for record in splits["fractions"]}
+        "test_digest": _digest(splits["test"]), "val_digest": _digest(splits["val"]),
+    })
 
     files = {"markdown": out / "protocol.md", "csv": out / "protocol.csv", "json": out / "protocol.json",
              "splits": out / "splits.json", "cells": out / "cells"}
     cells: dict[tuple, dict] = {}
-    unit = preset.unit
     header = [
         f"# medadapt bench protocol: {preset.name} {task}",
         "",
         f"- command: `{command}`" if command else "- command: run_protocol(...) (Python API)",
-        f"- data: {data_root}{' (embedded demo, SYNTHETIC lesions)' if is_demo else ''}; {preset.note}",
-        f"- fixed test set: {len(test_entries)} samples (seed {seed}); training pool {records[fractions[0]]['pool']}",
-        f"- backbone: {backbone}{' ' + json.dumps(backbone_options) if backbone_options else ''}; input {image_size} px"
-        f"{f' x {preset.num_slices} slices' if preset.num_slices else ''}; "
+        f"- data: {data_root}{' (embedded demo: ' + preset.demo_note + ')' if is_demo else ''}",
+        f"- bundle: {bundle_dir} (every cell is its train.json with overrides, then its evaluate.json)",
+        f"- fixed test set: {len(splits['test'])} {preset.unit}, validation set {len(splits['val'])} (seed {seed}); "
+        f"training pool {records[fractions[0]]['pool']}",
+        f"- backbone: {backbone or 'the bundle default'}"
+        f"{' ' + json.dumps(backbone_options) if backbone_options else ''}"
+        f"{f'; input {image_size} px' if image_size else ''}; "
         f"{'steps ' + str(steps) if steps else 'epochs ' + str(epochs)}, batch {batch_size}, AdamW "
         f"(adapters {lr_adapter:g}, head {lr_head:g}, weight decay {weight_decay:g}), cosine schedule",
         f"- folds: {folds}; ± is the sample standard deviation over folds"
@@ -563,69 +452,77 @@ def run_protocol(
     ]
 
     def write_tables() -> tuple[list[dict], str]:
-        rows = report.build_rows(methods, fractions, folds, method_info, cells, fraction_counts, task, unit)
+        rows = report.build_rows(methods, fractions, folds, method_info, cells, fraction_counts, task, preset.unit)
         seconds = sum(c.get("seconds", 0.0) for c in cells.values())
         notes = [f"{len(cells)} of {len(methods) * len(fractions) * folds} cells finished; "
                  f"{seconds / 60:.1f} min of cell time (training + test) in total",
                  "trainable parameters include the task head (and decoder)",
+                 "each cell's checkpoint is chosen on the validation set; the table is the fixed test set",
                  *splits.get("notes", [])]
+        if synthetic:
+            notes.append(f"embedded demo ({preset.demo_note}): a smoke test of the protocol, not a result")
         markdown = report.markdown_report(rows, task, header, notes)
         atomic_write_text(files["markdown"], markdown)
         atomic_write_text(files["csv"], report.csv_text(rows, task))
-        atomic_write_text(files["json"], json.dumps({"settings": common, "methods": method_info, "rows": rows,
+        atomic_write_text(files["json"], json.dumps({"settings": settings, "methods": method_info, "rows": rows,
                                                      "command": command}, indent=1, default=str))
         return rows, markdown
 
-    grid = [(m, f, k) for f in fractions for k in range(folds) for m in methods]
-    ran, skipped = [], []
-    test_set = None
-    bar = tqdm(grid, desc="protocol cells", unit="cell", disable=not progress, file=sys.stderr)
-    for method, fraction, fold in bar:
-        ident = cell_id(method, fraction, fold)
-        path = out / "cells" / f"{ident}.json"
-        train_rel = records[fraction]["folds"][fold]["train"]
-        settings = _json_ready({**common, "method_options": method_info[method]["options"],
-                                "train_digest": _digest(train_rel)})
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            if stored.get("settings") == settings:
-                cells[(method, fraction, fold)] = stored
-                skipped.append(ident)
-                echo(f"skipping finished cell {method} / {report.percent_label(fraction)} / fold {fold} ({path})")
-                continue
-            if not overwrite:
-                raise ValueError(
-                    f"out (--out): {path} holds a finished cell computed with other settings "
-                    f"({', '.join(_differences(stored.get('settings', {}), settings))}); use another --out, "
-                    "or --overwrite to recompute such cells")
-        bar.set_postfix_str(f"{method} {report.percent_label(fraction)} fold {fold}")
-        if test_set is None:
-            test_set = TestSet(test_entries, preset.transforms(False, task, image_size), int(batch_size), num_workers)
-        start = time.perf_counter()
-        cell_seed = _fold_seed(seed, fold)
-        model = factory.build(method, method_info[method]["options"], cell_seed)
-        train_entries = load_split(splits, fraction, fold, part="train")
-        training = train_cell(model, method, train_entries, preset.transforms(True, task, image_size), task,
-                              multilabel, {**settings, "num_workers": num_workers}, cell_seed)
-        trained = time.perf_counter()
-        metrics = evaluate(model, test_set, task, num_classes, multilabel)
-        done = time.perf_counter()
-        record = {
-            "format": CELL_FORMAT, "method": method, "fraction": fraction, "fold": fold, "settings": settings,
-            "train_count": len(train_entries), "train": train_rel, "test_count": len(test_entries),
-            "trainable": method_info[method]["trainable"], "total": method_info[method]["total"],
-            "metrics": metrics, "training": training, "seconds": round(done - start, 2),
-            "train_seconds": round(trained - start, 2), "test_seconds": round(done - trained, 2),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        atomic_write_text(path, json.dumps(record, indent=1))
-        cells[(method, fraction, fold)] = record
-        ran.append(ident)
+    pending, skipped = [], []
+    for fraction in fractions:
+        for fold in range(folds):
+            for method in methods:
+                ident = cell_id(method, fraction, fold)
+                path = out / "cells" / f"{ident}.json"
+                train_rel = records[fraction]["folds"][fold]["train"]
+                cell_settings = _json_ready({**settings, "method_options": method_info[method]["resolved_options"],
+                                             "train_digest": _digest(train_rel)})
+                if path.is_file():
+                    stored = json.loads(path.read_text())
+                    if stored.get("settings") == cell_settings:
+                        cells[(method, fraction, fold)] = stored
+                        skipped.append(ident)
+                        echo(f"skipping finished cell {method} / {report.percent_label(fraction)} / fold {fold} "
+                             f"({path})")
+                        continue
+                    if not overwrite:
+                        raise ValueError(
+                            f"out (--out): {path} holds a finished cell computed with other settings "
+                            f"({', '.join(_differences(stored.get('settings', {}), cell_settings))}); use another "
+                            "--out, or --overwrite to recompute such cells")
+                overrides = _json_ready({**common, "method": method, "method_options": method_info[method]["options"],
+                                         "fraction": fraction, "fold": fold})
+                pending.append({
+                    "key": (method, fraction, fold), "bundle": str(bundle_dir.resolve()), "overrides": overrides,
+                    "folder": str((out / "cells" / ident).resolve()), "record_path": str(path.resolve()),
+                    "record": {"format": CELL_FORMAT, "method": method, "fraction": fraction, "fold": fold,
+                               "settings": cell_settings, "overrides": overrides,
+                               "train_count": len(train_rel), "train": train_rel, "test_count": len(splits["test"]),
+                               "trainable": method_info[method]["trainable"], "total": method_info[method]["total"]},
+                })
+
+    bar = tqdm(total=len(pending), desc="protocol cells", unit="cell", disable=not progress, file=sys.stderr)
+    ran = []
+
+    def finished(record: dict) -> None:
+        key = (record["method"], record["fraction"], record["fold"])
+        cells[key] = record
+        ran.append(cell_id(*key))
+        bar.update(1)
         write_tables()
+
+    if ray:
+        from medadapt.protocol.distributed import run_cells_on_ray
+
+        run_cells_on_ray(pending, ray, finished, echo)
+    else:
+        for cell in pending:
+            method, fraction, fold = cell["key"]
+            bar.set_postfix_str(f"{method} {report.percent_label(fraction)} fold {fold}")
+            finished(run_cell({k: v for k, v in cell.items() if k != "key"}))
     bar.close()
     rows, markdown = write_tables()
     if skipped:
         echo(f"{len(skipped)} finished cell(s) skipped, {len(ran)} run")
     return ProtocolTable(rows, ran=ran, skipped=skipped, files={k: str(v) for k, v in files.items()},
                          markdown=markdown)
-
