@@ -187,6 +187,30 @@ def test_high_contribution_area_grows_with_the_dka_kernel():
     assert areas[0] < areas[1] < areas[2] < 1.0, areas
 
 
+def test_min_max_normalisation_gives_the_extreme_pixels_no_spurious_mass():
+    # MedSAM rescales each image by its own min and max. Were the gradient taken through those
+    # statistics, every pixel's gradient would also reach the darkest and brightest pixel (3.7
+    # there against 0.08 around it here); taken with respect to the normalised image, as
+    # RepLKNet does, those pixels are like their neighbours.
+    images = 0.2 + 0.6 * torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    darkest, brightest = (10, 12), (50, 40)
+    images[(slice(None), slice(None)) + darkest] = 0.0
+    images[(slice(None), slice(None)) + brightest] = 1.0
+    model = _build("classification", backbone="medsam_vit_b", method="linear")
+    erf = effective_receptive_field(model, images)
+    for y, x in (darkest, brightest):
+        around = erf[y - 2:y + 3, x - 2:x + 3].copy()
+        around[2, 2] = 0.0
+        assert erf[y, x] <= 2 * around.max(), ((y, x), erf[y, x], around.max())
+    # The forward pass is the model's own: the same features with and without the analysis mode.
+    from medadapt.backbones.base import normalised_input_gradients
+
+    with torch.no_grad(), normalised_input_gradients(model):
+        inside = feature_maps(model, images)[-1]
+    with torch.no_grad():
+        torch.testing.assert_close(inside, feature_maps(model, images)[-1])
+
+
 # ----------------------------------------------------------------------------- 3D
 
 def _volume_model(slice_axis=2, **method_options):

@@ -229,3 +229,40 @@ def test_adapter_files_do_not_depend_on_checkpointing(tmp_path):
     medadapt.load_adapters(plain, tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(images), trained.eval()(images), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- classification pooling
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def _tiny_vit_backbone(**options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return medadapt.create_backbone("timm:vit_tiny_patch16_224", **{**TINY_VIT, **options})
+
+
+def test_vit_classifier_pools_the_class_token_by_default():
+    torch.manual_seed(0)
+    backbone = _tiny_vit_backbone()
+    model = medadapt.Classifier(backbone, num_classes=3).eval()
+    assert model.pool == "cls"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = backbone.encoder.forward_features(backbone.preprocess(x))
+        # timm's own head on a "token"-pooled ViT reads the final class token.
+        torch.testing.assert_close(model(x), model.head(backbone.encoder.fc_norm(tokens[:, 0])))
+        mean = medadapt.Classifier(backbone, num_classes=3, pool="mean").eval()
+        mean.head.load_state_dict(model.head.state_dict())
+        patches = backbone(backbone.preprocess(x)).flatten(2).mean(-1)
+        torch.testing.assert_close(mean(x), mean.head(patches))
+        assert not torch.allclose(mean(x), model(x))
+    # A ViT built to average its patch tokens, and models without a class token, pool the mean.
+    assert medadapt.Classifier(_tiny_vit_backbone(global_pool="avg"), 2).pool == "mean"
+    assert medadapt.Classifier(_tiny_vit_backbone(class_token=False, global_pool="avg"), 2).pool == "mean"
+    convnext = _build("classification", backbone="timm:convnext_atto", method="linear")
+    assert convnext.pool == "mean"
+    with pytest.raises(ValueError, match="class token"):
+        medadapt.Classifier(convnext.backbone, 2, pool="cls")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        medadapt.Classifier(backbone, 2, pool="max")

@@ -3,7 +3,12 @@
 RepLKNet's recipe, which the DKA and LKA papers follow: for each image, the gradient of the
 central unit of the backbone's last feature map (ReLU'd and summed over channels) with
 respect to the input pixels, ReLU'd and summed over the input channels, averaged over the
-images. The map is shown on a log scale (``normalise_erf``) and summarised by the
+images. As in RepLKNet, the gradient is taken with respect to the normalised image the
+encoder sees: the backbone's normalisation passes it straight through, with each image's
+own statistics (MedSAM's per-image min and max) held constant (and back through an input
+stem and resize to the image's pixels). Otherwise every pixel's gradient would also reach
+the image's darkest and brightest pixels through the minimum and maximum, giving those two
+pixels a spurious share of the contribution. The map is shown on a log scale (``normalise_erf``) and summarised by the
 "high-contribution area ratio": the share of the image covered by the smallest central
 square that holds a given share of the total contribution.
 
@@ -29,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from medadapt.backbones import Backbone
+from medadapt.backbones.base import normalised_input_gradients
 from medadapt.io import atomic_path
 from medadapt.models.classifier import backbone_input, fit_to_backbone
 from medadapt.models.volume import VolumeSegmenter
@@ -120,7 +126,7 @@ def _mean_contribution(model: nn.Module, images, batch_size: int, output_relu: b
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), normalised_input_gradients(model):
             for batch in _batches(images, batch_size):
                 maps = _input_contributions(model, batch, output_relu)
                 # RepLKNet skips images whose gradient is NaN rather than poison the average.

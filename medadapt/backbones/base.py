@@ -9,15 +9,21 @@ strides, and the intensity preprocessing the weights were trained with.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ["Backbone", "CheckpointError", "NotPretrainedWarning", "apply_preprocessing"]
+__all__ = ["Backbone", "CheckpointError", "NotPretrainedWarning", "POOLS", "apply_preprocessing",
+           "normalised_input_gradients"]
+
+# How a classification head pools a backbone's output: its class token, or the mean of its
+# last map (the patch tokens of a ViT).
+POOLS = ("cls", "mean")
 
 
 class CheckpointError(ValueError):
@@ -48,7 +54,7 @@ def warn_not_pretrained(name: str, what: str) -> None:
     )
 
 
-def apply_preprocessing(x: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Tensor:
+def apply_preprocessing(x: torch.Tensor, preprocessing: dict[str, Any], pass_gradients: bool = False) -> torch.Tensor:
     """Apply a normalisation preset to an image batch whose intensities lie in [0, 1].
 
     Presets (the dicts stored in ``Backbone.preprocessing``):
@@ -63,7 +69,16 @@ def apply_preprocessing(x: torch.Tensor, preprocessing: dict[str, Any]) -> torch
     Arguments:
         x: float tensor (B, C, H, W) with values in [0, 1].
         preprocessing: one of the presets above.
+        pass_gradients: the output's gradient passes to ``x`` unchanged (the values are the
+            same), so the gradient at ``x`` is the gradient with respect to the normalised
+            image, and no gradient reaches an image's own statistics (its minimum and maximum
+            pixels under min-max). For gradient analyses (ERF); see normalised_input_gradients.
     """
+    out = _normalise(x, preprocessing)
+    return x + (out - x).detach() if pass_gradients else out
+
+
+def _normalise(x: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Tensor:
     if "mean" in preprocessing:
         shape = (1, -1) + (1,) * (x.ndim - 2)
         mean = torch.as_tensor(preprocessing["mean"], dtype=x.dtype, device=x.device).view(shape)
@@ -81,6 +96,22 @@ def apply_preprocessing(x: torch.Tensor, preprocessing: dict[str, Any]) -> torch
     if scaling == "affine":
         return (x * 255.0 - preprocessing["offset"]) / preprocessing["scale"]
     raise ValueError(f"unknown preprocessing preset {preprocessing!r}")
+
+
+@contextlib.contextmanager
+def normalised_input_gradients(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, gradients reaching ``model``'s input are taken with respect to the
+    normalised image each Backbone in it sees: the normalisation passes gradients straight
+    through (forward values unchanged), its per-image statistics held constant."""
+    backbones = [m for m in model.modules() if isinstance(m, Backbone)]
+    previous = [getattr(b, "pass_normalisation_gradients", False) for b in backbones]
+    for b in backbones:
+        b.pass_normalisation_gradients = True
+    try:
+        yield model
+    finally:
+        for b, state in zip(backbones, previous):
+            b.pass_normalisation_gradients = state
 
 
 class Backbone(nn.Module):
@@ -119,10 +150,26 @@ class Backbone(nn.Module):
         self.out_channels = self.feature_channels[-1]
         self.img_size = img_size
         self.preprocessing = dict(preprocessing)
+        # Set by normalised_input_gradients() for gradient analyses.
+        self.pass_normalisation_gradients = False
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a float image batch with values in [0, 1] the way the weights expect."""
-        return apply_preprocessing(x, self.preprocessing)
+        return apply_preprocessing(x, self.preprocessing, getattr(self, "pass_normalisation_gradients", False))
+
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the encoder has a class token that :meth:`class_token` returns."""
+        return False
+
+    @property
+    def default_pool(self) -> str:
+        """How a classifier pools this backbone by default (one of POOLS)."""
+        return "mean"
+
+    def class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's final class token (B, C) for a preprocessed batch ``x``."""
+        raise ValueError(f"{self.name} has no class token; pool='mean' averages its last feature map")
 
     def check_input(self, x: torch.Tensor) -> None:
         # Fixed-size encoders fail deep inside (a pos_embed broadcast) with an unhelpful

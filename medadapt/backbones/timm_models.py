@@ -46,7 +46,12 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
 
 
 class TimmBackbone(Backbone):
-    """A timm model: one map for plain ViTs, one map per stage for hierarchical models."""
+    """A timm model: one map for plain ViTs, one map per stage for hierarchical models.
+
+    A ViT with a class token pools it by default, as timm's own head does for the model's
+    ``global_pool="token"`` (the default of every ViT with one); a model built with
+    ``global_pool="avg"``, or one without a class token, pools the mean of its patch tokens.
+    """
 
     def __init__(self, encoder: nn.Module, name: str) -> None:
         """
@@ -72,6 +77,22 @@ class TimmBackbone(Backbone):
             preprocessing={"mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
                            "std": list(cfg.get("std", (0.229, 0.224, 0.225)))},
         )
+
+    @property
+    def has_class_token(self) -> bool:
+        return getattr(self.encoder, "cls_token", None) is not None
+
+    @property
+    def default_pool(self) -> str:
+        return "cls" if self.has_class_token and getattr(self.encoder, "global_pool", "token") == "token" else "mean"
+
+    def class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The final class token, normalised as timm's head reads it (final norm, fc_norm)."""
+        if not self.has_class_token:
+            return super().class_token(x)
+        self.check_input(x)
+        tokens = self.encoder.forward_features(x)
+        return self.encoder.fc_norm(tokens[:, 0])
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)
