@@ -34,3 +34,35 @@ def test_methods_that_change_the_encoder_cannot_cache():
                                       num_classes=3, method="dka")
     with pytest.raises(ValueError, match="frozen encoder"):
         output_adapter(model)
+
+
+def test_caching_asks_the_methods_config_whether_the_encoder_output_is_fixed(monkeypatch):
+    """A method registered under any name caches features when its config says its encoder's
+    output cannot change at the model's stage (and only then), with no list of method names."""
+    import dataclasses
+
+    from medadapt.adapters import METHODS
+    from medadapt.adapters.cladapter import CLAdapterConfig
+    from medadapt.adapters.finetune import LinearProbeConfig
+
+    @dataclasses.dataclass
+    class ProbeConfig(LinearProbeConfig):
+        pass
+
+    @dataclasses.dataclass
+    class ClusterConfig(CLAdapterConfig):
+        pass
+
+    monkeypatch.setitem(METHODS, "probe", ProbeConfig)
+    monkeypatch.setitem(METHODS, "cluster", ClusterConfig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = medadapt.create_model("classification", backbone="timm:convnext_atto", backbone_options=TINY,
+                                      num_classes=3, method="probe")
+        cluster = medadapt.create_model("classification", backbone="timm:convnext_atto", backbone_options=TINY,
+                                        num_classes=3, method="cluster", method_options={"bottleneck": 8, "num_clusters": 3})
+    assert output_adapter(probe) is None
+    assert output_adapter(cluster) is not None
+    medadapt.set_stage(cluster, 2)   # stage 2 trains the encoder: its features change
+    with pytest.raises(ValueError, match="frozen encoder"):
+        output_adapter(cluster)

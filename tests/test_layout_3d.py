@@ -111,7 +111,7 @@ def test_adapters_beside_windowed_attention_see_the_whole_grid(family):
     from medadapt.adapters.wrappers import Adapted
 
     model, x = build_task(family)
-    medadapt.inject(model, "dka", large_kernel=9, small_kernel=3)
+    medadapt.inject(model, "dka", large_kernel=9, small_kernel=3, placement="parallel")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad and ".up." in n:
@@ -173,7 +173,8 @@ def _perturbation_reach(family, spatial_dims, method="dka", **options):
 
 @pytest.mark.parametrize("family", ["sam_vit", "timm_vit", "tinyvit"])
 def test_3d_adapters_share_context_across_slices_of_one_volume_only(family):
-    reach3d = _perturbation_reach(family, 3, large_kernel=7, small_kernel=3)
+    # One DKA per block, two blocks: a kernel 5 slices deep reaches the 4th slice in two steps.
+    reach3d = _perturbation_reach(family, 3, large_kernel=[5, 7, 7], small_kernel=3)
     assert reach3d[0].all(), "a 3D adapter should pass context to neighbouring slices"
     assert not reach3d[1].any(), "context leaked into another volume"
     reach2d = _perturbation_reach(family, 2, large_kernel=7, small_kernel=3)

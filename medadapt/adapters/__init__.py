@@ -2,14 +2,18 @@
 
 To add a method: write ``medadapt/adapters/<name>.py`` with a config dataclass (subclass of
 :class:`~medadapt.adapters.base.AdapterConfig`, usually :class:`BlockAdapterConfig` with a
-``build(dim, layout)``) and add it to ``METHODS`` below.
+``build(dim, layout)``) and add it to ``METHODS`` below. The config carries the method's
+lifecycle, so nothing else names it: ``inject(encoder, family)``, ``adapter_parameters``,
+``merge``, ``supports(family)``, ``size_option``, ``num_stages``, ``stage_trains(stage)``,
+``encoder_output_fixed(stage)`` and ``changes_base_weights``; the modules it puts into a
+backbone are :class:`~medadapt.adapters.base.AdapterModule` s (switch, parameters, merge).
 """
 
 from __future__ import annotations
 
 from medadapt.adapters.adaptformer import AdaptFormerConfig
 from medadapt.adapters.aim import AIMConfig
-from medadapt.adapters.base import AdapterConfig, BlockAdapterConfig, TokenLayout
+from medadapt.adapters.base import AdapterConfig, AdapterModule, BlockAdapterConfig, TokenLayout
 from medadapt.adapters.bitfit import BitFitConfig
 from medadapt.adapters.ciat import CIATConfig
 from medadapt.adapters.cladapter import CLAdapterConfig
@@ -61,5 +65,5 @@ def method_summaries() -> dict[str, str]:
     return {name: cls.summary for name, cls in METHODS.items()}
 
 
-__all__ = ["METHODS", "AdapterConfig", "BlockAdapterConfig", "TokenLayout", "list_methods",
+__all__ = ["METHODS", "AdapterConfig", "AdapterModule", "BlockAdapterConfig", "TokenLayout", "list_methods",
            "make_config", "method_summaries"]

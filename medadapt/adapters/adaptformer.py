@@ -15,6 +15,7 @@ class AdaptFormerConfig(BlockAdapterConfig):
     """AdaptFormer options: bottleneck 64 and scale 0.1 as in the paper; ReLU."""
 
     summary: ClassVar[str] = "AdaptFormer: scaled parallel bottleneck beside the MLP"
+    size_option: ClassVar[str | None] = "bottleneck"
 
     bottleneck: int = 64
     scale: float = 0.1

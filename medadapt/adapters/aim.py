@@ -13,21 +13,33 @@ import torch.nn as nn
 
 from medadapt.adapters.base import BlockAdapterConfig, BottleneckAdapter, TokenLayout
 
+# AIM's bottleneck ratio: the adapter's width is a quarter of the tokens' (192 in ViT-B).
+BOTTLENECK_RATIO = 0.25
+
 
 @dataclass
 class AIMConfig(BlockAdapterConfig):
-    """AIM options: bottleneck 16 (ratio 0.25 of d in the paper's ViT-B), MLP scale 0.5."""
+    """AIM options: bottleneck ``BOTTLENECK_RATIO`` (0.25) of the tokens' width unless given,
+    MLP scale 0.5, GELU.
+
+    Arguments:
+      bottleneck: width of each adapter; None uses the paper's ratio, 0.25 of the channels
+        the adapter sees (192 on a ViT-B's 768).
+      mlp_scale: the factor on the adapter beside the MLP.
+      activation: see :class:`BottleneckAdapter`.
+    """
 
     summary: ClassVar[str] = "AIM: adapter after attention plus scaled adapter beside the MLP"
     default_placement: ClassVar[str] = "aim"
+    size_option: ClassVar[str | None] = "bottleneck"
 
-    bottleneck: int = 16
+    bottleneck: int | None = None
     mlp_scale: float = 0.5
     activation: str = "gelu"
 
     @classmethod
     def placements(cls) -> tuple[str, ...]:
-        return ("aim", "parallel", "sequential", "block")
+        return ("aim", "parallel", "sequential", "block", "stage")
 
     def plan(self, placement: str) -> list[tuple[str, str, float]]:
         if placement == "aim":
@@ -35,4 +47,5 @@ class AIMConfig(BlockAdapterConfig):
         return super().plan(placement)
 
     def build(self, dim: int, layout: TokenLayout) -> nn.Module:
-        return BottleneckAdapter(dim, layout, self.bottleneck, self.activation)
+        bottleneck = max(1, round(BOTTLENECK_RATIO * dim)) if self.bottleneck is None else self.bottleneck
+        return BottleneckAdapter(dim, layout, bottleneck, self.activation)

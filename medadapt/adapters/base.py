@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from medadapt.families import Family, Site
 
 LAYOUT_KINDS = ("channels_last", "sequence", "channels_first")
 
@@ -243,14 +247,76 @@ class BottleneckAdapter(nn.Module):
         return self.layout.from_tokens(self.up(self.dropout(h)))
 
 
+# ----------------------------------------------------------------------------- adapter modules
+
+class AdapterModule(nn.Module):
+    """A module medadapt puts into a backbone (a wrapper around one of its sub-layers).
+
+    It carries its own lifecycle: ``enabled`` switches its update off (the wrapped sub-layer
+    then computes exactly what it did before injection), :meth:`adapter_parameters` lists the
+    parameters it added, and :meth:`merged` gives the module to put in its place with the
+    update folded into weights, where the math makes that exact.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+
+    def adapter_parameters(self) -> list[nn.Parameter]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def merged(self) -> nn.Module:
+        """The module to put in this one's place, its update folded into the weights (exact)."""
+        raise ValueError(f"{type(self).__name__} is non-linear and cannot be merged into the backbone")
+
+
+def adapter_modules(root: nn.Module) -> list[tuple[str, AdapterModule]]:
+    """(name, module) of every adapter module in ``root``, outermost first."""
+    return [(name, m) for name, m in root.named_modules() if isinstance(m, AdapterModule)]
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def select_blocks(blocks: list[tuple[str, nn.Module]], targets) -> list[tuple[int, str, nn.Module]]:
+    """The (index, name, module) of the ``blocks`` that ``targets`` selects (see AdapterConfig)."""
+    indexed = [(i, name, block) for i, (name, block) in enumerate(blocks)]
+    if targets is None:
+        chosen = indexed
+    elif isinstance(targets, str):
+        pattern = re.compile(targets)
+        chosen = [t for t in indexed if pattern.search(t[1])]
+    else:
+        n = len(blocks)
+        bad = [t for t in targets if not -n <= int(t) < n]
+        if bad:
+            raise ValueError(f"target block indices {bad} are out of range for {n} blocks")
+        wanted = sorted({int(t) % n for t in targets})
+        chosen = [indexed[i] for i in wanted]
+    if not chosen:
+        names = [name for name, _ in blocks][:6]
+        raise ValueError(f"targets={targets!r} select no block (blocks are named like {names})")
+    return chosen
+
+
 # ----------------------------------------------------------------------------- configs
 
-PLACEMENTS = ("parallel", "sequential", "block")
+PLACEMENTS = ("parallel", "sequential", "block", "stage")
+# What a training stage can train: the method's own parameters, the task head (everything
+# outside the encoder) and the encoder's pretrained weights.
+TRAINABLE_PARTS = ("adapter", "head", "encoder")
 
 
 @dataclass
 class AdapterConfig:
-    """Options every method shares.
+    """Options every method shares, and what the method does over its lifecycle.
+
+    A config builds and injects its method's modules (:meth:`inject`), names its trainable
+    parameters (:meth:`adapter_parameters`), folds them into the weights where that is exact
+    (:meth:`merge`), and declares its size option and its training stages.
 
     Arguments:
       targets: which blocks get adapters: None for all, a list of block indices (negative
@@ -260,14 +326,19 @@ class AdapterConfig:
       num_slices: slices per volume when ``spatial_dims=3``.
     """
 
-    # what the method touches: "block" (modules inside blocks), "linear" (wraps nn.Linear),
-    # "bias", "prompt", "output" (after the encoder), "head" (nothing), "full" (everything).
-    kind: ClassVar[str] = "block"
     summary: ClassVar[str] = ""
     # True when the method's update starts at zero, so injection leaves outputs unchanged.
     identity_at_init: ClassVar[bool] = True
     # True when the method has a spatial part that the 3D variant extends across slices.
     has_spatial_part: ClassVar[bool] = False
+    # The option that sets the method's size (bottleneck, rank, num_tokens), the one a
+    # parameter budget searches over; None when the method has no size.
+    size_option: ClassVar[str | None] = None
+    # Training stages: 1, or 2 for staged fine-tuning (see stage_trains).
+    num_stages: ClassVar[int] = 1
+    # True when training changes the backbone's own weights (BitFit's biases, full
+    # fine-tuning): there is no separate update to switch off.
+    changes_base_weights: ClassVar[bool] = False
 
     targets: list[int] | str | None = None
     spatial_dims: int = 2
@@ -286,22 +357,65 @@ class AdapterConfig:
         """The options as JSON-ready values (what ``save_adapters`` records)."""
         return dataclasses.asdict(self)
 
+    # -- stages
+
+    def check_stage(self, stage: int) -> None:
+        if stage not in range(1, self.num_stages + 1):
+            stages = "1" if self.num_stages == 1 else f"1 to {self.num_stages}"
+            raise ValueError(f"this method has {self.num_stages} training stage(s): stage must be {stages}, got {stage!r}")
+
+    def stage_trains(self, stage: int) -> frozenset[str]:
+        """What trains at ``stage``: a subset of ``TRAINABLE_PARTS``."""
+        self.check_stage(stage)
+        return frozenset({"adapter", "head"})
+
+    def encoder_output_fixed(self, stage: int) -> bool:
+        """True when training at ``stage`` cannot change what the encoder outputs (before any
+        module the method puts after it), so the encoder's features can be computed once."""
+        self.check_stage(stage)
+        return False
+
+    # -- lifecycle
+
+    @classmethod
+    def supports(cls, family: Family) -> bool:
+        """Whether the method fits encoders of ``family`` at all."""
+        return True
+
+    def inject(self, encoder: nn.Module, family: Family) -> list[str]:
+        """Put the method's modules into ``encoder``; returns the names of what it changed."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def adapter_parameters(self, encoder: nn.Module) -> list[nn.Parameter]:
+        """The parameters the method trains inside ``encoder`` (its adapters)."""
+        params = {id(p): p for _, m in adapter_modules(encoder) for p in m.adapter_parameters()}
+        return list(params.values())
+
+    def merge(self, encoder: nn.Module) -> None:
+        """Fold the method's updates into the encoder's weights; ValueError where not exact."""
+        for name, module in adapter_modules(encoder)[::-1]:
+            # Innermost first, so an outer module's name stays valid when an inner one is replaced.
+            replace_module(encoder, name, module.merged())
+
 
 @dataclass
 class BlockAdapterConfig(AdapterConfig):
     """Options of methods that add a module inside the backbone's blocks.
 
     Arguments:
-      placement: "parallel" (beside attention and beside the MLP, fed the same normalised
-        input), "sequential" (on the output of attention and of the MLP, inside their
-        residuals, as Houlsby placed adapters), or "block" (on the output of the whole block).
-        None takes the method's default; CNN blocks, which have no attention/MLP split, use
-        "block" unless "parallel" is asked for and the block keeps its shape.
+      placement: "parallel" (beside attention and beside the MLP, fed the input they
+        normalise), "sequential" (on the output of attention and of the MLP, inside their
+        residuals, as Houlsby placed adapters), "block" (on the output of each whole block)
+        or "stage" (on the output of each stage: a CNN's residual stages, a hierarchical
+        transformer's stages; every block of a plain ViT). None takes the method's default.
+        CNN blocks have no attention/MLP split: there "parallel" puts the adapter beside each
+        block that keeps its shape and any other placement after it (or after each stage).
       scale: factor on the adapter's update.
     """
 
-    kind: ClassVar[str] = "block"
     default_placement: ClassVar[str] = "parallel"
+    # The default on CNNs, whose blocks have no attention/MLP split.
+    default_cnn_placement: ClassVar[str] = "block"
 
     placement: str | None = None
     scale: float = 1.0
@@ -328,13 +442,81 @@ class BlockAdapterConfig(AdapterConfig):
     def build(self, dim: int, layout: TokenLayout) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def resolved_placement(self, family: Family) -> str:
+        if self.placement is not None:
+            return self.placement
+        return self.default_cnn_placement if family.cnn else self.default_placement
+
+    def _family_plan(self, placement: str, family: Family) -> list[tuple[str, str, float]]:
+        if not family.cnn:
+            return self.plan(placement)
+        # CNN blocks have no attention/MLP split: the update goes on the whole block (an
+        # embedding-filter "input" step of the method's plan stays).
+        mode = "parallel" if placement == "parallel" else "sequential"
+        return [("block", mode, self.scale)] + [s for s in self.plan(placement) if s[0] == "input"]
+
+    def inject(self, encoder: nn.Module, family: Family) -> list[str]:
+        placement = self.resolved_placement(family)
+        plan = self._family_plan(placement, family)
+        units = family.stage_ends(encoder) if placement == "stage" else family.blocks(encoder)
+        chosen = select_blocks(units, self.targets)
+        wrapped: list[str] = []
+        # Sub-layers first, then whole-block wrappers, so the recorded names stay valid.
+        ordered = sorted(plan, key=lambda step: step[0] in ("block", "input"))
+        for position, (_, block_name, block) in enumerate(chosen):
+            for site_name, mode, scale in ordered:
+                if site_name == "input" and position > 0:
+                    continue
+                site = family.site(encoder, block_name, block, site_name)
+                if site is None:
+                    raise ValueError(f"the {family.name} block {block_name} has no {site_name!r} sub-layer")
+                base = encoder.get_submodule(site.name)
+                if mode == "parallel" and site_name == "block" and not family.block_keeps_shape(base):
+                    raise ValueError(
+                        f"placement='parallel' needs blocks that keep their shape, but {family.name} "
+                        f"block {block_name} changes it; use placement='block'"
+                    )
+                adapter = self.build(site.dim, site_layout(site, self))
+                wrapper = self._wrap(encoder, site, base, adapter, "pre" if site_name == "input" else mode, scale)
+                replace_module(encoder, site.name, wrapper)
+                wrapped.append(site.name)
+        return wrapped
+
+    @staticmethod
+    def _wrap(encoder: nn.Module, site: Site, base: nn.Module, adapter: nn.Module, mode: str,
+              scale: float) -> nn.Module:
+        from medadapt.adapters.wrappers import Adapted
+
+        if mode != "parallel":
+            return Adapted(base, adapter, mode, scale)
+        layer_scale = encoder.get_submodule(site.layer_scale) if site.layer_scale else None
+        if isinstance(layer_scale, nn.Identity):
+            layer_scale = None
+        if layer_scale is not None:
+            # The block scales the sub-layer's output (LayerScale); the adapter beside it adds
+            # its own update unscaled, so the scale moves into the wrapper, onto base alone.
+            replace_module(encoder, site.layer_scale, nn.Identity())
+        return Adapted(base, adapter, mode, scale, input_norm=site.input_norm, layer_scale=layer_scale)
+
+
+def site_layout(site: Site, config: AdapterConfig) -> TokenLayout:
+    """The TokenLayout of what ``site`` receives, for the config's 2D or 3D variant."""
+    return TokenLayout(spatial_dims=config.spatial_dims, num_slices=config.num_slices or 1, **site.layout)
+
 
 __all__ = [
     "AdapterConfig",
+    "AdapterModule",
     "BlockAdapterConfig",
     "BottleneckAdapter",
+    "PLACEMENTS",
+    "TRAINABLE_PARTS",
     "TokenLayout",
+    "adapter_modules",
     "as_kernel",
     "depthwise_weight",
     "make_activation",
+    "replace_module",
+    "select_blocks",
+    "site_layout",
 ]

@@ -21,6 +21,7 @@ class CIATConfig(BlockAdapterConfig):
     """CIAT options: bottleneck 16, parallel layer filters, an embedding filter."""
 
     summary: ClassVar[str] = "CIAT: parallel layer-filter adapters plus an embedding-filter adapter"
+    size_option: ClassVar[str | None] = "bottleneck"
 
     bottleneck: int = 16
     activation: str = "relu"

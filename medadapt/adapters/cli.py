@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from medadapt.adapters import METHODS
-from medadapt.families import FAMILIES, Family
+from medadapt.families import FAMILIES
 
 
 def supported_families(method: str) -> list[str]:
-    kind = METHODS[method].kind
-    if kind == "linear":
-        return [f.name for f in FAMILIES if f.lora_pattern]
-    if kind == "prompt":
-        return [f.name for f in FAMILIES if type(f).prompt_info is not Family.prompt_info]
-    return [f.name for f in FAMILIES]
+    """The backbone families ``method``'s config says it fits."""
+    return [f.name for f in FAMILIES if METHODS[method].supports(f)]
 
 
 def methods_table() -> str:

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from medadapt.adapters.base import BlockAdapterConfig, BottleneckAdapter, TokenLayout
 
@@ -14,7 +15,9 @@ from medadapt.adapters.base import BlockAdapterConfig, BottleneckAdapter, TokenL
 class ConvBypass(BottleneckAdapter):
     """Down -> QuickGELU -> 3x3 (3x3x3 in 3D) full convolution -> QuickGELU -> Up.
 
-    Prefix tokens (CLS) bypass the convolution, as in the original design.
+    Patch tokens are convolved on their grid. Each prefix token (CLS, registers) goes through
+    the same convolution as an image of one pixel, as the original code convolves the class
+    token: with zero padding only the kernel's centre tap and the bias reach it.
     """
 
     def __init__(self, dim: int, layout: TokenLayout, bottleneck: int = 8, dropout: float = 0.1):
@@ -29,7 +32,12 @@ class ConvBypass(BottleneckAdapter):
             self.conv.bias.zero_()
 
     def mix(self, h: torch.Tensor) -> torch.Tensor:
-        return self.act(self.layout.map_spatial(h, self.conv))
+        out = self.layout.map_spatial(h, self.conv)
+        prefix = self.layout.num_prefix
+        if prefix:
+            centre = self.conv.weight[(slice(None), slice(None)) + tuple(k // 2 for k in self.conv.kernel_size)]
+            out = torch.cat([F.linear(h[:, :prefix], centre, self.conv.bias), out[:, prefix:]], dim=1)
+        return self.act(out)
 
 
 @dataclass
@@ -38,6 +46,7 @@ class ConvpassConfig(BlockAdapterConfig):
 
     summary: ClassVar[str] = "Convpass: 3x3 convolutional bypass beside attention and MLP"
     has_spatial_part: ClassVar[bool] = True
+    size_option: ClassVar[str | None] = "bottleneck"
 
     bottleneck: int = 8
     dropout: float = 0.1

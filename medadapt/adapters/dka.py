@@ -5,6 +5,12 @@ the effective receptive field large when training data is scarce and a 5x5 branc
 detail. Both convolutions see the same input and are linear in their kernels, so they run as
 one convolution with the kernels summed (gradients reach both) and one shared transform of
 the input; :meth:`DualKernelAdapter.fold_kernels` makes that permanent for inference.
+
+Placement follows the reference code: one adapter on the output of each transformer block
+(``placement="block"``) and, on CNNs, one on the output of each residual stage
+(``placement="stage"``: ResNet's layer1-4, ConvNeXt's stages, EfficientNet's groups of
+MBConv blocks of one width). ``placement="parallel"`` puts two beside attention and MLP, as
+LKA does.
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ class DualKernelAdapter(BottleneckAdapter):
     def mix(self, h: torch.Tensor) -> torch.Tensor:
         return self.layout.map_spatial(h, self._conv)
 
+    def merged(self) -> DualKernelAdapter:
+        """Itself with the small kernel folded into the large one (exact)."""
+        self.fold_kernels()
+        return self
+
     @torch.no_grad()
     def fold_kernels(self) -> None:
         """Fold the small kernel into the large one (exact; for inference and export)."""
@@ -81,10 +92,14 @@ def _torch_dwconv(m: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @dataclass
 class DKAConfig(BlockAdapterConfig):
     """Dual-Kernel Adapter options (paper defaults: bottleneck 16 for classification, 192 for
-    segmentation; kernels 51 and 5; GELU; dropout 0.1)."""
+    segmentation; kernels 51 and 5; GELU; dropout 0.1; one adapter after each transformer
+    block, or after each residual stage of a CNN)."""
 
     summary: ClassVar[str] = "Dual-Kernel Adapter: parallel 51x51 and 5x5 depthwise convs in a bottleneck"
     has_spatial_part: ClassVar[bool] = True
+    size_option: ClassVar[str | None] = "bottleneck"
+    default_placement: ClassVar[str] = "block"
+    default_cnn_placement: ClassVar[str] = "stage"
 
     bottleneck: int = 16
     large_kernel: int | list[int] = 51

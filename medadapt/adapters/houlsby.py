@@ -16,6 +16,7 @@ class HoulsbyConfig(BlockAdapterConfig):
 
     summary: ClassVar[str] = "Houlsby bottleneck adapter after attention and after the MLP"
     default_placement: ClassVar[str] = "sequential"
+    size_option: ClassVar[str | None] = "bottleneck"
 
     bottleneck: int = 16
     activation: str = "gelu"

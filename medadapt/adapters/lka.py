@@ -58,6 +58,7 @@ class LKAConfig(BlockAdapterConfig):
 
     summary: ClassVar[str] = "Large Kernel Adapter: one large depthwise kernel in a bottleneck adapter"
     has_spatial_part: ClassVar[bool] = True
+    size_option: ClassVar[str | None] = "bottleneck"
 
     bottleneck: int = 8
     kernel_size: int | list[int] = 51

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from medadapt.adapters.base import AdapterConfig
+from medadapt.adapters.base import AdapterConfig, AdapterModule, replace_module, select_blocks
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterModule):
     """y = base(x) + (alpha / rank) * B(A(dropout(x))), with B zero-initialised.
 
     Arguments:
@@ -33,13 +34,15 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b.weight)
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout)
-        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.enabled:
             out = out + self.lora_b(self.lora_a(self.dropout(x))) * self.scaling
         return out
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_a.weight, self.lora_b.weight]
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
@@ -58,13 +61,36 @@ class LoRAConfig(AdapterConfig):
         relative to each target block; None uses the backbone's attention projections (qkv).
     """
 
-    kind: ClassVar[str] = "linear"
     summary: ClassVar[str] = "LoRA: low-rank updates of the attention projections (mergeable)"
+    size_option: ClassVar[str | None] = "rank"
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: str | None = None
 
+    @classmethod
+    def supports(cls, family) -> bool:
+        return family.lora_pattern is not None
+
     def build(self, base: nn.Linear) -> nn.Module:
         return LoRALinear(base, self.rank, self.alpha, self.dropout)
+
+    def inject(self, encoder: nn.Module, family) -> list[str]:
+        pattern_text = self.target_modules or family.lora_pattern
+        if pattern_text is None:
+            raise ValueError(
+                f"LoRA wraps linear layers, and the {family.name} backbone has no attention projections; "
+                "pass target_modules='<regex of nn.Linear names>' or use another method"
+            )
+        pattern = re.compile(pattern_text)
+        wrapped = []
+        for _, block_name, block in select_blocks(family.blocks(encoder), self.targets):
+            for name, module in list(block.named_modules()):
+                if name and isinstance(module, nn.Linear) and pattern.search(name):
+                    full = f"{block_name}.{name}"
+                    replace_module(encoder, full, self.build(module))
+                    wrapped.append(full)
+        if not wrapped:
+            raise ValueError(f"target_modules={pattern_text!r} matches no nn.Linear in the {family.name} blocks")
+        return wrapped

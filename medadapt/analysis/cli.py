@@ -146,8 +146,8 @@ def build_model(settings: dict[str, Any], method: str, options: dict[str, Any],
     torch.manual_seed(seed)
     model = create_model(method=method, method_options=options, **settings)
     if folder is not None:
-        if config.get("stage", 1) == 2:
-            set_stage(model, 2)
+        if config.get("stage", 1) != 1:
+            set_stage(model, config["stage"])
         load_adapters(model, folder)
     return model.eval()
 

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from medadapt.families import EFFICIENTNET_OUTPUT_TAP
+
 from .base import Backbone
 from .loading import Checkpoint, describe, load_strict, read_checkpoint, unwrap_state_dict
 
@@ -39,7 +41,14 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
 
 
 class EfficientNetBackbone(Backbone):
-    """EfficientNet feature maps at strides 4, 8, 16 (last block of each) and 32 (head conv)."""
+    """EfficientNet feature maps at strides 4, 8, 16 (last block of each) and 32 (head conv).
+
+    The last map is act(bn1(conv_head(x))), passed through an ``nn.Identity`` that this class
+    adds to the encoder as ``final_features``: the module whose output is the encoder's, so an
+    adapter on the final map (CLAdapter) wraps it, right before the task head. The package's
+    model computes that head activation with the same module as its stem's, so there is no
+    module of its own to wrap; the Identity holds no weights and changes no state-dict key.
+    """
 
     def __init__(self, encoder: nn.Module, name: str) -> None:
         """
@@ -62,6 +71,8 @@ class EfficientNetBackbone(Backbone):
             preprocessing=LITE_PREPROCESSING,
         )
         self.taps = taps
+        if not hasattr(encoder, EFFICIENTNET_OUTPUT_TAP):
+            encoder.add_module(EFFICIENTNET_OUTPUT_TAP, nn.Identity())
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)
@@ -76,7 +87,7 @@ class EfficientNetBackbone(Backbone):
             x = block(x, drop_connect_rate=rate)
             if index in self.taps:
                 features.append(x)
-        features.append(e._swish(e._bn1(e._conv_head(x))))
+        features.append(getattr(e, EFFICIENTNET_OUTPUT_TAP)(e._swish(e._bn1(e._conv_head(x)))))
         return features
 
 

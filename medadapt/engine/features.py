@@ -1,7 +1,8 @@
-"""Cached encoder features for methods that never change the encoder's output.
+"""Cached encoder features for methods whose training never changes the encoder's output.
 
-Linear probing and CLAdapter's stage 1 train only what comes after a frozen encoder, so the
-encoder can run once under ``no_grad`` and every later epoch reads its features from memory.
+Linear probing and CLAdapter's stage 1 train only what comes after a frozen encoder (the
+method's config says so: ``config.encoder_output_fixed(stage)``), so the encoder can run once
+under ``no_grad`` and every later epoch reads its features from memory.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import torch
 import torch.nn as nn
 
 from medadapt.adapters.wrappers import Adapted
-from medadapt.injection import disable_adapters, injection_record
+from medadapt.injection import disable_adapters, encoder_output_fixed, injection_record
 
 
 def output_adapter(model: nn.Module) -> nn.Module | None:
-    """The module applied to the encoder's output (CLAdapter), or None for linear probing."""
+    """The module the method applies to the encoder's output (CLAdapter), or None when there
+    is none (linear probing). Raises unless the model's encoder output is fixed at its stage."""
     record = injection_record(model)
-    if record is None or record["method"] not in ("linear", "cladapter"):
+    if record is None or not encoder_output_fixed(model):
         method = None if record is None else record["method"]
-        raise ValueError(f"cached features need a frozen encoder (linear or cladapter stage 1), not {method!r}")
-    if record.get("stage", 1) != 1:
-        raise ValueError("CLAdapter stage 2 trains the encoder: its features cannot be cached")
+        stage = None if record is None else record.get("stage", 1)
+        raise ValueError(f"cached features need a frozen encoder whose output training cannot change "
+                         f"(linear probing, CLAdapter stage 1), not {method!r} at stage {stage}")
     wrappers = [m for m in model.modules() if isinstance(m, Adapted) and m.mode == "replace"]
     if not wrappers:
         return None
@@ -33,7 +35,7 @@ def output_adapter(model: nn.Module) -> nn.Module | None:
 
 @torch.no_grad()
 def cache_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(features, target) per batch: the encoder's output maps without the output adapter."""
+    """(features, target) per batch: what the model's head pools, without the output adapter."""
     was_training = model.training
     model.eval()
     cached = []
@@ -45,7 +47,7 @@ def cache_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 
 
 def head_forward(model: nn.Module, features: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
-    """What a Classifier computes from cached encoder maps: [CLAdapter] -> mean pool -> head."""
+    """What a Classifier computes from cached encoder features: [CLAdapter] -> pool -> head."""
     if adapter is not None:
         features = adapter(features)
-    return model.head(features.flatten(2).mean(dim=-1))
+    return model.head(model.pooled(features))
