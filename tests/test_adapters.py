@@ -452,6 +452,16 @@ def test_dka_goes_after_each_transformer_block_and_each_cnn_stage():
     assert len(injection_record(houlsby)["targets"]) == 6
 
 
+def test_the_record_holds_the_placement_as_built():
+    # A saved folder rebuilds the same adapters even if a method's default placement changes.
+    for family, method, placement in (("timm_vit", "dka", "block"), ("resnet", "dka", "stage"),
+                                      ("timm_vit", "lka", "parallel"), ("timm_vit", "adapter", "sequential"),
+                                      ("timm_vit", "aim", "aim")):
+        model, _ = build_task(family)
+        medadapt.inject(model, method)
+        assert injection_record(model)["options"]["placement"] == placement, (family, method)
+
+
 @pytest.mark.parametrize("family", ["tinyvit", "sam_vit", "timm_vit"])
 def test_parallel_adapters_see_the_sublayers_normalised_input(family):
     # TinyViT's Attention and Mlp apply their own LayerNorm ("norm") to the raw residual

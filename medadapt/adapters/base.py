@@ -456,7 +456,8 @@ class BlockAdapterConfig(AdapterConfig):
         return [("block", mode, self.scale)] + [s for s in self.plan(placement) if s[0] == "input"]
 
     def inject(self, encoder: nn.Module, family: Family) -> list[str]:
-        placement = self.resolved_placement(family)
+        # Recorded as built, so a saved folder does not depend on a default that may change.
+        placement = self.placement = self.resolved_placement(family)
         plan = self._family_plan(placement, family)
         units = family.stage_ends(encoder) if placement == "stage" else family.blocks(encoder)
         chosen = select_blocks(units, self.targets)
