@@ -5,12 +5,20 @@ input reaches the client as "500 Internal Server Error". Tasks here raise `Inval
 (a ``MONAILabelException`` with error INVALID_INPUT, so it stays meaningful outside HTTP,
 e.g. in ``monailabel.interfaces.utils.app``), and the app converts every MONAI Label
 exception into FastAPI's ``HTTPException`` with the status below and the message as detail.
+`monailabel_exception_handler` does the same for the ones raised where the app has no hook
+(an unknown active-learning strategy, an unknown image in upstream code).
 """
 
 from __future__ import annotations
 
 from fastapi import HTTPException
-from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from fastapi.responses import JSONResponse
+from monailabel.interfaces.exception import (
+    ImageNotFoundException,
+    LabelNotFoundException,
+    MONAILabelError,
+    MONAILabelException,
+)
 
 # Status for MONAI Label's own error types when no explicit status was attached.
 _STATUS = {
@@ -35,7 +43,18 @@ class InvalidInput(MONAILabelException):
         return self.msg
 
 
+def http_status(error: MONAILabelException) -> int:
+    """The HTTP status for a MONAI Label exception: 4xx for input errors, else 500."""
+    if isinstance(error, (ImageNotFoundException, LabelNotFoundException)):
+        return 404
+    return getattr(error, "status", None) or _STATUS.get(error.error, 500)
+
+
 def http_error(error: MONAILabelException) -> HTTPException:
-    """The HTTP answer for a MONAI Label exception: 4xx for input errors, else 500."""
-    status = getattr(error, "status", None) or _STATUS.get(error.error, 500)
-    return HTTPException(status_code=status, detail=str(error.msg))
+    """The HTTP answer for a MONAI Label exception, its message as the detail."""
+    return HTTPException(status_code=http_status(error), detail=str(error.msg))
+
+
+async def monailabel_exception_handler(request, error: MONAILabelException) -> JSONResponse:
+    """FastAPI exception handler: a MONAI Label exception as ``{"detail": message}``."""
+    return JSONResponse({"detail": str(error.msg)}, status_code=http_status(error))

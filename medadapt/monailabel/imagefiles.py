@@ -2,21 +2,30 @@
 
 Every check raises `ImageFileError` (a ValueError) carrying the HTTP status the server should
 answer with: 415 for a file type the app does not serve, 422 for a file that claims a known
-type but cannot be read. Upstream MONAI Label stores any upload as is and fails later with a
-500, so these checks run on upload and again before inference.
+type but cannot be read, 413 for one whose header claims more pixels or voxels than the server
+decodes (`medadapt.monailabel.limits`; checked before anything is decoded). Upstream MONAI
+Label stores any upload as is and fails later with a 500, so these checks run on upload and
+again before inference.
+
+Uploads are the files the app itself writes for a request (`UploadFolder`), recognised by
+where they lie, never by their name or age.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medadapt.monailabel.limits import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 # Patterns for MONAI Label's datastore: the files it lists as images.
 DATASTORE_PATTERNS = ["*.nii.gz", "*.nii", "*.png", "*.jpg", "*.jpeg", "*.PNG", "*.JPG", "*.JPEG"]
@@ -27,7 +36,8 @@ class ImageFileError(ValueError):
 
     Arguments:
       message: what is wrong, naming the file.
-      status: HTTP status to answer with (415 unsupported type, 422 unreadable content).
+      status: HTTP status to answer with (404 no such file, 413 more pixels or voxels than the
+        server decodes, 415 unsupported type, 422 unreadable content).
     """
 
     def __init__(self, message: str, status: int = 422):
@@ -92,9 +102,34 @@ def inspect_image_file(path: str | Path, read_data: bool = False, name: str | No
     return _inspect_2d(path, name) if kind == "2d" else _inspect_3d(path, name, read_data)
 
 
+def _image_header(path: Path, name: str) -> tuple[int, int]:
+    """(width, height) of a PNG/JPG from its header alone: nothing is decoded, and PIL's own
+    decompression-bomb check (an exception above 179 M pixels) never runs, so a header that
+    claims too much gets this module's 413 with its size instead of a 500."""
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    with open(path, "rb") as file:
+        signature = file.read(8)
+    if signature.startswith(PNG_SIGNATURE):
+        opener = PngImagePlugin.PngImageFile
+    elif signature.startswith(JPEG_SIGNATURE):
+        opener = JpegImagePlugin.JpegImageFile
+    else:
+        raise ImageFileError(f"{name}: not a readable PNG/JPG image (no PNG or JPEG signature)")
+    try:
+        with opener(str(path)) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageFileError(f"{name}: not a readable PNG/JPG image ({error})") from None
+
+
 def _inspect_2d(path: Path, name: str) -> ImageFileInfo:
     from PIL import Image, UnidentifiedImageError
 
+    width, height = _image_header(path, name)
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageFileError(f"{name}: image of {width}x{height} pixels ({width * height:,}) exceeds this server's "
+                             f"limit of {MAX_IMAGE_PIXELS:,} pixels", status=413)
     try:
         with Image.open(path) as image:
             # verify() checks the structure, load() decodes: a truncated file fails one of them.
@@ -107,6 +142,7 @@ def _inspect_2d(path: Path, name: str) -> ImageFileInfo:
         raise ImageFileError(f"{name}: not a readable PNG/JPG image ({error})") from None
     if width < 2 or height < 2:
         raise ImageFileError(f"{name}: image of {width}x{height} pixels is too small to segment")
+    # PNG and JPEG hold integers only, so an image cannot carry NaN or infinite values.
     return ImageFileInfo(str(path), "2d", (height, width), channels)
 
 
@@ -114,44 +150,91 @@ def _inspect_3d(path: Path, name: str, read_data: bool) -> ImageFileInfo:
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path))  # the header only: voxels are read below, if at all
         shape = tuple(int(s) for s in image.shape)
-        if read_data:
-            data = np.asanyarray(image.dataobj)
-            if not np.isfinite(data).all():
-                raise ImageFileError(f"{name}: volume holds NaN or infinite values")
-    except ImageFileError:
-        raise
     except Exception as error:  # nibabel raises many types (ImageFileError, EOFError, zlib errors)
         raise ImageFileError(f"{name}: not a readable NIfTI volume ({type(error).__name__}: {error})") from None
     if len(shape) not in (3, 4) or min(shape[:3]) < 1:
         raise ImageFileError(f"{name}: expected a 3D volume or a 4D volume with channels last, got shape {shape}")
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > MAX_VOLUME_VOXELS:
+        raise ImageFileError(f"{name}: volume of shape {shape} ({voxels:,} voxels) exceeds this server's limit "
+                             f"of {MAX_VOLUME_VOXELS:,} voxels", status=413)
+    if read_data:
+        try:
+            # The values as stored: scaling would turn an 8-bit volume into 8 bytes per voxel.
+            data = image.dataobj.get_unscaled() if hasattr(image.dataobj, "get_unscaled") else image.get_fdata()
+        except Exception as error:
+            raise ImageFileError(f"{name}: not a readable NIfTI volume ({type(error).__name__}: {error})") from None
+        bad = int(data.size - np.count_nonzero(np.isfinite(data))) if np.issubdtype(data.dtype, np.inexact) else 0
+        if bad:
+            raise ImageFileError(f"{name}: volume holds {bad:,} NaN or infinite voxels; replace them "
+                                 "(e.g. with 0) before sending it")
     channels = shape[3] if len(shape) == 4 else 1
     return ImageFileInfo(str(path), "3d", shape[:3], channels, np.asarray(image.affine, dtype=np.float64))
 
 
-def is_upload(path: str | Path, max_age: float | None = None) -> bool:
-    """Whether ``path`` looks like the temporary file MONAI Label writes for an uploaded
-    request file (``<tempdir>/tmpXXXXXXXX<ext>``), written within ``max_age`` seconds.
+class UploadFolder:
+    """The folder where the app writes the files a request uploads, and the only place uploads
+    are recognised: every file in it was created by `new_file`, so a path a client sends can
+    name an upload only if the app made it there, and a refused upload is deleted only there.
 
-    A client can also send such a path as an image id; the age limit keeps that from
-    reaching files other than the uploads of requests now being handled.
+    Arguments:
+      folder: a folder of the app's own (``<app>/uploads``), created if missing.
     """
-    path = Path(path)
-    if not (path.is_absolute() and path.parent == Path(tempfile.gettempdir()) and path.name.startswith("tmp")):
-        return False
-    if max_age is None:
-        return True
-    try:
-        return path.is_file() and time.time() - path.stat().st_mtime < max_age
-    except OSError:
-        return False
+
+    PREFIX = "upload-"
+    SUFFIX = re.compile(r"(\.[A-Za-z0-9_-]{1,10}){0,3}")  # ".nii.gz", ".png", ".txt"; nothing odd or long
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def new_file(self, suffix: str | None = "") -> str:
+        """Create an empty file for an upload and return its path. The suffix (from the
+        client's file name) is kept when it is short and plain, so type checks can name it."""
+        suffix = suffix or ""
+        if not self.SUFFIX.fullmatch(suffix):  # "scan (1).v2.png": keep ".png"
+            last = "." + suffix.rsplit(".", 1)[-1]
+            suffix = last if self.SUFFIX.fullmatch(last) else ".unknown"
+        handle, path = tempfile.mkstemp(prefix=self.PREFIX, suffix=suffix, dir=self.folder)
+        os.close(handle)
+        return path
+
+    def owns(self, path: object) -> bool:
+        """Whether ``path`` is a file this folder made (a plain file directly inside it)."""
+        if not isinstance(path, (str, Path)) or not str(path) or "\0" in str(path):
+            return False
+        path = Path(path)
+        return (path.is_absolute() and path.parent == self.folder and path.name.startswith(self.PREFIX)
+                and path.is_file() and not path.is_symlink())
+
+
+_uploads: UploadFolder | None = None
+
+
+def use_upload_folder(folder: UploadFolder | None) -> None:
+    """Make ``folder`` the one where this process's uploads are written and recognised (set
+    once by the server at start; None: no uploads, as in training subprocesses)."""
+    global _uploads
+    _uploads = folder
+
+
+def upload_folder() -> UploadFolder | None:
+    """The folder set by `use_upload_folder`, or None."""
+    return _uploads
+
+
+def is_upload(path: str | Path | None) -> bool:
+    """Whether ``path`` is a file the app wrote for an uploaded request file (see `UploadFolder`)."""
+    return _uploads is not None and _uploads.owns(path)
 
 
 def discard_upload(path: str | Path | None) -> None:
     """Delete a refused upload: MONAI Label removes its temporary copies in background tasks
-    that never run when the request fails, so without this every refused upload stays."""
-    if path and is_upload(path):
+    that never run when the request fails, so without this every refused upload stays. Only
+    the app's own uploads are ever deleted."""
+    if is_upload(path):
         try:
             os.remove(path)
         except OSError:

@@ -2,8 +2,12 @@
 
 Started by ``medadapt label --studies DIR`` (see `medadapt.monailabel.cli`), or directly::
 
-    monailabel start_server --app medadapt/monailabel --studies DIR \\
+    monailabel start_server --app APP_DIR --studies DIR --uvicorn_app medadapt.monailabel.server:app \\
         --conf bundles bundles --conf runs runs [--conf config models.json]
+
+``--uvicorn_app medadapt.monailabel.server:app`` is required: it puts the request guard (size
+and time bounds, uploads into the app's own folder) in front of MONAI Label's endpoints, and
+the app refuses to start without it.
 
 App options (``--conf KEY VALUE``, else the environment variable in brackets):
 ``bundles`` [MEDADAPT_LABEL_BUNDLES] bundle folder (default ``bundles``), ``runs``
@@ -17,10 +21,15 @@ imports here are absolute.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -31,18 +40,33 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.others.generic import handle_torch_linalg_multithread, remove_file
 
 import medadapt
+from medadapt.adapters import list_methods
 from medadapt.monailabel.datastore import CheckedDatastore
 from medadapt.monailabel.errors import InvalidInput, http_error
-from medadapt.monailabel.imagefiles import DATASTORE_PATTERNS, discard_upload, is_upload
+from medadapt.monailabel.imagefiles import (
+    DATASTORE_PATTERNS,
+    ImageFileError,
+    discard_upload,
+    file_kind,
+    inspect_image_file,
+    is_upload,
+)
 from medadapt.monailabel.infer_tasks import make_infer_task
+from medadapt.monailabel.limits import MAX_TRAIN_BATCH, MAX_TRAIN_EPOCHS, check_json_value
+from medadapt.monailabel.paths import plain_name
 from medadapt.monailabel.specs import ModelSpec, load_specs
 from medadapt.monailabel.train_task import AdapterTrainTask
 
 logger = logging.getLogger("medadapt.monailabel")
 
-UPLOAD_MAX_AGE = 60.0  # s: MONAI Label writes an upload to a temporary file just before infer()
+GUARD_MODULE = "medadapt.monailabel.server"  # the uvicorn app that must front this app
+# Infer request keys MONAI Label or this app interprets; each model adds the keys of its own
+# config() (the box model's "box"). Other keys a client sends are dropped before any task runs.
+INFER_KEYS = ("model", "image", "device", "timeout", "save_label", "label_tag")
+DEVICE = re.compile(r"cpu|cuda(:\d{1,2})?")
 # App option -> (environment variable, default).
 OPTIONS = {
     "bundles": ("MEDADAPT_LABEL_BUNDLES", "bundles"),
@@ -77,6 +101,12 @@ class MedAdaptApp(MONAILabelApp):
             description="Adapted foundation models (DKA, LKA, CLAdapter, ...) for 2D and 3D medical images",
             version=medadapt.__version__,
         )
+        # MONAI Label bounds an inference's time (MONAI_LABEL_INFER_TIMEOUT) only in its optional
+        # thread pool, and forgets a late result there: the label file it wrote stays. Inference
+        # runs in this worker instead, so a late result is cleaned up; one worker, as the models
+        # share the CPU anyway.
+        self._infers_threadpool = None
+        self._infer_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="INFER")
 
     # ------------------------------------------------------------------ MONAI Label hooks
     def init_datastore(self) -> Datastore:
@@ -99,14 +129,34 @@ class MedAdaptApp(MONAILabelApp):
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
 
+    def _load_sessions(self, load: bool = False):
+        # Sessions stay off: MONAI Label keeps them in ~/.cache, outside the app's folders, builds
+        # their folders from client-sent ids (DELETE /session/.. removes the parent) and unpacks
+        # client archives. Its /session endpoints then answer 406.
+        return None
+
+    def on_init_complete(self) -> None:
+        if GUARD_MODULE not in sys.modules:
+            raise RuntimeError(f"the medadapt MONAI Label app must be served through its request guard: start it "
+                               f"with `medadapt label` or pass --uvicorn_app {GUARD_MODULE}:app to monailabel")
+        super().on_init_complete()
+
     # ------------------------------------------------------------------ request checks
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
-        """Upstream's infer, with unknown models / images and bad input answered by 4xx."""
-        uploads = [request[k] for k in ("image", "label")
-                   if isinstance(request.get(k), str) and is_upload(request[k], UPLOAD_MAX_AGE)]
+        """Upstream's infer on a checked request (see `_checked_infer_request`); bad input is
+        answered by 4xx, an inference over its time bound by 504."""
+        uploads = [request["image"]] if is_upload(request.get("image")) else []
         try:
-            self._check_request(request, datastore, uploads)
-            return super().infer(request, datastore)
+            store = datastore or self.datastore()
+            checked, image_id = self._checked_infer_request(request, store)
+            result = self._infer_in_time(checked, store)
+            if checked.get("save_label") and image_id and result.get("file"):
+                # Upstream saves only when it is given an id; it is given the checked path.
+                tag = checked.get("label_tag") or "original"
+                result["label"] = store.save_label(image_id, result["file"], tag,
+                                                   {"model": checked["model"], "params": result.get("params")})
+                result["tag"] = tag
+            return result
         except Exception as error:  # re-raised: only the uploads are cleaned up here
             # MONAI Label deletes uploads in background tasks that only run after a success.
             for path in uploads:
@@ -115,18 +165,97 @@ class MedAdaptApp(MONAILabelApp):
                 raise http_error(error) from error
             raise
 
-    def _check_request(self, request: dict[str, Any], datastore: Datastore | None, uploads: list[str]) -> None:
+    def _checked_infer_request(self, request: dict[str, Any], store: Datastore) -> tuple[dict[str, Any], str | None]:
+        """The request a task may see, and the image's datastore id (None for an upload).
+
+        Every path in it is one the server chose: "image" becomes the file of a datastore id
+        inside the studies folder, or one of the app's own uploads; anything else a client put
+        there (a path in params) is refused, whatever other keys say (``"session": true`` once
+        skipped the check). Only `INFER_KEYS` and the model's config keys are kept, each checked.
+        """
         model = request.get("model")
         if model not in self._infers:
             raise InvalidInput(f"unknown model {model!r}; this server has {sorted(self._infers)}", 404)
-        image = request.get("image")
-        # Uploads arrive as fresh temporary files; any other path is taken as an image id, so
-        # a client cannot make the server read files of its own choosing.
-        if isinstance(image, str) and image not in uploads and not request.get("session"):
-            store = datastore or self.datastore()
-            if not store.get_image_uri(image):
-                raise InvalidInput(f"unknown image {image!r}: not in the datastore "
-                                   "(GET /datastore/?output=all lists the image ids)", 404)
+        allowed = set(INFER_KEYS) | set(self._infers[model].config())
+        dropped = sorted(str(k) for k in request if k not in allowed)
+        if dropped:
+            logger.info("infer %s: ignoring request keys %s", model, dropped)
+        checked = {k: v for k, v in request.items() if k in allowed}
+        _check_json(checked, "infer params")
+
+        image = checked.get("image")
+        image_id = None
+        if is_upload(image):
+            path, name = image, "the uploaded file"
+        elif isinstance(image, str) and image:
+            path = store.get_image_uri(image)
+            if not path:
+                shown = image if len(image) <= 200 else image[:197] + "..."
+                raise InvalidInput(f"unknown image {shown!r}: not in the datastore (image ids are names, not "
+                                   "paths; GET /datastore/?output=all lists them)", 404)
+            image_id, name = image, f"image {image!r} ({os.path.basename(path)})"
+        else:
+            raise InvalidInput(f"model {model!r} needs an image: a datastore id (?image=ID) or an uploaded file", 400)
+        checked["image"] = path
+        _check_device(checked.get("device"))
+        checked["timeout"] = self._infer_timeout(checked)
+        if not isinstance(checked.get("save_label", False), bool):
+            raise InvalidInput(f"save_label must be true or false, got {checked['save_label']!r}", 400)
+        if checked.get("save_label"):
+            if image_id is None:
+                raise InvalidInput("save_label needs a datastore image, not an uploaded file", 400)
+            checked["label_tag"] = plain_name(checked.get("label_tag") or "original", "label tag")
+        _check_values(path, name)
+        return checked, image_id
+
+    def _infer_in_time(self, request: dict[str, Any], store: Datastore) -> dict[str, Any]:
+        """Upstream's infer of a checked request in the inference worker; 504 after its timeout
+        (the late inference still finishes, and its label file is then deleted)."""
+        def run() -> dict[str, Any]:
+            handle_torch_linalg_multithread(request)
+            return MONAILabelApp.infer(self, request, store)
+
+        future = self._infer_worker.submit(run)
+        try:
+            return future.result(request["timeout"])
+        except TimeoutError:
+            future.add_done_callback(_discard_late_result)
+            raise HTTPException(504, f"model {request['model']!r} did not finish within {request['timeout']:g} s; "
+                                     "the server's limit is MONAI_LABEL_INFER_TIMEOUT "
+                                     f"({settings.MONAI_LABEL_INFER_TIMEOUT} s)") from None
+
+    def _infer_timeout(self, request: dict[str, Any]) -> float:
+        """The request's "timeout" (a client may shorten, never lengthen, the server's)."""
+        limit = float(settings.MONAI_LABEL_INFER_TIMEOUT)
+        timeout = request.get("timeout", limit)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout <= limit):
+            raise InvalidInput(f"timeout must be a number of seconds in (0, {limit:g}], got {timeout!r}", 400)
+        return float(timeout)
+
+    def batch_infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """Upstream's batch inference (each image through `infer`), its request checked first."""
+        if request.get("model") not in self._infers:
+            raise http_error(InvalidInput(f"unknown model {request.get('model')!r}; this server has "
+                                          f"{sorted(self._infers)}", 404))
+        try:
+            _check_json(request, "batch params")
+            _check_device(request.get("device"))
+        except InvalidInput as error:
+            raise http_error(error) from None
+        if not torch.cuda.is_available():
+            request = {**request, "multi_gpu": False}  # upstream divides by the GPU count (0 here)
+        return super().batch_infer(request, datastore)
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        strategy = request.get("strategy")
+        if strategy not in self._strategies:  # upstream: a 500
+            raise http_error(InvalidInput(f"unknown strategy {strategy!r}; this server has "
+                                          f"{sorted(self._strategies)}", 404))
+        return super().next_sample(request)
+
+    def infer_wsi(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        # Upstream's WSI path opens any server path it is given; this app serves no WSI models.
+        raise http_error(InvalidInput("this server has no whole-slide (WSI) models; use POST /infer/{model}", 404))
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         model = request.get("model")
@@ -134,6 +263,17 @@ class MedAdaptApp(MONAILabelApp):
             message = f"no training task {model!r}; this server trains {sorted(self._trainers)}"
             raise http_error(InvalidInput(message, 404))
         try:
+            _check_json(request, "training options")
+            _check_device(request.get("device"))
+            for key, limit in (("max_epochs", MAX_TRAIN_EPOCHS), ("batch_size", MAX_TRAIN_BATCH)):
+                value = request.get(key)
+                if isinstance(value, (int, float, str)) and _as_number(value) > limit:
+                    raise InvalidInput(f"{key} must be at most {limit}, got {value!r}", 400)
+            method = request.get("method")
+            if method is not None and method not in list_methods():  # the model build would fail with a 500
+                raise InvalidInput(f"unknown method {method!r}; one of {list_methods()}", 400)
+            if not isinstance(request.get("method_options") or {}, dict):
+                raise InvalidInput(f"method_options must be a JSON object, got {request['method_options']!r}", 400)
             return super().train(request)
         except MONAILabelException as error:
             raise http_error(error) from error
@@ -144,3 +284,56 @@ class MedAdaptApp(MONAILabelApp):
         if model and model not in self._trainers and model not in self._infers:
             raise HTTPException(404, f"unknown model {model!r}; this server trains {sorted(self._trainers)}")
         return None
+
+
+def _discard_late_result(future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        remove_file((future.result() or {}).get("file"))
+
+
+def _check_json(value: dict[str, Any], where: str) -> None:
+    try:
+        check_json_value(value, where)
+    except ValueError as error:
+        raise InvalidInput(str(error), 400) from None
+
+
+def _check_device(device: Any) -> None:
+    """A device the server has ("cpu", "cuda", "cuda:N"); upstream falls back to the CPU for
+    "cuda" without a GPU but fails with a 500 on any other name."""
+    if device is None:
+        return
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise InvalidInput(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}", 400)
+    index = int(device.partition(":")[2] or 0)
+    if device.startswith("cuda") and torch.cuda.is_available() and index >= torch.cuda.device_count():
+        raise InvalidInput(f"device {device!r}: this server has {torch.cuda.device_count()} GPU(s)", 400)
+
+
+def _as_number(value: int | float | str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0  # not a number: the training task answers with its own message
+
+
+def _check_values(path: str, name: str) -> None:
+    """422 for a volume with NaN or infinite voxels (a model turns them into an all-background
+    label). Images are PNG/JPG, integers only. Decoded once per file version."""
+    try:
+        if file_kind(path) != "3d":
+            return
+        stat = os.stat(path)
+    except (ImageFileError, OSError):
+        return  # not a volume, or gone: the model's own input check says what it runs on
+    try:
+        _decoded_volume_ok(path, name, stat.st_size, stat.st_mtime_ns)
+    except ImageFileError as error:
+        raise InvalidInput(str(error), error.status) from None
+
+
+@functools.lru_cache(maxsize=128)
+def _decoded_volume_ok(path: str, name: str, size: int, mtime_ns: int) -> bool:
+    # Only successes are cached, keyed by the file's size and time: a changed file is read again.
+    inspect_image_file(path, read_data=True, name=name)
+    return True

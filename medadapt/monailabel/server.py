@@ -1,0 +1,298 @@
+"""The web app `medadapt label` serves: MONAI Label's own FastAPI app behind a request guard.
+
+Started by MONAI Label as ``--uvicorn_app medadapt.monailabel.server:app`` (the app in
+`medadapt.monailabel.main` refuses to start without it). What it adds, where MONAI Label 0.8.5
+does the unsafe thing itself:
+
+- `RequestGuard`: every request body is bounded in bytes (413, from the Content-Length header
+  before anything is read, else as it arrives) and in the time the client takes to send it
+  (408); paths with "." / ".." segments or NUL characters are refused (400); so are the
+  upstream routes that act on client-chosen server paths or files this app does not have:
+  sessions by id on /infer (400), model-file upload and deletion (405), WSI inference (404),
+  and the DICOMweb proxy without a DICOMweb datastore (404).
+- `guard_endpoints`: MONAI Label's infer and datastore endpoints write uploads into the app's
+  own ``<app>/uploads`` folder (`UploadFolder`), where the app recognises them, instead of
+  ``tmpXXXX`` names in the system temp folder; their JSON form fields (``params``, ``info``) are
+  checked (400 naming the field) instead of failing in ``json.loads`` with a 500.
+- MONAI Label's own exceptions are answered with their message and a 4xx where they are about
+  the input (`monailabel_exception_handler`), never a bare 500; the dataset archive is deleted
+  after it is sent, and an empty datastore answers 404 instead of failing an assertion.
+- every other temporary file of the server and its training jobs goes to ``<app>/tmp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import logging
+import os
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import HTTPException
+from monailabel.app import app as monailabel_app
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.endpoints import datastore as datastore_endpoints
+from monailabel.endpoints import infer as infer_endpoints
+from monailabel.interfaces.exception import MONAILabelException
+from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.others.generic import remove_file
+from starlette.background import BackgroundTask
+
+from medadapt.monailabel.errors import monailabel_exception_handler
+from medadapt.monailabel.imagefiles import UploadFolder, use_upload_folder
+from medadapt.monailabel.limits import (
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_BYTES_ENV,
+    UPLOAD_TIMEOUT,
+    UPLOAD_TIMEOUT_ENV,
+    env_number,
+    parse_json_object,
+)
+
+logger = logging.getLogger("medadapt.monailabel")
+
+CHECKSUMS = ("SHA256", "SHA512", "MD5")  # what MONAI Label's file_checksum computes
+# (method or None for any, path prefix) -> (status, message) for upstream routes refused here.
+REFUSED_ROUTES = {
+    ("PUT", "/model/"): (405, "model files cannot be uploaded here: models are built from bundles and trained "
+                              "adapters (POST /train/{model} trains them)"),
+    ("DELETE", "/model/"): (405, "model files cannot be deleted here: models are built from bundles and trained "
+                                 "adapters"),
+    (None, "/infer/wsi/"): (404, "this server has no whole-slide (WSI) models; use POST /infer/{model}"),
+    (None, "/infer/wsi_v2/"): (404, "this server has no whole-slide (WSI) models; use POST /infer/{model}"),
+}
+
+
+class RequestGuard:
+    """ASGI middleware bounding each HTTP request before MONAI Label's endpoints see it.
+
+    Arguments:
+      app: the ASGI app to guard.
+      max_body_bytes: largest request body accepted (413 above it).
+      upload_timeout: seconds the client may take to send a body, counted while the server
+        waits for it (408 after it).
+      remote_datastore: whether the studies are a DICOMweb server (the /proxy routes need one).
+      api_prefix: MONAI Label's MONAI_LABEL_API_STR, the prefix of its routes ("" by default).
+    """
+
+    def __init__(self, app, max_body_bytes: int, upload_timeout: float, remote_datastore: bool = False,
+                 api_prefix: str = ""):
+        self.app = app
+        self.max_body_bytes = int(max_body_bytes)
+        self.upload_timeout = float(upload_timeout)
+        self.remote_datastore = remote_datastore
+        self.api_prefix = api_prefix.rstrip("/")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self.refusal(scope)
+        if refusal:
+            return await _answer(send, *refusal)
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            return await _answer(send, 413, self._too_large(f"{declared:,} bytes"))
+        return await self.app(scope, self._bounded_receive(receive), send)
+
+    def refusal(self, scope) -> tuple[int, str] | None:
+        """(status, message) for a request refused from its method, path and query alone."""
+        path, method = scope["path"], scope["method"]
+        if "\0" in path or any(part in (".", "..") for part in path.split("/")):
+            return 400, f"request path {path[:200]!r} has a '.' or '..' segment or a NUL character"
+        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        for key, value in query:
+            if "\0" in key or "\0" in value:
+                return 400, f"query parameter {key[:60]!r} holds a NUL character"
+        if self.api_prefix and path.startswith(self.api_prefix + "/"):
+            path = path[len(self.api_prefix):]
+        for (refused_method, prefix), answer in REFUSED_ROUTES.items():
+            if path.startswith(prefix) and refused_method in (None, method):
+                return answer
+        if path.startswith("/infer/") and any(key == "session_id" and value for key, value in query):
+            return 400, ("session_id: sessions are off on this server; send ?image=ID (a datastore id) or "
+                         "upload the file with the request")
+        if path.startswith("/proxy/") and not self.remote_datastore:
+            return 404, "no DICOMweb datastore to proxy to: this server's studies are a local folder"
+        return None
+
+    def _bounded_receive(self, receive):
+        received, waited = 0, 0.0
+        body_done = False
+
+        async def bounded_receive():
+            nonlocal received, waited, body_done
+            if body_done:  # after the body, only a disconnect can come: not bounded
+                return await receive()
+            started = time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), max(self.upload_timeout - waited, 0.001))
+            except TimeoutError:
+                raise HTTPException(408, f"request body not received within {self.upload_timeout:g} s") from None
+            waited += time.monotonic() - started
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise HTTPException(413, self._too_large(f"more than {self.max_body_bytes:,} bytes"))
+                body_done = not message.get("more_body", False)
+            return message
+
+        return bounded_receive
+
+    def _too_large(self, size: str) -> str:
+        return (f"request body of {size} exceeds this server's limit of {self.max_body_bytes:,} bytes "
+                f"({self.max_body_bytes / 2 ** 20:g} MiB)")
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _answer(send, status: int, message: str) -> None:
+    body = json.dumps({"detail": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------- MONAI Label's endpoints
+def guard_endpoints(uploads: UploadFolder) -> None:
+    """Make MONAI Label's infer and datastore endpoints write uploads into ``uploads`` and check
+    their JSON form fields. Their route functions look these names up at call time, so
+    replacing the module attributes is enough; calling this again changes nothing."""
+    for module in (infer_endpoints, datastore_endpoints):
+        module.tempfile = _UploadNames(uploads)
+    infer_endpoints.run_inference = _checked_inference(_original(infer_endpoints.run_inference))
+    for name, field in (("add_image", "params"), ("save_label", "params"),
+                        ("update_image_info", "info"), ("update_label_info", "info")):
+        function = _original(getattr(datastore_endpoints, name))
+        setattr(datastore_endpoints, name, _with_json_field(function, field))
+    datastore_endpoints.download_dataset = _removed_after_sending(_original(datastore_endpoints.download_dataset))
+    datastore_endpoints.download_image = _checked_checksum(_original(datastore_endpoints.download_image))
+
+
+class _UploadNames:
+    """Stands in for the `tempfile` module in MONAI Label's infer and datastore endpoints, which
+    use it only as ``tempfile.NamedTemporaryFile(suffix=...).name`` to name an upload's copy."""
+
+    def __init__(self, uploads: UploadFolder):
+        self.uploads = uploads
+
+    def NamedTemporaryFile(self, suffix: str = "", **_) -> types.SimpleNamespace:  # noqa: N802 (tempfile's name)
+        return types.SimpleNamespace(name=self.uploads.new_file(suffix))
+
+
+def _original(function):
+    return getattr(function, "__wrapped__", function)
+
+
+def _with_json_field(function, field: str):
+    """``function`` with its form field ``field`` checked to hold a JSON object first."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        value = signature.bind(*args, **kwargs).arguments.get(field)
+        if isinstance(value, str):
+            try:
+                parse_json_object(value, field)
+            except ValueError as error:
+                raise HTTPException(400, str(error)) from None
+        return function(*args, **kwargs)
+
+    return checked
+
+
+def _checked_inference(run_inference):
+    """Upstream's run_inference, refusing with 4xx what it would answer with a 500."""
+    with_params = _with_json_field(run_inference, "params")
+    signature = inspect.signature(run_inference)
+
+    @functools.wraps(run_inference)
+    def checked(*args, **kwargs):
+        arguments: dict[str, Any] = signature.bind(*args, **kwargs).arguments
+        if not arguments.get("file") and not arguments.get("image"):
+            raise HTTPException(400, "send an image: ?image=ID (a datastore id) or a file in form field 'file'")
+        if arguments.get("label"):
+            raise HTTPException(400, "this server's models take no label input (form field 'label')")
+        output = arguments.get("output")
+        if getattr(output, "value", output) == "dicom_seg" and not isinstance(app_instance().datastore(),
+                                                                               DICOMWebDatastore):
+            raise HTTPException(400, "output=dicom_seg needs a DICOMweb datastore; use output=image")
+        return with_params(*args, **kwargs)
+
+    return checked
+
+
+def _checked_checksum(download_image):
+    """Upstream's image download and check, refusing a checksum algorithm it has no hash for
+    (400 instead of its ValueError's 500)."""
+    signature = inspect.signature(download_image)
+
+    @functools.wraps(download_image)
+    def checked(*args, **kwargs):
+        check_sum = signature.bind(*args, **kwargs).arguments.get("check_sum")
+        if isinstance(check_sum, str) and ":" in check_sum:
+            algorithm = check_sum.split(":")[0]
+            if algorithm not in CHECKSUMS:
+                raise HTTPException(400, f"check_sum: unknown algorithm {algorithm[:20]!r}; use one of {CHECKSUMS}")
+        return download_image(*args, **kwargs)
+
+    return checked
+
+
+def _removed_after_sending(download_dataset):
+    """Upstream's dataset download, its ZIP archive (a new temporary file each time) deleted
+    once sent, and 404 when nothing is labelled (upstream fails an assertion: a 500)."""
+
+    @functools.wraps(download_dataset)
+    def removed(*args, **kwargs):
+        if not app_instance().datastore().datalist():
+            raise HTTPException(404, "no labelled studies to put into a dataset archive")
+        response = download_dataset(*args, **kwargs)
+        response.background = BackgroundTask(remove_file, response.path)
+        return response
+
+    return removed
+
+
+# ---------------------------------------------------------------------------- the app
+def app_folders(app_dir: str | Path) -> tuple[UploadFolder, Path]:
+    """The app's uploads folder and temporary folder, inside ``app_dir``."""
+    temporary = Path(app_dir).resolve() / "tmp"
+    temporary.mkdir(parents=True, exist_ok=True)
+    return UploadFolder(Path(app_dir) / "uploads"), temporary
+
+
+def build_app():
+    """MONAI Label's app, guarded; its process's temporary files go to the app's folder."""
+    uploads, temporary = app_folders(settings.MONAI_LABEL_APP_DIR)
+    # Starlette's spooled uploads, the label files the tasks write, training subprocesses: all here.
+    tempfile.tempdir = str(temporary)
+    os.environ["TMPDIR"] = str(temporary)
+    use_upload_folder(uploads)
+    guard_endpoints(uploads)
+    monailabel_app.add_exception_handler(MONAILabelException, monailabel_exception_handler)
+    guard = RequestGuard(monailabel_app, env_number(MAX_REQUEST_BYTES_ENV, MAX_REQUEST_BYTES),
+                         env_number(UPLOAD_TIMEOUT_ENV, UPLOAD_TIMEOUT),
+                         remote_datastore=str(settings.MONAI_LABEL_STUDIES).startswith(("http://", "https://")),
+                         api_prefix=settings.MONAI_LABEL_API_STR)
+    logger.info("request guard: bodies up to %d bytes, sent within %g s; uploads in %s, temporary files in %s",
+                guard.max_body_bytes, guard.upload_timeout, uploads.folder, temporary)
+    return guard
+
+
+app = build_app()
