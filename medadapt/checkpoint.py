@@ -78,10 +78,18 @@ def base_fingerprint(model: nn.Module) -> dict[str, str]:
     return {name: _tensor_digest(t) for name, t in _state_dict(model).items() if name not in trainable}
 
 
+def holds_whole_encoder(method: str, options: dict, stage: int = 1) -> bool:
+    """True when the method trains the encoder's own weights at ``stage`` (full fine-tuning,
+    CLAdapter's stage 2): its folder then holds the whole encoder, with no frozen base to check."""
+    from medadapt.adapters import make_config
+
+    return "encoder" in make_config(method, dict(options)).stage_trains(int(stage))
+
+
 def _stored_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
     """The model's own tensors that an adapter file holds, by their file names."""
-    if record["method"] == "full":
-        # Full fine-tuning changes everything, BatchNorm statistics included.
+    if holds_whole_encoder(record["method"], record["options"], record.get("stage", 1)):
+        # The encoder trains: everything is stored, BatchNorm statistics included.
         return _state_dict(model)
     return {n: p for n, p in named_parameters(model).items() if p.requires_grad}
 
@@ -139,7 +147,8 @@ def save_adapters(model: nn.Module, path: str | Path, dtype: str | torch.dtype |
         "stage": record.get("stage", 1),
         "storage_dtype": None if storage is None else str(storage).removeprefix("torch."),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
-        "base_fingerprint": {} if record["method"] == "full" else base_fingerprint(model),
+        "base_fingerprint": ({} if holds_whole_encoder(record["method"], record["options"], record.get("stage", 1))
+                             else base_fingerprint(model)),
         # What rebuilds the whole model (medadapt.load_model); None if not built by create_model.
         "model": build_record(model),
     }
@@ -187,6 +196,11 @@ def read_adapter_config(path: str | Path) -> dict:
     problems = _config_problems(config)
     if problems:
         raise ValueError(f"{config_file} is malformed: " + "; ".join(problems))
+    options = config["options"]
+    if "placement" in options and options["placement"] is None:
+        # Folders written before the placement a method was built with was recorded: None
+        # then meant the one default every block method had, beside attention and MLP.
+        config["options"] = {**options, "placement": "parallel"}
     return config
 
 
@@ -227,7 +241,10 @@ def _config_problems(config: dict) -> list[str]:
                 problems.append(f"{key!r} is missing")
         elif not valid(config[key]):
             problems.append(f"{key!r} must be {what}, got {_short(config[key])}")
-    saves_whole_encoder = config.get("method") == "full" or config.get("stage") == 2
+    try:
+        saves_whole_encoder = holds_whole_encoder(config["method"], config["options"], config.get("stage", 1))
+    except (KeyError, TypeError, ValueError):
+        saves_whole_encoder = False  # reported as a malformed method or options above
     if (not saves_whole_encoder and "base_fingerprint" in config
             and _is_fingerprint(config["base_fingerprint"]) and not config["base_fingerprint"]):
         # Only a folder holding the whole encoder (full fine-tuning, stage 2) may have no frozen

@@ -105,6 +105,19 @@ def _save_trained_classifier(checkpoint: Path, folder: Path) -> None:
     medadapt.save_adapters(model, folder)
 
 
+def _save_trained_segmenter(checkpoint: Path, folder: Path) -> None:
+    """Adapters and decoder moved away from their init, with a decoder bias that marks the
+    bright anatomy, so the served mask is not empty."""
+    model = medadapt.create_model("segmentation", num_classes=1, multilabel=True, in_channels=3,
+                                  **{k: v for k, v in _classifier_kwargs(checkpoint).items() if k != "num_classes"})
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    medadapt.save_adapters(model, folder)
+
+
 def _write_config(root: Path, runs: Path) -> Path:
     checkpoint = _tiny_backbone_checkpoint(root / "convnext_atto_tiny.safetensors", seed=0)
     other_base = _tiny_backbone_checkpoint(root / "convnext_atto_other.safetensors", seed=1)
@@ -113,17 +126,17 @@ def _write_config(root: Path, runs: Path) -> Path:
     # Trained adapters for one classifier, and adapters from another base for a second one.
     _save_trained_classifier(checkpoint, runs / "cls_tiny" / "models" / "best_adapters")
     _save_trained_classifier(other_base, runs / "cls_wrong_base" / "models" / "best_adapters")
+    _save_trained_segmenter(checkpoint, runs / "seg_trained" / "models" / "best_adapters")
+    small = {**tiny, "image_size": 64}
     config = {
         "models": {
-            "brats_tiny": {"task": "segmentation3d", "dataset": "brats", "labels": ["TC", "WT", "ET"],
-                           "roi_size": [32, 32, 4], "pixdim": [5.0, 5.0, 5.0], "release": "2021", "sw_batch_size": 4,
-                           "model": {**tiny, "num_classes": 3, "in_channels": 4, "multilabel": True}},
-            "seg_tiny": {"task": "segmentation", "labels": ["lesion"], "image_size": 64,
-                         "model": {**tiny, "num_classes": 1, "multilabel": True}},
-            "cls_tiny": {"task": "classification", "labels": ["benign", "malignant", "normal"], "image_size": 64,
-                         "model": _classifier_kwargs(checkpoint)},
-            "cls_wrong_base": {"task": "classification", "labels": ["benign", "malignant", "normal"],
-                               "image_size": 64, "model": _classifier_kwargs(checkpoint)},
+            # The repository's bundles, served as inference.json builds them, with small settings.
+            "brats_tiny": {"bundle": "dka_brats", "overrides": {
+                **tiny, "roi_size": [32, 32, 4], "pixdim": [5.0, 5.0, 5.0], "release": "2021", "sw_batch_size": 4}},
+            "seg_tiny": {"bundle": "dka_busi_seg", "overrides": small},
+            "seg_trained": {"bundle": "dka_busi_seg", "overrides": small},
+            "cls_tiny": {"bundle": "dka_busi_cls", "overrides": small},
+            "cls_wrong_base": {"bundle": "dka_busi_cls", "overrides": small},
         },
         "include_box_model": True,
     }
@@ -188,7 +201,7 @@ def running_server(root: Path, label_args: Sequence[str] = (),
            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)}
     command = [sys.executable, "-m", "medadapt", "label", "--studies", str(root / "studies"), "--host", "127.0.0.1",
                "--port", str(port), "--runs", str(runs), "--config", str(config),
-               "--bundle-root", str(root / "no_bundles"), *label_args]
+               "--bundle-root", str(REPO / "bundles"), *label_args]
     with open(log, "w") as out:
         # A session of its own: teardown stops the launcher, the server and any training job together.
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env,

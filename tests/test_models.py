@@ -266,3 +266,24 @@ def test_vit_classifier_pools_the_class_token_by_default():
         medadapt.Classifier(convnext.backbone, 2, pool="cls")
     with pytest.raises(ValueError, match="pool must be one of"):
         medadapt.Classifier(backbone, 2, pool="max")
+
+
+def test_dka_bottleneck_follows_the_task_unless_given():
+    # DKA poster Table 3: bottleneck 192 for segmentation, 16 for classification.
+    from medadapt.injection import injection_record
+
+    tiny = {"backbone": "timm:convnext_atto", "backbone_options": {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}}
+    seg = medadapt.create_model("segmentation", num_classes=1, multilabel=True, **tiny)
+    cls = medadapt.create_model("classification", num_classes=3, **tiny)
+    given = medadapt.create_model("segmentation", num_classes=1, method_options={"bottleneck": 8}, **tiny)
+    assert injection_record(seg)["options"]["bottleneck"] == 192
+    assert injection_record(cls)["options"]["bottleneck"] == 16
+    assert injection_record(given)["options"]["bottleneck"] == 8
+    houlsby = medadapt.create_model("segmentation", num_classes=1, method="adapter", **tiny)
+    assert injection_record(houlsby)["options"]["bottleneck"] == medadapt.adapters.METHODS["adapter"]().bottleneck
+
+
+def test_box_prompt_parts_come_from_the_backbone():
+    backbone = medadapt.create_backbone("timm:convnext_atto", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
+    with pytest.raises(ValueError, match="no prompt encoder"):
+        backbone.build_prompt_parts()

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import medadapt
+from medadapt.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from monailabel_server import REPO, _leftover_uploads, _require_monailabel, server  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.xdist_group("monailabel")  # with --dist loadgroup: one server for the file
@@ -54,7 +56,7 @@ def _box_params(box) -> dict:
 def test_info_lists_models_and_says_what_is_trained(server):
     info = server.get("/info/").json()
     models = info["models"]
-    assert set(models) == {"brats_tiny", "seg_tiny", "cls_tiny", "cls_wrong_base", "litemedsam_box"}
+    assert set(models) == {"brats_tiny", "seg_tiny", "seg_trained", "cls_tiny", "cls_wrong_base", "litemedsam_box"}
     assert models["brats_tiny"]["dimension"] == 3 and models["seg_tiny"]["dimension"] == 2
     assert models["brats_tiny"]["labels"] == {"necrotic tumour core": 1, "peritumoral edema": 2, "enhancing tumour": 4}
     # No adapters trained: the fresh model is served and the description says so.
@@ -65,7 +67,7 @@ def test_info_lists_models_and_says_what_is_trained(server):
     assert models["cls_tiny"]["trained"] is True
     assert models["cls_tiny"]["adapters"].endswith("cls_tiny/models/best_adapters")
     # Classification labels cannot come from a label-image datastore: no trainer for it.
-    assert set(info["trainers"]) == {"brats_tiny", "seg_tiny", "litemedsam_box"}
+    assert set(info["trainers"]) == {"brats_tiny", "seg_tiny", "seg_trained", "litemedsam_box"}
 
 
 def test_volume_segmentation_returns_a_brats_label_map_of_the_volume(server, tmp_path):
@@ -195,18 +197,20 @@ def test_training_on_saved_labels_updates_the_served_adapters(server):
                            json={"max_epochs": 2, "fraction": 1.0, "batch_size": 1})
     assert response.status_code == 200, response.text
     stats = response.json()
-    assert stats["studies_used"] == 1 and stats["studies_labelled"] == 1 and len(stats["losses"]) == 2
+    # The bundle's own training ran: its metrics, after its two epochs.
+    assert stats["studies_used"] == 1 and stats["studies_labelled"] == 1
+    assert stats["metrics"]["epoch"] == 2 and 0.0 <= stats["metrics"]["val_mean_dice"] <= 1.0
     folder = Path(stats["adapters"])
-    assert (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
+    assert (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file()
 
     model = server.get("/info/").json()["models"]["seg_tiny"]
     assert model["trained"] is True and model["adapters"] == str(folder.resolve())
     result = server.post("/infer/seg_tiny", params={"image": "mni_slice", "output": "json"}).json()
     assert result["trained"] is True and result["label_shape"] == list(server.facts["slice_shape"])
 
-    # The folder is an ordinary adapter folder: it loads strictly onto a fresh base model.
-    config = json.loads((server.runs.parent / "models.json").read_text())["models"]["seg_tiny"]
-    fresh = medadapt.create_model("segmentation", adapter_checkpoint=str(folder), **config["model"])
+    # The folder is an ordinary, self-describing adapter folder: the whole model comes back from it.
+    overrides = json.loads((server.runs.parent / "models.json").read_text())["models"]["seg_tiny"]["overrides"]
+    fresh = medadapt.load_model(folder, backbone_checkpoint=overrides["backbone_checkpoint"])
     assert medadapt.count_parameters(fresh)["trainable"] > 0
 
 
@@ -226,30 +230,61 @@ def test_label_command_runs_monailabel_start_server(tmp_path, capsys):
     assert main(["label", "--studies", str(tmp_path / "missing"), "--dry-run"]) == 2
 
 
-def test_bundles_become_model_specs():
-    from medadapt.monailabel.specs import bundle_specs
+def test_bundles_become_served_models():
+    from medadapt.monailabel.specs import bundle_models
 
-    specs = {s.name: s for s in bundle_specs(REPO / "bundles", "runs")}
-    assert set(specs) >= {"dka_brats", "dka_busi_seg", "dka_isic2018_seg", "dka_busi_cls", "dka_isic2019_cls"}
-    brats = specs["dka_brats"]
-    assert brats.task == "segmentation3d" and brats.model["in_channels"] == 4 and brats.model["num_classes"] == 3
-    assert brats.model["num_slices"] == brats.roi_size[2]
-    assert brats.roi_size == (240, 240, 4)   # the real-data windows, not the demo's
-    assert specs["dka_busi_cls"].task == "classification"
-    assert specs["dka_busi_cls"].labels == ["benign", "malignant", "normal"]
-    for spec in specs.values():
-        assert "adapter_checkpoint" not in spec.model
-        assert spec.adapters == str(Path("runs") / spec.name / "models" / "best_adapters")
-        assert callable(spec.preprocessing)
+    models = {m.name: m for m in bundle_models(REPO / "bundles", "runs")}
+    assert set(models) >= {"dka_brats", "dka_busi_seg", "dka_isic2018_seg", "dka_busi_cls", "dka_isic2019_cls",
+                           "dka_mni152_tissue", "dka_mni152_tissue_3d"}
+    brats = models["dka_brats"]
+    assert brats.task == "segmentation3d" and brats.in_channels == 4 and brats.dimension == 3
+    assert brats.label_values == {"necrotic tumour core": 1, "peritumoral edema": 2, "enhancing tumour": 4}
+    parser = brats.parser()
+    # Served on the studies it is given: the real-data windows, not the demo's.
+    assert parser.get_parsed_content("roi_size") == [240, 240, 4]
+    assert parser.get_parsed_content("network_def#num_slices") == 4
+    assert models["dka_busi_cls"].task == "classification"
+    assert models["dka_busi_cls"].labels == ["benign", "malignant", "normal"]
+    assert models["dka_busi_seg"].label_values == {"lesion": 1}
+    assert models["dka_mni152_tissue"].label_values == {"grey matter": 1, "white matter": 2}
+    for model in models.values():
+        assert model.adapters == str(Path("runs") / model.name / "models" / "best_adapters")
+        assert model.pretrained  # the bundles default to LiteMedSAM, whose weights ship with its package
 
 
-def test_brats_channels_become_each_releases_label_values():
+def test_brats_regions_become_each_releases_label_values():
     from medadapt.data import ConvertBraTSLabels
-    from medadapt.monailabel.labelmaps import brats_label_map
+    from medadapt.engine.transforms import regions_to_labels
 
     for release, values in (("2021", (1, 2, 4)), ("2023", (1, 2, 3)), ("msd", (2, 1, 3))):
         core, edema, enhancing = values
-        label = np.zeros((6, 1, 1), dtype=np.uint8)
-        label[1], label[2], label[3] = edema, core, enhancing
-        channels = ConvertBraTSLabels(release)(label[None])
-        assert (brats_label_map(channels.astype(np.float32), release) == label).all(), release
+        label = np.zeros((1, 6, 1, 1), dtype=np.uint8)
+        label[0, 1], label[0, 2], label[0, 3] = edema, core, enhancing
+        channels = ConvertBraTSLabels(release)(label)
+        assert (regions_to_labels(torch.as_tensor(channels, dtype=torch.float32), release).numpy() == label).all()
+
+
+def test_served_label_is_the_bundles_own_prediction(server, tmp_path):
+    """The served model is what the bundle's inference.json builds: on the same image, the
+    server's label and the bundle's prediction file agree pixel for pixel."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    served = _png(server.post("/infer/seg_trained", params={"image": "mni_slice", "output": "image"}))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "mni_slice.png").write_bytes((server.studies / "mni_slice.png").read_bytes())
+    overrides = json.loads((server.runs.parent / "models.json").read_text())["models"]["seg_trained"]["overrides"]
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", repr(value) if isinstance(value, (dict, list)) else str(value)]
+    out = tmp_path / "predictions"
+    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                    str(REPO / "bundles" / "dka_busi_seg" / "inference.json"), *args, "--dataset_dir", str(images),
+                    "--ckpt_dir", str(server.runs / "seg_trained" / "models"), "--output_dir", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    predicted = np.asarray(Image.open(out / "mni_slice_pred.png")) > 0
+    assert served.shape == predicted.shape == server.facts["slice_shape"]
+    assert (served > 0).sum() > 0 and np.array_equal(served > 0, predicted)

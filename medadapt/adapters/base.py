@@ -336,6 +336,9 @@ class AdapterConfig:
     size_option: ClassVar[str | None] = None
     # Training stages: 1, or 2 for staged fine-tuning (see stage_trains).
     num_stages: ClassVar[int] = 1
+    # Options that depend on the task (create_model's task -> options), where the papers set
+    # them apart; what the caller gives wins.
+    task_options: ClassVar[dict[str, dict]] = {}
     # True when training changes the backbone's own weights (BitFit's biases, full
     # fine-tuning): there is no separate update to switch off.
     changes_base_weights: ClassVar[bool] = False

@@ -100,6 +100,9 @@ class DKAConfig(BlockAdapterConfig):
     size_option: ClassVar[str | None] = "bottleneck"
     default_placement: ClassVar[str] = "block"
     default_cnn_placement: ClassVar[str] = "stage"
+    # DKA poster, Table 3: a wider bottleneck for dense prediction.
+    task_options: ClassVar[dict[str, dict]] = {
+        task: {"bottleneck": 192} for task in ("segmentation", "segmentation3d", "box_segmentation")}
 
     bottleneck: int = 16
     large_kernel: int | list[int] = 51

@@ -39,6 +39,7 @@ __all__ = [
     "build_sam_parts",
     "create_backbone",
     "list_backbones",
+    "ships_weights",
     "load_sam_parts",
     "read_checkpoint",
 ]
@@ -52,6 +53,17 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
     "radimagenet_resnet50": build_radimagenet_resnet50,
     "efficientnet_lite0": build_efficientnet_lite0,
 }
+
+
+def ships_weights(name: str) -> bool:
+    """Whether backbone ``name`` is pretrained without a checkpoint file (its weights come with
+    an installed package), as its class says (``Backbone.ships_weights``)."""
+    import typing
+
+    builder = BACKBONES.get(name)
+    if builder is None:
+        return False
+    return bool(getattr(typing.get_type_hints(builder).get("return"), "ships_weights", False))
 
 
 def list_backbones() -> list[str]:

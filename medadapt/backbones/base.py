@@ -117,6 +117,10 @@ def normalised_input_gradients(model: nn.Module) -> Iterator[nn.Module]:
 class Backbone(nn.Module):
     """A pretrained image encoder that returns NCHW feature maps."""
 
+    # True when the pretrained weights ship inside an installed package, so the backbone is
+    # pretrained without a checkpoint file (LiteMedSAM, EfficientNet-Lite0).
+    ships_weights: bool = False
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -188,6 +192,12 @@ class Backbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Multi-scale NCHW feature maps in ascending stride (one map for plain ViTs)."""
         raise NotImplementedError
+
+    def build_prompt_parts(self, checkpoint=None) -> tuple[nn.Module, nn.Module]:
+        """The prompt encoder and mask decoder that go with this encoder (SAM family), loaded
+        strictly from ``checkpoint``, for box-prompted segmentation."""
+        raise ValueError(f"backbone {self.name!r} has no prompt encoder or mask decoder; box prompts need a "
+                         "SAM-family backbone (litemedsam, medsam_vit_b, sam_vit_*)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map (B, out_channels, h, w)."""

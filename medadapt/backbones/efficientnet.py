@@ -50,6 +50,8 @@ class EfficientNetBackbone(Backbone):
     module of its own to wrap; the Identity holds no weights and changes no state-dict key.
     """
 
+    ships_weights = True
+
     def __init__(self, encoder: nn.Module, name: str) -> None:
         """
         Arguments:

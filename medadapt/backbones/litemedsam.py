@@ -67,6 +67,8 @@ def _refresh_attention_biases(module: nn.Module, incompatible_keys: Any = None) 
 class LiteMedSAMBackbone(Backbone):
     """LiteMedSAM's TinyViT image encoder: (B, 3, S, S) -> (B, 256, S/4, S/4), S = 256 natively."""
 
+    ships_weights = True
+
     def __init__(self, encoder: nn.Module, name: str = "litemedsam", img_size: int = IMG_SIZE) -> None:
         """
         Arguments:
@@ -84,6 +86,17 @@ class LiteMedSAMBackbone(Backbone):
             preprocessing=MEDSAM_PREPROCESSING,
         )
         encoder.register_load_state_dict_post_hook(_refresh_attention_biases)
+
+    def build_prompt_parts(self, checkpoint: Checkpoint | None = None) -> tuple[nn.Module, nn.Module]:
+        """LiteMedSAM's prompt encoder and mask decoder (boxes in 256x256 pixels, a 64x64
+        embedding), loaded strictly from ``checkpoint`` (None: the bundled weights)."""
+        if self.img_size != IMG_SIZE:
+            raise ValueError(f"litemedsam's mask decoder works on the {IMG_SIZE}x{IMG_SIZE} input it was trained at; "
+                             f"this encoder was built for {self.img_size}")
+        model, state, source = _load_lite_medsam(checkpoint)
+        for part in ("prompt_encoder", "mask_decoder"):
+            load_strict(getattr(model, part), strip_prefix(state, part + "."), f"{source} [{part}]")
+        return model.prompt_encoder, model.mask_decoder
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)

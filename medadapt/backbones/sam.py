@@ -46,6 +46,9 @@ class SamBackbone(Backbone):
         self.check_input(x)
         return [self.encoder(x)]
 
+    def build_prompt_parts(self, checkpoint=None):
+        return build_sam_parts(checkpoint, img_size=self.img_size)
+
 
 def select_image_encoder(state: Mapping[str, Any]) -> dict[str, Any]:
     """The image encoder's weights from a full SAM-style file, or the file as is if encoder-only."""

@@ -234,6 +234,13 @@ class BraTSPreset(DatasetPreset):
     def output_names(self, task):
         return list(self.regions)
 
+    def label_values(self, task, release="auto", **_):
+        # Written maps hold the release's own values ("auto": BraTS 2021's), named as it names them.
+        from medadapt.data.brats_labels import RELEASES
+
+        spec = RELEASES[canonical_release("2021" if release == "auto" else release)]
+        return {spec.meaning[value]: value for value in sorted(spec.meaning)}
+
     def transform_config(self, stage, task):
         from medadapt.data.transforms import brats_transform_config
 

@@ -107,6 +107,14 @@ class DatasetPreset:
             return list(self.classes or [])
         return ["lesion"]
 
+    def label_values(self, task: str, **settings) -> dict[str, int]:
+        """{name: value} of the label maps its predictions become (MONAI Label's ``labels``):
+        independent masks are 1..K by channel; softmax class k is value k, background 0."""
+        names = self.output_names(task)
+        if self.multilabel(task):
+            return {name: i + 1 for i, name in enumerate(names)}
+        return {name: i for i, name in enumerate(names) if i > 0}
+
     def multilabel(self, task: str) -> bool:
         """Independent sigmoid outputs (binary masks, nested regions) rather than softmax classes."""
         return task != "classification"

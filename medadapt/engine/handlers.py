@@ -366,16 +366,21 @@ class MetricsWriter:
     runs wrote there (training writes ``val_*``, evaluation adds ``test_*``).
 
     The file holds the last validation's metrics, the best key metric so far
-    (``best_<name>``) and its epoch, and the epoch.
+    (``best_<name>``) and its epoch, the epoch, and ``history``: every validation's metrics
+    by epoch (the learning curve).
 
     Arguments:
       path: the JSON file.
       prefix: replaces the ``val_`` of every metric name (``"test_"`` for the test set).
+      fresh: start the file anew at this run's first write (a new training run), rather
+        than add to what is there (a resumed run, an evaluation).
     """
 
-    def __init__(self, path: str, prefix: str | None = None):
+    def __init__(self, path: str, prefix: str | None = None, fresh: bool = False):
         self.path = Path(path)
         self.prefix = prefix
+        self.fresh = fresh
+        self._written = False
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -391,18 +396,22 @@ class MetricsWriter:
         from medadapt.io import atomic_write_text
 
         record = {}
-        if self.path.is_file():
+        if self.path.is_file() and not (self.fresh and not self._written):
             try:
                 record = json.loads(self.path.read_text())
             except (OSError, ValueError):
                 record = {}
-        record.update({self._name(k): _jsonable(v) for k, v in engine.state.metrics.items()})
+        metrics = {self._name(k): _jsonable(v) for k, v in engine.state.metrics.items()}
+        record.update(metrics)
         key = self._name(engine.state.key_metric_name or "")
         if self.prefix is None and key:
             record[f"best_{key}"] = _jsonable(getattr(engine.state, "best_metric", None))
             record["best_epoch"] = getattr(engine.state, "best_metric_epoch", None)
             record["epoch"] = engine.state.epoch
+            history = [h for h in record.get("history", []) if h.get("epoch") != engine.state.epoch]
+            record["history"] = [*history, {"epoch": engine.state.epoch, **metrics}]
         atomic_write_text(self.path, json.dumps(record, indent=1))
+        self._written = True
 
 
 class StagedFineTuning:
@@ -430,13 +439,10 @@ class StagedFineTuning:
 
     @property
     def num_stages(self) -> int:
-        from medadapt.adapters import make_config
-        from medadapt.injection import injection_record
+        from medadapt.injection import injection_record, method_config
 
-        record = injection_record(_unwrap(self.network))
-        if record is None:
-            return 1
-        return int(getattr(make_config(record["method"], record["options"]), "num_stages", 1))
+        model = _unwrap(self.network)
+        return method_config(model).num_stages if injection_record(model) is not None else 1
 
     def attach(self, engine) -> None:
         from ignite.engine import Events

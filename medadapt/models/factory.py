@@ -12,7 +12,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from medadapt.backbones import build_litemedsam_parts, build_sam_parts, create_backbone
+from medadapt.adapters import METHODS
+from medadapt.backbones import create_backbone
 from medadapt.checkpoint import load_adapters
 from medadapt.injection import inject
 from medadapt.memory import enable_gradient_checkpointing
@@ -24,6 +25,15 @@ from medadapt.models.stem import InputMapping
 from medadapt.models.volume import VolumeSegmenter, stack_adapter_options
 
 TASKS = ("classification", "segmentation", "segmentation3d", "box_segmentation")
+
+
+def method_defaults(method: str, task: str) -> dict[str, Any]:
+    """The options ``method`` takes by default for ``task`` (its config's ``task_options``)."""
+    if method not in METHODS:
+        from medadapt.adapters import list_methods
+
+        raise ValueError(f"unknown adapter method {method!r}; choose one of {list_methods()}")
+    return dict(getattr(METHODS[method], "task_options", {}).get(task, {}))
 
 
 def create_model(
@@ -42,6 +52,7 @@ def create_model(
     multilabel: bool = False,
     slice_axis: int = 2,
     gradient_checkpointing: bool = False,
+    pool: str | None = None,
 ) -> nn.Module:
     """Build a task model around a pretrained backbone and inject ``method``.
 
@@ -50,7 +61,9 @@ def create_model(
         (slice-stack volumes) or "box_segmentation" (MedSAM-style box prompts).
       backbone: a name for :func:`medadapt.create_backbone`.
       num_classes: classes or label channels.
-      method, method_options: the adapter method and its options.
+      method, method_options: the adapter method and its options; options not given take the
+        method's defaults for the task (DKA: bottleneck 192 for segmentation, 16 for
+        classification, as in the DKA paper).
       backbone_checkpoint, backbone_options: passed to ``create_backbone``.
       adapter_checkpoint: a folder written by ``save_adapters`` to load strictly.
       in_channels, input_mapping: input channels and how they reach the backbone: "learned"
@@ -60,6 +73,8 @@ def create_model(
       decoder_channels, multilabel: decoder width, and sigmoid (True) or softmax outputs.
       gradient_checkpointing: recompute the encoder's blocks in the backward pass instead of
         storing their activations (less memory, more time; see benchmarks).
+      pool: classification: "cls" (the class token) or "mean" (of the patch tokens); None: the
+        class token where the backbone has one.
     """
     # Every argument, taken before anything else is defined: save_adapters writes them so that
     # medadapt.load_model can rebuild this model from its adapter folder alone.
@@ -68,18 +83,15 @@ def create_model(
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     options = dict(method_options or {})
     backbone_options = dict(backbone_options or {})
+    options = {**method_defaults(method, task), **options}
     if task == "box_segmentation":
-        if backbone == "litemedsam":
-            encoder, prompt_encoder, mask_decoder = build_litemedsam_parts(backbone_checkpoint)
-        else:
-            encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **backbone_options)
-            prompt_encoder, mask_decoder = build_sam_parts(backbone_checkpoint, img_size=encoder.img_size)
-        model = BoxPromptSegmenter(encoder, prompt_encoder, mask_decoder)
+        encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **backbone_options)
+        model = BoxPromptSegmenter(encoder, *encoder.build_prompt_parts(backbone_checkpoint))
     else:
         encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **backbone_options)
         common = dict(in_channels=in_channels, input_mapping=input_mapping)
         if task == "classification":
-            model = Classifier(encoder, num_classes, **common)
+            model = Classifier(encoder, num_classes, pool=pool, **common)
         elif task == "segmentation":
             model = Segmenter(encoder, num_classes, decoder_channels=decoder_channels, multilabel=multilabel, **common)
         else:

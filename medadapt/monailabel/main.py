@@ -57,7 +57,7 @@ from medadapt.monailabel.imagefiles import (
 from medadapt.monailabel.infer_tasks import make_infer_task
 from medadapt.monailabel.limits import MAX_TRAIN_BATCH, MAX_TRAIN_EPOCHS, check_json_value
 from medadapt.monailabel.paths import plain_name
-from medadapt.monailabel.specs import ModelSpec, load_specs
+from medadapt.monailabel.specs import ServedModel, load_models
 from medadapt.monailabel.train_task import AdapterTrainTask
 
 logger = logging.getLogger("medadapt.monailabel")
@@ -89,10 +89,10 @@ class MedAdaptApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         conf = dict(conf or {})
-        self.specs: list[ModelSpec] = load_specs(
+        self.models: list[ServedModel] = load_models(
             app_option(conf, "config") or None, app_option(conf, "bundles"), app_option(conf, "runs"))
-        for spec in self.specs:
-            logger.info("serving %s (%s, from %s)", spec.name, spec.task, spec.source)
+        for model in self.models:
+            logger.info("serving %s (%s, from %s)", model.name, model.task, model.source)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -120,11 +120,11 @@ class MedAdaptApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        return {spec.name: make_infer_task(spec) for spec in self.specs}
+        return {model.name: make_infer_task(model) for model in self.models}
 
     def init_trainers(self) -> dict[str, TrainTask]:
         # Trainers share their model's name, so a client retrains the model it shows.
-        return {spec.name: AdapterTrainTask(spec) for spec in self.specs if spec.trainable}
+        return {model.name: AdapterTrainTask(model) for model in self.models if model.trainable}
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}

@@ -1,11 +1,13 @@
 """Fine-tune a served model's adapters on the studies annotators have labelled.
 
-A short, plain loop: the labelled pairs of the datastore (its "final" labels), a data
-fraction of them, the model's training transforms, AdamW with the adapter / head learning
-rates, Dice + cross-entropy. The result is published as a complete adapter folder
-(``monailabel_adapters`` beside the bundle's ``best_adapters``), which the infer task picks up
-at its next request. Classification models do not train here: a MONAI Label datastore holds
-label images, not classes.
+A bundle model trains by running its bundle's ``train.json`` (the same recipe, transforms,
+loss, schedule and checkpoint choice as ``python -m monai.bundle run``) on the labelled pairs
+of the datastore (a data fraction of them; a tenth, at least one, held out to choose the
+checkpoint). The box-prompted LiteMedSAM, which has no bundle, trains with a short loop of its
+own on boxes drawn from the labels. Either way the result is published as a complete adapter
+folder (``monailabel_adapters`` beside the bundle's ``best_adapters``), which the infer task
+picks up at its next request. Classification models do not train here: a MONAI Label
+datastore holds label images, not classes.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
 from medadapt.monailabel.errors import InvalidInput
-from medadapt.monailabel.labelmaps import resolve_release
-from medadapt.monailabel.specs import ModelSpec
+from medadapt.monailabel.specs import BundleModel, ServedModel
 
 logger = logging.getLogger("medadapt.monailabel")
 
@@ -47,19 +48,19 @@ DEFAULTS: dict[str, Any] = {
 
 
 class AdapterTrainTask(TrainTask):
-    """MONAI Label training task for one `ModelSpec` (segmentation, volume or box models).
+    """MONAI Label training task for one served model (segmentation, volume or box models).
 
     Request options (all optional, see `DEFAULTS`): max_epochs, fraction, seed, batch_size,
     lr_adapter, lr_head, method, method_options, init, box_jitter, device.
     """
 
-    def __init__(self, spec: ModelSpec):
-        super().__init__(f"Fine-tune the adapters of {spec.name} ({spec.method} by default) on the "
-                         f"labelled studies; writes {spec.label_adapters}")
-        self.spec = spec
+    def __init__(self, model: ServedModel):
+        super().__init__(f"Fine-tune the adapters of {model.name} ({model.method} by default) on the "
+                         f"labelled studies; writes {model.label_adapters}")
+        self.spec = model
 
     def config(self) -> dict[str, Any]:
-        return {**DEFAULTS, "method": self.spec.method, **self.spec.train}
+        return {**DEFAULTS, "method": self.spec.method}
 
     def stats(self) -> dict[str, Any]:
         path = Path(self.spec.label_adapters) / STATS_NAME
@@ -80,14 +81,20 @@ class AdapterTrainTask(TrainTask):
         subset = sorted(random.Random(options["seed"]).sample(pairs, count), key=lambda d: d["image"])
         device = torch.device(name_to_device(request.get("device")))
         started = time.time()
-        model, start_from = self.initial_model(options)
-        losses = self.fit(model.to(device), subset, options, device)
+        start_from = self.initial_adapters(options)
+        if isinstance(self.spec, BundleModel):
+            model, record = self.train_bundle(subset, options, device, start_from)
+        else:
+            model = self.spec.build_network(start_from)
+            if start_from is None and options["method"] != self.spec.method:
+                raise InvalidInput(f"model {self.spec.name!r} trains {self.spec.method} adapters only", 400)
+            record = {"losses": [round(v, 6) for v in self.fit(model.to(device), subset, options, device)]}
         stats = {
             "model": self.spec.name,
             "method": options["method"],
-            "init": start_from,
+            "init": start_from or "fresh",
             "epochs": options["max_epochs"],
-            "losses": [round(v, 6) for v in losses],
+            **record,
             "studies_used": len(subset),
             "studies_labelled": len(pairs),
             "fraction": options["fraction"],
@@ -125,33 +132,65 @@ class AdapterTrainTask(TrainTask):
         except ImageFileError:
             return False
 
-    def initial_model(self, options: dict[str, Any]) -> tuple[torch.nn.Module, str]:
-        """Continue from the served adapters when they are of the requested method (and no
-        new options are asked for); otherwise start from freshly injected ones."""
+    def initial_adapters(self, options: dict[str, Any]) -> str | None:
+        """The served adapters to continue from when they are of the requested method (and no
+        new options are asked for); None starts from freshly injected ones."""
         from medadapt.checkpoint import read_adapter_config
 
         state = self.spec.current_adapters()
         if (options["init"] == "served" and state is not None and not options["method_options"]
                 and read_adapter_config(state.folder)["method"] == options["method"]):
-            return self.spec.build_model(state.folder), state.folder
-        return self.spec.build_model(None, method=options["method"],
-                                     method_options=options["method_options"] or None), "fresh"
+            return state.folder
+        return None
+
+    def train_bundle(self, pairs: list[dict], options: dict[str, Any], device: torch.device,
+                     start_from: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Run the bundle's train.json on ``pairs``; returns the best model and what it measured."""
+        from medadapt.engine.bundle import run_workflow
+
+        held = max(1, len(pairs) // 10) if len(pairs) > 1 else 0
+        order = random.Random(options["seed"]).sample(pairs, len(pairs))
+        val, train = (order[:held], order[held:]) if held else (pairs, pairs)
+        if not held:
+            logger.warning("%s: one labelled study: it is trained on and validated on", self.spec.name)
+        entries = lambda items: [{"image": d["image"], "label": d["label"], "case": Path(d["image"]).name}  # noqa: E731
+                                 for d in items]
+        data = {"train": entries(train), "val": entries(val), "test": [], "root": "", "demo": False,
+                "counts": {"train": len(train), "val": len(val), "test": 0}}
+        run_dir = Path(self.spec.label_adapters).parent / "monailabel_run"
+        overrides = {
+            **self.spec.overrides, "bundle_root": self.spec.bundle, "dataset_dir": "served studies", "data": data,
+            "output_dir": str(run_dir), "max_epochs": options["max_epochs"], "batch_size": options["batch_size"],
+            "lr_adapter": options["lr_adapter"], "lr_head": options["lr_head"], "seed": options["seed"],
+            "method": options["method"], "val_interval": 1, "progress": False, "export_full_model": False,
+            "device": f"$torch.device({str(device)!r})", "network_def#adapter_checkpoint": start_from,
+        }
+        if options["method_options"]:
+            overrides["method_options"] = options["method_options"]
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        flow = run_workflow(Path(self.spec.bundle) / "train.json", **overrides)
+        model = flow.parser.get_parsed_content("network")
+        from medadapt.checkpoint import load_adapters
+
+        best = run_dir / "models" / "best_adapters"
+        load_adapters(model, best)  # the checkpoint the validation set chose, not the last epoch
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return model, {"metrics": metrics, "studies_validated": len(val)}
 
     def fit(self, model: torch.nn.Module, pairs: list[dict], options: dict[str, Any],
             device: torch.device) -> list[float]:
-        """The training loop; the mean loss of each epoch."""
+        """The box model's training loop (it has no bundle); the mean loss of each epoch."""
         from monai.data import DataLoader, Dataset
         from monai.losses import DiceCELoss
 
         from medadapt.injection import param_groups
         from medadapt.models import boxes_from_masks
 
-        release = resolve_release(self.spec.release, pairs[0]["label"])
-        loader = DataLoader(Dataset(pairs, self.spec.build_train_transforms(release)),
+        loader = DataLoader(Dataset(pairs, self.spec.train_transforms()),
                             batch_size=options["batch_size"], shuffle=True, num_workers=0)
-        num_classes = int(self.spec.model.get("num_classes", 1))
-        sigmoid = self.spec.task == "box_segmentation" or self.spec.multilabel or num_classes == 1
-        loss_fn = DiceCELoss(sigmoid=True) if sigmoid else DiceCELoss(to_onehot_y=True, softmax=True)
+        loss_fn = DiceCELoss(sigmoid=True)  # MedSAM's loss: Dice + binary cross-entropy on the mask
         optimizer = torch.optim.AdamW(param_groups(model, options["lr_adapter"], options["lr_head"]))
         generator = torch.Generator().manual_seed(options["seed"])
         model.train()
@@ -161,11 +200,8 @@ class AdapterTrainTask(TrainTask):
             for batch in loader:
                 # Plain tensors: the loop needs no metadata, and custom ops need not handle MetaTensor.
                 image, label = (batch[k].as_subclass(torch.Tensor).to(device) for k in ("image", "label"))
-                if self.spec.task == "box_segmentation":
-                    boxes = boxes_from_masks(label.cpu(), jitter=int(options["box_jitter"]), generator=generator)
-                    logits = model(image, boxes.to(device))
-                else:
-                    logits = model(image)
+                boxes = boxes_from_masks(label.cpu(), jitter=int(options["box_jitter"]), generator=generator)
+                logits = model(image, boxes.to(device))
                 loss = loss_fn(logits, label)
                 optimizer.zero_grad()
                 loss.backward()

@@ -161,7 +161,7 @@ def _tumour(brain: np.ndarray, wm: np.ndarray, size: int, spacing: float, rng: n
     wobble = 1.0 + 0.35 * smooth_noise(brain.shape, rng, cells=6)  # irregular, finger-like edema
     seg = np.zeros(brain.shape, dtype=np.uint8)
     seg[(distance * wobble < 1.0) & brain] = 2
-    rim_radius = rng.uniform(0.4, 0.55)
+    rim_radius = rng.uniform(0.55, 0.75)  # tumour core about a third of the whole tumour by volume, as in gliomas
     seg[(distance < rim_radius) & brain] = 4
     if rng.random() < 0.8:  # most, not all, glioblastomas have a necrotic core
         seg[(distance < rim_radius * rng.uniform(0.5, 0.75)) & brain] = 1
