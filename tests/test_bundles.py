@@ -178,3 +178,38 @@ def test_bad_adapter_dtype_is_named_before_training(tmp_path):
                         check=False)
     assert result.returncode != 0 and "dtype must be one of" in result.stderr and "'int8'" in result.stderr
     assert not (out / "models").exists()
+
+
+def test_amp_runs_the_network_in_half_precision_on_the_cpu():
+    import torch
+    from monai.inferers import SimpleInferer
+
+    from medadapt.engine.amp import AutocastInferer, amp_dtype, monai_amp
+
+    seen = []
+
+    def network(x):
+        y = torch.nn.functional.linear(x, torch.ones(2, x.shape[-1]))
+        seen.append(y.dtype)
+        return y
+
+    x = torch.randn(3, 4)
+    out = AutocastInferer(SimpleInferer(), amp=True, device="cpu")(x, network)
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32  # the loss sees float32
+    AutocastInferer(SimpleInferer(), amp=False, device="cpu")(x, network)
+    assert seen[-1] == torch.float32
+    assert amp_dtype("fp16", "cpu") == torch.float16 and not monai_amp(True, "cpu") and monai_amp(True, "cuda")
+    with pytest.raises(ValueError, match="'amp'"):
+        amp_dtype("half", "cpu")
+
+
+@pytest.mark.slow
+def test_a_bundle_trains_with_amp_on_the_cpu(tmp_path):
+    out = tmp_path / "run"
+    run_bundle("bundles/dka_busi_seg/train.json", *TINY, "--demo_options", SMALL_DEMO["dka_busi_seg"],
+               "--max_epochs", "1", "--output_dir", str(out), "--image_size", "64", "--amp", "True")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["val_mean_dice"] <= 1.0
+    result = run_bundle("bundles/dka_busi_seg/train.json", *TINY, "--amp", "half", "--output_dir",
+                        str(tmp_path / "bad"), check=False)
+    assert result.returncode != 0 and "'amp'" in result.stderr and not (tmp_path / "bad" / "splits.json").exists()

@@ -170,16 +170,30 @@ def test_protocol_holds_for_any_class_sizes(sizes, fractions, folds, seed, group
 # ---------------------------------------------------------------------------- duplicates
 def test_duplicate_images_grouped_or_raised(tmp_path):
     datalist = tiny_files_datalist(tmp_path, [0] * 10 + [1] * 10)
-    shutil.copyfile(datalist[3]["image"], datalist[15]["image"])  # same picture, two classes
+    shutil.copyfile(datalist[3]["image"], datalist[5]["image"])  # the same picture twice
     for seed in range(5):
         splits = make_splits(datalist, [0.3, 1.0], folds=3, seed=seed, label_key="class")
         assert len(splits["duplicates"]) == 1
-        assert sorted(splits["duplicates"][0]) == ["img_0003.bin", "img_0015.bin"]
-        test = {e["case"] for e in splits["test"]}
-        assert ({"c3", "c15"} <= test) or not ({"c3", "c15"} & test)  # same side, always
+        assert sorted(splits["duplicates"][0]) == ["img_0003.bin", "img_0005.bin"]
+        for part in ("test", "val"):
+            held = {e["case"] for e in splits[part]}
+            assert ({"c3", "c5"} <= held) or not ({"c3", "c5"} & held)  # same side, always
     with pytest.raises(DatasetError) as error:
         make_splits(datalist, [0.3], folds=1, seed=0, label_key="class", duplicates="raise")
-    assert "img_0003.bin" in str(error.value) and "img_0015.bin" in str(error.value)
+    assert "img_0003.bin" in str(error.value) and "img_0005.bin" in str(error.value)
+    # The same picture under two classes: one label is wrong, and it is named, not grouped.
+    shutil.copyfile(datalist[3]["image"], datalist[15]["image"])
+    with pytest.raises(DatasetError, match=r"different classes.*img_0015.bin \(class 1\)"):
+        make_splits(datalist, [0.3], folds=1, seed=0, label_key="class")
+
+
+def test_folds_that_must_share_images_say_so(tmp_path, caplog):
+    datalist = tiny_files_datalist(tmp_path, [0] * 6 + [1] * 6)
+    splits = make_splits(datalist, [0.5], folds=4, seed=0, label_key="class", val_fraction=0)
+    record = splits["fractions"][0]
+    assert record["repeats"] and "fold(s)" in record["repeats"] and record["repeats"] in splits["notes"]
+    assert "too few images for 4 disjoint training subsets" in caplog.text
+    assert make_splits(datalist, [0.1], folds=2, seed=0, label_key="class", val_fraction=0)["fractions"][0]["repeats"] is None
 
 
 def test_leakage_check_catches_edited_json(tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import logging
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from medadapt.data.errors import DatasetError
+
+logger = logging.getLogger("medadapt")
 
 FORMAT = "medadapt-splits/1"
 PATH_KEYS = ("image", "label")
@@ -98,6 +101,8 @@ def make_splits(
     if duplicate_sets and duplicates == "raise":
         listing = "; ".join(" == ".join(d) for d in duplicate_sets[:10])
         raise DatasetError(f"{len(duplicate_sets)} set(s) of identical images found: {listing}")
+    if label_key is not None:
+        _check_duplicate_labels(entries, hashes, label_key, root)
     strata = _group_strata(entries, groups, label_key)
 
     if fixed_test is None:
@@ -121,6 +126,7 @@ def make_splits(
     val = [e for g in sorted(val_groups) for e in by_group[g]]
 
     result_fractions = [_draw_fraction(f, folds, seed, pool_strata, sizes, by_group) for f in fractions]
+    notes += [r["repeats"] for r in result_fractions if r["repeats"]]
 
     splits = {
         "format": FORMAT,
@@ -326,6 +332,19 @@ def _join_duplicates(groups, hashes, entries, root) -> tuple[list[str], list[lis
     return [find(g) for g in groups], duplicate_sets
 
 
+def _check_duplicate_labels(entries, hashes, label_key, root) -> None:
+    """Identical images must not carry different classes: one of the two labels is wrong, and
+    grouping them would hide it."""
+    labels = defaultdict(dict)
+    for entry, digest in zip(entries, hashes):
+        labels[digest][os.path.relpath(_first_image(entry), root)] = entry.get(label_key)
+    conflicts = [files for files in labels.values() if len(set(map(str, files.values()))) > 1]
+    if conflicts:
+        listing = "; ".join(", ".join(f"{name} ({label_key} {value})" for name, value in files.items())
+                            for files in conflicts[:10])
+        raise DatasetError(f"{len(conflicts)} image(s) appear with different classes (identical content): {listing}")
+
+
 def _group_strata(entries, groups, label_key) -> dict:
     """Groups per class (the most common class of a group's images; ties to the smallest)."""
     if label_key is None:
@@ -395,9 +414,17 @@ def _draw_fraction(fraction, folds, seed, pool_strata, sizes, by_group) -> dict:
     pool = sum(sizes[g] for gs in pool_strata.values() for g in gs)
     for record in record_folds:
         record["actual_fraction"] = round(record["count"] / pool, 6) if pool else 0.0
+    shared = sorted({k for k in range(folds) for j in range(k) if set(fold_groups[k]) & set(fold_groups[j])})
+    repeats = None
+    if shared:
+        # The cyclic walk ran out of unused groups: later folds reuse images of earlier ones.
+        repeats = (f"fraction {fraction:g}: the pool holds too few images for {folds} disjoint training subsets; "
+                   f"fold(s) {', '.join(map(str, shared))} share images with earlier folds")
+        logger.warning(repeats)
     return {
         "fraction": fraction,
         "pool": pool,
+        "repeats": repeats,
         "target_per_class": targets,
         "bumped": [str(s) for s in bumped],
         "folds": record_folds,

@@ -145,6 +145,13 @@ def read_splits_file(path: str, dataset: str, task: str, root: str, datalist: li
         raise ValueError(f"splits_file {file} was made for dataset {splits.get('dataset')!r}, not {dataset!r}")
     if splits.get("task") not in (None, task):
         raise ValueError(f"splits_file {file} was made for task {splits.get('task')!r}, not {task!r}")
+    made_for = Path(str(splits.get("root", ""))).expanduser()
+    if made_for.resolve() != Path(root).resolve():
+        if made_for.is_dir():
+            raise ValueError(f"splits_file {file} was made for the dataset folder {made_for}, not for dataset_dir "
+                             f"{root} (another folder); make one for this folder with `medadapt split`")
+        logger.warning("splits_file %s was made for %s, which no longer exists: reading its paths under %s",
+                       file, made_for, root)
     known = {_image_key(e) for e in datalist}
     parts = [load_split(splits, part="test", root=root), load_split(splits, part="val", root=root)]
     parts += [load_split(splits, r["fraction"], f["fold"], "train", root=root)
