@@ -109,7 +109,7 @@ def test_brats_cases_load_or_fail_clearly(shape, dtype, poison, label_values, mo
 
 @pytest.mark.parametrize("value", ["abc", "nan", "0", "1.5", "-0.1"])
 def test_fraction_of_the_wrong_type_or_range_is_named(value):
-    from medadapt.engine.workflow import check_fraction
+    from medadapt.engine.data import check_fraction
 
     with pytest.raises(ValueError, match="'fraction'"):
         check_fraction(value)

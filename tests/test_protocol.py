@@ -336,3 +336,67 @@ def test_mni152_tissue_3d_runs_a_cell_with_3d_adapters(tmp_path):
     # 3D kernels over the stack of 4 slices.
     assert options["spatial_dims"] == 3 and options["num_slices"] == 4
     assert cell["settings"]["method_options"]["spatial_dims"] == 3
+
+
+def _adapter_tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {p.parent.parent.name: load_file(p) for p in (out / "cells").glob("*/adapters/*.safetensors")}
+
+
+@pytest.mark.slow
+def test_ray_runs_the_same_cells_as_a_serial_run(tmp_path, demo_dir):
+    pytest.importorskip("ray")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the serial run computes as each one-CPU Ray task does
+    try:
+        serial = _grid(tmp_path / "serial", demo_dir, methods=["dka", "linear"], fractions=[1.0], folds=2)
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = _grid(tmp_path / "ray", demo_dir, methods=["dka", "linear"], fractions=[1.0], folds=2, ray="local")
+    assert sorted(on_ray.ran) == sorted(serial.ran) and len(on_ray.ran) == 4
+    assert [r["accuracy_folds"] for r in on_ray] == [r["accuracy_folds"] for r in serial]
+    ours, theirs = _adapter_tensors(tmp_path / "serial"), _adapter_tensors(tmp_path / "ray")
+    assert ours.keys() == theirs.keys() and len(ours) == 4
+    for cell in ours:
+        for key in ours[cell]:
+            torch.testing.assert_close(theirs[cell][key], ours[cell][key], rtol=0, atol=0, msg=f"{cell} {key}")
+    # A second run (a driver killed and started again) finds every cell finished.
+    again = _grid(tmp_path / "ray", demo_dir, methods=["dka", "linear"], fractions=[1.0], folds=2, ray="local")
+    assert again.ran == [] and len(again.skipped) == 4
+
+
+@pytest.mark.slow
+def test_a_killed_ray_worker_is_retried(tmp_path, demo_dir):
+    """The driver runs in a process of its own; a worker is killed mid-cell and Ray runs the
+    cell again, so the table is complete."""
+    pytest.importorskip("ray")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "killed"
+    code = ("from medadapt.protocol.runner import run_protocol; import json, sys; "
+            f"kwargs = json.loads(sys.argv[1]); run_protocol(**kwargs, echo=print)")
+    kwargs = {k: v for k, v in SMALL.items() if k != "echo"}
+    kwargs.update(methods=["dka"], fractions=[1.0], folds=2, out=str(out), demo_dir=str(demo_dir), ray="local",
+                  epochs=3)
+    driver = subprocess.Popen([sys.executable, "-c", code, json.dumps(kwargs)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and driver.poll() is None:
+        for proc in psutil.process_iter(["cmdline"]):
+            if any("run_cell" in part for part in (proc.info["cmdline"] or [])):
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = proc.pid
+                break
+        time.sleep(0.2)
+    output, _ = driver.communicate(timeout=600)
+    assert killed is not None, "no Ray worker was seen running a cell"
+    assert driver.returncode == 0, output[-3000:]
+    assert len(list((out / "cells").glob("*.json"))) == 2

@@ -103,3 +103,32 @@ def test_same_seed_gives_the_same_split_and_training(tmp_path):
     a, b = _adapters(runs[0]), _adapters(runs[1])
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_cladapter_stages_run_in_the_bundle_and_resume_in_stage_two(tmp_path):
+    from medadapt.checkpoint import read_adapter_config
+
+    args = [*TINY, "--demo_options", SMALL_DEMO[BUNDLE], "--image_size", "64", "--method", "cladapter",
+            "--method_options", "{'num_clusters': 4, 'bottleneck': 8}", "--stage2_epoch", "2",
+            "--train#preprocessing", "%validate#preprocessing"]
+    straight = tmp_path / "straight"
+    run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "3", "--output_dir", str(straight))
+    log = (straight / "train.log").read_text()
+    stage1 = next(line for line in log.splitlines() if "stage 1 of 2" in line)
+    stage2 = next(line for line in log.splitlines() if "stage 2 of 2" in line)
+    assert "epoch 2: stage 2 of staged fine-tuning, learning rates x 0.1" in log
+    count = lambda line: int(line.split(":")[-1].split(" of ")[0].replace(",", "").strip())  # noqa: E731
+    assert count(stage2) > count(stage1)  # the encoder trains in stage 2
+    assert read_adapter_config(straight / "models" / "adapters")["stage"] == 2
+
+    # Killed after epoch 2 (in stage 2), then resumed: the same run as the straight one.
+    resumed = tmp_path / "resumed"
+    run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "2", "--output_dir", str(resumed),
+               "--lr_scheduler#T_max", f"$3 * len(@train#dataloader)")
+    run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "3", "--output_dir", str(resumed),
+               "--resume", "True")
+    expected, got = _adapters(straight), _adapters(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -39,7 +39,8 @@ def run_cells_on_ray(cells: list[dict], address: str, finished: Callable[[dict],
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_gpus": 0, "num_cpus": 1}
         task = ray.remote(max_retries=MAX_RETRIES, **options)(run_cell)
         echo(f"ray: {len(cells)} cell(s) on {int(resources.get('CPU', 0))} CPU(s) and {gpus} GPU(s)")
-        pending = {task.remote({k: v for k, v in cell.items() if k != "key"}): cell for cell in cells}
+        work = [{**{k: v for k, v in cell.items() if k != "key"}, "threads": options["num_cpus"]} for cell in cells]
+        pending = {task.remote(item): item for item in work}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for future in done:

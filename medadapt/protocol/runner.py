@@ -210,13 +210,17 @@ def run_cell(cell: dict) -> dict:
     """Run one cell: the bundle's train config with the cell's overrides, then its evaluate
     config on the fixed test set; keep the best adapters and write the cell's record.
 
-    ``cell`` holds "bundle", "overrides", "folder" (the cell's output folder), "record_path"
-    and "record" (the record's fields known before training). Plain data, so that a Ray worker
-    can run it. Returns the finished record.
+    ``cell`` holds "bundle", "overrides", "folder" (the cell's output folder), "record_path",
+    "record" (the record's fields known before training) and optionally "threads". Plain data,
+    so that a Ray worker can run it. Returns the finished record.
     """
     from medadapt.engine.bundle import run_workflow
 
     bundle, folder = Path(cell["bundle"]), Path(cell["folder"])
+    if cell.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cell["threads"]))  # a Ray task's share of the machine
     checkpoints = folder / "checkpoints"
     if folder.exists():
         shutil.rmtree(folder)  # a cell killed half-way starts again from scratch
