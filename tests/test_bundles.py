@@ -213,3 +213,15 @@ def test_a_bundle_trains_with_amp_on_the_cpu(tmp_path):
     result = run_bundle("bundles/dka_busi_seg/train.json", *TINY, "--amp", "half", "--output_dir",
                         str(tmp_path / "bad"), check=False)
     assert result.returncode != 0 and "'amp'" in result.stderr and not (tmp_path / "bad" / "splits.json").exists()
+
+
+def test_every_transform_of_the_recipe_is_config_a_user_can_override():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles/dka_busi_seg/train.json"))
+    steps = parser["train#preprocessing#transforms"]
+    index = next(i for i, s in enumerate(steps) if s["_target_"] == "RandAdjustContrastd")
+    parser.update({f"train#preprocessing#transforms#{index}#prob": 0.2, "image_size": 32})
+    transform = parser.get_parsed_content("train#preprocessing").transforms[index]
+    assert type(transform).__name__ == "RandAdjustContrastd" and transform.prob == 0.2
