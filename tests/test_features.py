@@ -66,3 +66,64 @@ def test_caching_asks_the_methods_config_whether_the_encoder_output_is_fixed(mon
     medadapt.set_stage(cluster, 2)   # stage 2 trains the encoder: its features change
     with pytest.raises(ValueError, match="frozen encoder"):
         output_adapter(cluster)
+
+
+def _tiny(method, options=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return medadapt.create_model("classification", backbone="timm:convnext_atto", backbone_options=TINY,
+                                     num_classes=3, method=method, method_options=options or {})
+
+
+class CountingInferer:
+    """SimpleInferer that counts the samples it ran through the whole network."""
+
+    def __init__(self):
+        self.samples = 0
+
+    def __call__(self, inputs, network):
+        self.samples += len(inputs)
+        return network(inputs)
+
+
+@pytest.mark.parametrize("method,options", [("linear", {}), ("cladapter", {"bottleneck": 8, "num_clusters": 3})])
+def test_the_training_inferer_reuses_features_of_repeated_inputs(method, options):
+    from medadapt.engine.features import FeatureCacheInferer
+
+    model = _tiny(method, options)
+    model.eval()  # compare with the plain forward without dropout
+    inner = CountingInferer()
+    inferer = FeatureCacheInferer(inner)
+    x = torch.rand(4, 3, 64, 64)
+    calls = []
+    real = model.features
+    model.features = lambda inputs: calls.append(len(inputs)) or real(inputs)  # a spy on one instance
+    first = inferer(x, model)
+    inferer.epoch_completed()
+    second = inferer(x[[2, 0]], model)  # the same samples, another batch
+    assert calls == [4] and inner.samples == 0  # encoded once, the second batch from memory
+    del model.features
+    torch.testing.assert_close(first, model(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, model(x[[2, 0]]), rtol=1e-5, atol=1e-6)
+    second.sum().backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+
+
+def test_the_cache_stays_out_of_the_way_where_it_cannot_help():
+    from medadapt.engine.features import FeatureCacheInferer
+
+    # A method whose training changes the encoder: every batch through the network.
+    dka = _tiny("dka")
+    inner = CountingInferer()
+    inferer = FeatureCacheInferer(inner)
+    inferer(torch.rand(2, 3, 64, 64), dka)
+    assert inner.samples == 2 and not inferer.cache
+    # Inputs that never repeat (random augmentation): off after the second epoch, memory freed.
+    linear = _tiny("linear")
+    inferer = FeatureCacheInferer(CountingInferer())
+    for _ in range(2):
+        inferer(torch.rand(2, 3, 64, 64), linear)
+        inferer.epoch_completed()
+    assert not inferer.enabled and not inferer.cache and inferer.bytes == 0
+    with pytest.raises(ValueError, match="feature_cache"):
+        FeatureCacheInferer(CountingInferer(), enabled="always")
