@@ -278,19 +278,28 @@ def split_summary(splits: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- internals
-def _check_arguments(datalist, fractions, folds, test_fraction, val_fraction, duplicates) -> list[float]:
-    if not datalist:
-        raise DatasetError("cannot split an empty datalist: no cases were found")
+def check_fractions(fractions) -> list[float]:
+    """``fractions`` as floats, each in (0, 1] and none repeated, or an error naming ``--fractions``."""
     if not fractions:
         raise ValueError("fractions (--fractions): give at least one fraction in (0, 1]")
     checked = []
     for f in fractions:
-        f = float(f)
-        if not 0.0 < f <= 1.0 or math.isnan(f):
+        try:
+            value = float(f)
+        except (TypeError, ValueError):
+            raise ValueError(f"fractions (--fractions): {f!r} is not a number") from None
+        if math.isnan(value) or not 0.0 < value <= 1.0:
             raise ValueError(f"fractions (--fractions): {f} is not in (0, 1]; a fraction is the share of the training pool")
-        checked.append(f)
+        checked.append(value)
     if len(set(checked)) != len(checked):
         raise ValueError(f"fractions (--fractions): {checked} repeats a value")
+    return checked
+
+
+def _check_arguments(datalist, fractions, folds, test_fraction, val_fraction, duplicates) -> list[float]:
+    if not datalist:
+        raise DatasetError("cannot split an empty datalist: no cases were found")
+    checked = check_fractions(fractions)
     if int(folds) < 1:
         raise ValueError(f"folds (--folds) must be at least 1, got {folds}")
     if not 0.0 < float(test_fraction) < 1.0:

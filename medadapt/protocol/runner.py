@@ -76,6 +76,7 @@ def check_arguments(dataset: str, task: str | None, methods, fractions, folds, e
     """Validate everything before any data or model is touched; errors name the option."""
     from medadapt.adapters import list_methods
     from medadapt.data import get_preset
+    from medadapt.data.splits import check_fractions
 
     try:
         preset = get_preset(dataset)
@@ -94,19 +95,7 @@ def check_arguments(dataset: str, task: str | None, methods, fractions, folds, e
             raise ValueError(f"methods (--methods): unknown method {method!r}; choose from {known}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods (--methods): {methods} repeats a method")
-    if not fractions:
-        raise ValueError("fractions (--fractions): give at least one fraction in (0, 1]")
-    checked = []
-    for f in fractions:
-        try:
-            value = float(f)
-        except (TypeError, ValueError):
-            raise ValueError(f"fractions (--fractions): {f!r} is not a number") from None
-        if math.isnan(value) or not 0.0 < value <= 1.0:
-            raise ValueError(f"fractions (--fractions): {f} is not in (0, 1]; a fraction is the share of the training pool")
-        checked.append(value)
-    if len(set(checked)) != len(checked):
-        raise ValueError(f"fractions (--fractions): {checked} repeats a value")
+    checked = check_fractions(fractions)
     for name, value, low in (("folds", folds, 1), ("epochs", epochs, 1), ("batch_size", batch_size, 1)):
         if int(value) < low:
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least {low}, got {value}")
