@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -301,6 +302,65 @@ def test_bad_inputs_raise_value_error():
         dwconv_multi(x, [torch.randn(4, 1, 5, 5), torch.randn(2, 1, 3, 3)])
     with pytest.raises(ValueError, match="same number of dimensions"):
         fold_kernels([torch.randn(4, 1, 5, 5), torch.randn(4, 1, 3, 3, 3)])
+
+
+# ----------------------------------------------------------------------------- graph capture (export)
+
+@pytest.mark.parametrize("x_shape,kernel", CASES_2D + CASES_3D)
+def test_plain_fft_dwconv_matches_torch_and_scripts(x_shape, kernel):
+    """fft_dwconv, the FFT path as plain torch code, is exact and compiles with TorchScript."""
+    scripted = torch.jit.script(dwconv_impl.fft_dwconv)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*x_shape, generator=gen, dtype=torch.float64)
+    w = torch.randn(x_shape[1], 1, *kernel, generator=gen, dtype=torch.float64)
+    w = clip_kernel(w, x_shape[2:])
+    sizes = dwconv_impl.export_fft_sizes(tuple(x_shape[2:]), tuple(w.shape[2:]))
+    reference = _reference(x, w)
+    assert _rel(dwconv_impl.fft_dwconv(x, w, sizes), reference) < 1e-12
+    assert _rel(scripted(x, w, sizes), reference) < 1e-12
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.w = torch.nn.Parameter(weight)
+
+    def forward(self, x):
+        return dwconv(x, self.w)
+
+
+@pytest.mark.parametrize("x_shape,kernel", [((1, 8, 48, 40), (51, 51)), ((1, 4, 4, 40, 36), (3, 51, 51))])
+def test_traced_dwconv_is_plain_torch_and_takes_any_batch(x_shape, kernel):
+    """Under torch.jit.trace the FFT path records as fft ops (no Python autograd Function, so
+    the graph saves), with the inference path's choice even when gradients are enabled."""
+    import io
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(*x_shape, generator=gen)
+    module = _Conv(torch.randn(x_shape[1], 1, *kernel, generator=gen))
+    assert module.w.requires_grad and choose_path(x.shape, module.w.shape) == "fft"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)   # shapes are read as ints on purpose
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "fft_rfftn" in graph and "PythonOp" not in graph
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x3 = torch.randn(3, *x_shape[1:], generator=gen)
+    with torch.no_grad():
+        assert _rel(loaded(x3), _reference(x3.double(), module.w.detach().double())) < RTOL
+
+
+def test_dwconv_exports_with_torch_export():
+    """torch.export (what torch.onnx.export uses) records the plain FFT ops as well."""
+    gen = torch.Generator().manual_seed(3)
+    module, x = _Conv(torch.randn(4, 1, 51, 51, generator=gen)).eval(), torch.randn(1, 4, 40, 40, generator=gen)
+    program = torch.export.export(module, (x,), strict=False)
+    assert "fft_rfftn" in str(program.graph)
+    with torch.no_grad():
+        assert _rel(program.module()(x), _reference(x.double(), module.w.detach().double())) < RTOL
 
 
 def test_benchmark_quick_run_smoke():

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medadapt.ops.dwconv import capturing_graph
+
 if TYPE_CHECKING:
     from medadapt.families import Family, Site
 
@@ -128,8 +130,11 @@ class TokenLayout:
             grid = t
         n, h, w, c = grid.shape
         # Plain tensors inside: MONAI's MetaTensor metadata describes images, not these grids,
-        # and its batch bookkeeping breaks on the reshapes below.
-        m = grid.permute(0, 3, 1, 2).as_subclass(torch.Tensor)
+        # and its batch bookkeeping breaks on the reshapes below. (Not while a graph is
+        # recorded: torch.export cannot record as_subclass, and its inputs are no MetaTensors.)
+        m = grid.permute(0, 3, 1, 2)
+        if type(m) is not torch.Tensor and not capturing_graph():
+            m = m.as_subclass(torch.Tensor)
         if self.spatial_dims == 3:
             if n % self.num_slices:
                 raise ValueError(

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from medadapt.backbones import Backbone
 from medadapt.backbones.base import POOLS
+from medadapt.models.export import ExportableModel
 from medadapt.models.stem import InputMapping, make_stem
 
 
@@ -25,7 +26,7 @@ def backbone_input(x: torch.Tensor, stem: nn.Module, backbone: Backbone, preproc
     return backbone.preprocess(x) if preprocess else x
 
 
-class Classifier(nn.Module):
+class Classifier(ExportableModel, nn.Module):
     """Backbone features, pooled (class token, or mean over the grid), into a linear head.
 
     With CLAdapter injected, the pooled tokens are CLAdapter's output, which makes this the

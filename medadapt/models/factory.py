@@ -53,6 +53,7 @@ def create_model(
     slice_axis: int = 2,
     gradient_checkpointing: bool = False,
     pool: str | None = None,
+    export_input_size: list[int] | None = None,
 ) -> nn.Module:
     """Build a task model around a pretrained backbone and inject ``method``.
 
@@ -75,6 +76,10 @@ def create_model(
         storing their activations (less memory, more time; see benchmarks).
       pool: classification: "cls" (the class token) or "mean" (of the patch tokens); None: the
         class token where the backbone has one.
+      export_input_size: the spatial size of the inputs the model is deployed at ([H, W], or the
+        patch [X, Y, Z] for "segmentation3d"), at which ``torch.jit.script(model)`` and MONAI's
+        ``ckpt_export`` trace it (see ``medadapt.models.export``); None: the fixed input size
+        of the encoder (LiteMedSAM, SAM), if it has one. Nothing else depends on it.
     """
     # Every argument, taken before anything else is defined: save_adapters writes them so that
     # medadapt.load_model can rebuild this model from its adapter folder alone.
@@ -105,5 +110,7 @@ def create_model(
         load_adapters(model, adapter_checkpoint)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if export_input_size is not None:
+        model.export_input_size = tuple(int(s) for s in export_input_size)
     record_build(model, build_arguments)
     return model

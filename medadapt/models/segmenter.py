@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from medadapt.backbones import Backbone
 from medadapt.models.classifier import backbone_input
 from medadapt.models.decoder import PyramidDecoder
+from medadapt.models.export import ExportableModel
 from medadapt.models.stem import InputMapping, make_stem
 
 
-class Segmenter(nn.Module):
+class Segmenter(ExportableModel, nn.Module):
     """Logits (B, K, H, W) at the input's resolution.
 
     Arguments:

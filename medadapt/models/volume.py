@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from medadapt.backbones import Backbone
 from medadapt.models.decoder import PyramidDecoder
+from medadapt.models.export import ExportableModel
 from medadapt.models.stem import InputMapping, make_stem
 
 
@@ -24,7 +25,7 @@ def stack_adapter_options(options: dict, num_slices: int) -> dict:
     return {"spatial_dims": 3, "num_slices": num_slices, **options}
 
 
-class VolumeSegmenter(nn.Module):
+class VolumeSegmenter(ExportableModel, nn.Module):
     """Logits (B, K, *spatial) for volumes (B, C, *spatial).
 
     Arguments:

@@ -16,6 +16,12 @@ The choice comes from the cost model in :func:`choose_path`. Kernels are first c
 the part that can ever touch the map (:func:`clip_kernel`), which is exact for odd and
 even kernels alike.
 
+While a graph is being recorded (``torch.jit.trace``, ``torch.export`` and the ONNX
+exporter built on it, ``torch.compile``; see :func:`capturing_graph`) the paths are chosen
+as for inference and the FFT path runs as plain torch operations (``dwconv_impl.fft_dwconv``):
+a recorded graph cannot hold the Python autograd Functions, and an exported model needs
+no backward. ``"mixed"`` is torch's convolution in the forward, so it records as ``"direct"``.
+
 Under ``torch.autocast`` every path returns what torch's convolution would, a tensor in
 the autocast dtype, with gradients in the dtypes of ``x`` and the kernel: the direct
 convolutions run in the autocast dtype, the FFTs in fp32 (half-precision FFTs are slow or
@@ -35,12 +41,16 @@ from medadapt.ops.dwconv_impl import (
     MixedDepthwiseConv,
     autocast_dtype,
     direct_dwconv,
+    export_fft_sizes,
+    fft_dwconv,
     fft_plan,
     fft_size,
     same_offsets,
+    static_shape,
 )
 
-__all__ = ["dwconv", "dwconv_multi", "fold_kernels", "clip_kernel", "choose_path", "path_costs", "fft_size"]
+__all__ = ["dwconv", "dwconv_multi", "fold_kernels", "clip_kernel", "choose_path", "path_costs", "fft_size",
+           "capturing_graph"]
 
 PATHS = ("direct", "fft", "mixed")
 
@@ -65,8 +75,9 @@ def clip_kernel(weight: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     the same. The result is a view, so gradients flow back into the full kernel (and are
     zero on the taps that never touch data, as they must be).
     """
-    ranges = [_clip_range(k, n) for k, n in zip(weight.shape[2:], spatial)]
-    if all(start == 0 and stop == k for (start, stop), k in zip(ranges, weight.shape[2:])):
+    kernel = static_shape(weight)[2:]
+    ranges = [_clip_range(k, int(n)) for k, n in zip(kernel, spatial)]
+    if all(start == 0 and stop == k for (start, stop), k in zip(ranges, kernel)):
         return weight   # nothing to cut: no view, no extra autograd node
     return weight[(slice(None), slice(None), *(slice(*r) for r in ranges))]
 
@@ -82,22 +93,23 @@ def fold_kernels(weights: list[torch.Tensor]) -> torch.Tensor:
     """
     if not weights:
         raise ValueError("fold_kernels needs at least one kernel")
-    ndim = weights[0].ndim
-    if ndim not in (4, 5) or any(w.ndim != ndim for w in weights):
+    shapes = [static_shape(w) for w in weights]
+    ndim = len(shapes[0])
+    if ndim not in (4, 5) or any(len(shape) != ndim for shape in shapes):
         raise ValueError(
             "fold_kernels expects kernels shaped (C, 1, kh, kw) or (C, 1, kd, kh, kw), all with the same "
-            f"number of dimensions; got {[tuple(w.shape) for w in weights]}"
+            f"number of dimensions; got {shapes}"
         )
-    if any(w.shape[:2] != weights[0].shape[:2] for w in weights):
-        raise ValueError(f"fold_kernels needs kernels with the same channels; got {[tuple(w.shape) for w in weights]}")
-    size = [max(w.shape[d] for w in weights) for d in range(2, ndim)]
+    if any(shape[:2] != shapes[0][:2] for shape in shapes):
+        raise ValueError(f"fold_kernels needs kernels with the same channels; got {shapes}")
+    size = [max(shape[d] for shape in shapes) for d in range(2, ndim)]
     big = [same_offsets(k) for k in size]
     total = None
-    for w in weights:
+    for w, shape in zip(weights, shapes):
         pad = []
         # F.pad lists (low, high) pairs starting from the last axis.
         for d in reversed(range(2, ndim)):
-            left, right = same_offsets(w.shape[d])
+            left, right = same_offsets(shape[d])
             big_left, big_right = big[d - 2]
             pad += [big_left - left, big_right - right]
         w = F.pad(w, pad) if any(pad) else w
@@ -234,26 +246,42 @@ def _run_path(x: torch.Tensor, weight: torch.Tensor, path: str, out_dtype: torch
     return function.apply(x, weight, axes, sizes, out_dtype or x.dtype)
 
 
+def _run_path_captured(x: torch.Tensor, weight: torch.Tensor, path: str,
+                       out_dtype: torch.dtype | None) -> torch.Tensor:
+    """:func:`_run_path` in plain torch operations, for a graph being recorded."""
+    sizes = export_fft_sizes(static_shape(x)[2:], static_shape(weight)[2:])
+    if path != "fft" or not any(sizes):   # "mixed" forwards by torch's convolution; 1x1 kernels are a scale
+        return _run_path(x, weight, "direct", out_dtype)
+    return fft_dwconv(x, weight, sizes).to(out_dtype or x.dtype)
+
+
+def capturing_graph() -> bool:
+    """Whether the current call is being recorded into a graph rather than run: under
+    ``torch.jit.trace``, ``torch.export`` (which ``torch.onnx.export`` uses) or ``torch.compile``."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 # ---------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------
 def _check(x: torch.Tensor, weight: torch.Tensor, name: str = "dwconv") -> None:
+    x_shape, w_shape = static_shape(x), static_shape(weight)
     if x.ndim not in (4, 5):
         raise ValueError(
-            f"{name} expects a 2D map (B, C, H, W) or a 3D map (B, C, D, H, W); got shape {tuple(x.shape)}"
+            f"{name} expects a 2D map (B, C, H, W) or a 3D map (B, C, D, H, W); got shape {x_shape}"
         )
     if weight.ndim != x.ndim:
         raise ValueError(
             f"{name} kernel must have {x.ndim} dimensions (C, 1, {'kh, kw' if x.ndim == 4 else 'kd, kh, kw'}) "
-            f"for input {tuple(x.shape)}; got {tuple(weight.shape)}"
+            f"for input {x_shape}; got {w_shape}"
         )
-    if weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
+    if w_shape[0] != x_shape[1] or w_shape[1] != 1:
         raise ValueError(
-            f"{name} kernel {tuple(weight.shape)} is not depthwise for {x.shape[1]} channels: "
-            f"expected ({x.shape[1]}, 1, ...)"
+            f"{name} kernel {w_shape} is not depthwise for {x_shape[1]} channels: "
+            f"expected ({x_shape[1]}, 1, ...)"
         )
-    if 0 in weight.shape[2:]:
-        raise ValueError(f"{name} kernel has an empty spatial axis: {tuple(weight.shape)}")
+    if 0 in w_shape[2:]:
+        raise ValueError(f"{name} kernel has an empty spatial axis: {w_shape}")
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -275,21 +303,27 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> to
       A tensor shaped like ``x``, in ``x``'s dtype, or in the autocast dtype inside
       ``torch.autocast`` (as torch's convolution). Gradients reach ``x`` and ``weight`` on
       every path, in their own dtypes; second derivatives only on the direct one (the
-      FFT-based backward passes are written by hand).
+      FFT-based backward passes are written by hand). While a graph is recorded
+      (:func:`capturing_graph`) the FFT path is plain torch code, differentiable as such.
     """
     _check(x, weight)
     if path is not None and path not in PATHS:
         raise ValueError(f"dwconv path must be one of {PATHS} or None; got {path!r}")
-    clip, path = _dispatch(tuple(x.shape), tuple(weight.shape), _needs_grad(x, weight), path)
+    captured = capturing_graph()
+    # A recorded graph is for inference (its paths are the inference ones) and holds no
+    # Python autograd Function: the FFT path then runs as plain torch operations.
+    requires_grad = False if captured else _needs_grad(x, weight)
+    clip, path = _dispatch(static_shape(x), static_shape(weight), requires_grad, path)
     if clip is not None:
         weight = weight[clip]
+    run = _run_path_captured if captured else _run_path
     out_dtype = autocast_dtype(x)
     if out_dtype is None:
-        return _run_path(x, weight, path, None)
+        return run(x, weight, path, None)
     # Each path casts for itself: autocast inside would cast the convolutions' inputs but
     # not the kernels the hand-written backward passes hand to them, nor keep FFTs in fp32.
     with torch.autocast(x.device.type, enabled=False):
-        return _run_path(x, weight, path, out_dtype)
+        return run(x, weight, path, out_dtype)
 
 
 @lru_cache(maxsize=4096)
@@ -320,5 +354,5 @@ def dwconv_multi(x: torch.Tensor, weights: list[torch.Tensor], path: str | None 
         raise ValueError("dwconv_multi expects a non-empty list of kernels")
     for w in weights:
         _check(x, w, name="dwconv_multi")
-    spatial = tuple(x.shape[2:])
+    spatial = static_shape(x)[2:]
     return dwconv(x, fold_kernels([clip_kernel(w, spatial) for w in weights]), path=path)

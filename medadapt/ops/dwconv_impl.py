@@ -6,7 +6,10 @@ Three ways to compute a "same" depthwise convolution and its gradients:
 * :class:`FFTDepthwiseConv`: real FFTs for the output and both gradients;
 * :class:`MixedDepthwiseConv`: torch's convolution for the output and the input gradient
   (its forward kernel is fast for small kernels), FFTs for the weight gradient (torch's
-  depthwise weight gradient is the slow part, 5-30x slower than its forward).
+  depthwise weight gradient is the slow part, 5-30x slower than its forward);
+* :func:`fft_dwconv`: the FFT convolution as plain torch operations, for graph capture
+  (``torch.jit.trace``, ``torch.export``, ONNX export) and TorchScript: the autograd
+  Functions above are Python code a recorded graph cannot hold.
 
 ``dwconv`` clips the kernel first and picks one by its cost model. Conventions: ``x`` is
 (B, C, *spatial), the kernel (C, 1, *kernel) with every kernel axis at most ``2 n - 1``
@@ -25,8 +28,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from functools import lru_cache
-from typing import Iterator
+from typing import Iterator, List
 
 import torch
 import torch.nn.functional as F
@@ -106,25 +110,37 @@ def fft_plan(spatial: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[tuple[i
 # ---------------------------------------------------------------------------------------
 # Direct (torch) convolution
 # ---------------------------------------------------------------------------------------
+def static_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s shape as Python ints. Under ``torch.jit.trace`` sizes are traced tensors; the
+    plan (path, clipping, padding, FFT lengths) is meant to be fixed at the traced shape, so
+    they are read as ints, without the tracer's warning about exactly that."""
+    if not torch.jit.is_tracing():
+        return tuple(t.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(int(n) for n in t.shape)
+
+
 def direct_dwconv(x: torch.Tensor, weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
     """torch's depthwise convolution with "same" padding, spelled out for even kernels.
 
     ``flip=True`` convolves with the flipped kernel and mirrored padding instead, which
     is the adjoint in ``x``: the input gradient of a "same" convolution.
     """
-    padding, pad = _direct_padding(tuple(weight.shape[2:]), flip)
+    kernel = static_shape(weight)
+    padding, pad = _direct_padding(kernel[2:], flip)
     if flip:
         weight = weight.flip(list(range(2, weight.ndim)))
     if pad is not None:
         # Pad explicitly (torch's padding="same" would make the same padded copy, and warn).
         x = F.pad(x, pad)
     if x.ndim == 4:
-        return F.conv2d(x, weight, padding=padding, groups=weight.shape[0])
+        return F.conv2d(x, weight, padding=padding, groups=kernel[0])
     # 3D: oneDNN's depthwise kernels want channels-last data. Converting there and back
     # costs two copies but makes forward+backward 3-4x faster (forward about 1.3x).
     # (In 2D the same trick loses for 3x3 kernels and for many channels, so 2D stays put.)
     fmt = torch.channels_last_3d
-    y = F.conv3d(x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt), padding=padding, groups=weight.shape[0])
+    y = F.conv3d(x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt), padding=padding, groups=kernel[0])
     return y.contiguous()
 
 
@@ -137,6 +153,59 @@ def _direct_padding(kernel: tuple[int, ...], flip: bool):
     if all(left == right for left, right in offsets):
         return [left for left, _ in offsets], None
     return 0, [p for pair in reversed(offsets) for p in pair]
+
+
+# ---------------------------------------------------------------------------------------
+# FFT convolution as plain operations (graph capture and TorchScript)
+# ---------------------------------------------------------------------------------------
+def export_fft_sizes(spatial: tuple[int, ...], kernel: tuple[int, ...]) -> list[int]:
+    """FFT length per spatial axis for :func:`fft_dwconv`, 0 where the kernel has one tap.
+
+    Every axis with more than one tap is transformed (no shifted products between spectra),
+    which keeps the recorded graph to one transform, one product and one inverse.
+    """
+    return [fft_size(n + max(same_offsets(k))) if k > 1 else 0 for n, k in zip(spatial, kernel)]
+
+
+def fft_dwconv(x: torch.Tensor, weight: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+    """"Same" depthwise convolution by real FFTs in plain torch operations.
+
+    The forward of :class:`FFTDepthwiseConv` without its blocks, kept spectra and
+    untransformed axes: ``irfftn(rfftn(x) * rfftn(flip(w)))`` cut to the "same" window, in
+    fp32 (fp64 for fp64 input). It records as a handful of ``fft_rfftn`` / ``fft_irfftn``
+    nodes, so traced, exported (ONNX's DFT) and scripted graphs can hold it, and it works
+    for any batch size. Autograd differentiates it like any torch code; training uses the
+    faster hand-written backward of the autograd Functions instead.
+
+    Arguments:
+      x: (B, C, *spatial).
+      weight: (C, 1, *kernel), every kernel axis at most ``2 n - 1`` long (see ``clip_kernel``).
+      sizes: FFT length per spatial axis, at least ``n + max(left, right)``; 0 for an axis
+        where the kernel has a single tap (see :func:`export_fft_sizes`).
+
+    Returns the result in the compute dtype (fp32 or fp64); the caller casts.
+    """
+    dims: List[int] = []
+    kdims: List[int] = []
+    lengths: List[int] = []
+    for a in range(x.dim() - 2):
+        if sizes[a] > 0:
+            dims.append(2 + a)
+            kdims.append(1 + a)
+            lengths.append(sizes[a])
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    kernel_shape: List[int] = [weight.shape[0]]
+    for a in range(2, weight.dim()):
+        kernel_shape.append(weight.shape[a])
+    # Torch's convolution is a cross-correlation: a circular convolution with the flipped
+    # kernel, read from offset ``right`` on (exact while no tap wraps onto data).
+    g = weight.reshape(kernel_shape).to(compute).flip(kdims)
+    spectrum = torch.fft.rfftn(x.to(compute), s=lengths, dim=dims) * torch.fft.rfftn(g, s=lengths, dim=kdims)
+    z = torch.fft.irfftn(spectrum, s=lengths, dim=dims)
+    for d in dims:
+        k = weight.shape[d]
+        z = z.narrow(d, k - 1 - (k - 1) // 2, x.shape[d])
+    return z
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,249 @@
+"""The bundles' models exported as MONAI exports them, and compared with the bundle's own network.
+
+``python -m monai.bundle ckpt_export`` (TorchScript) runs for every bundle with its default
+settings, on the files training leaves in ``<ckpt_dir>`` (written by the training run's own
+``BestModelSaver``); the exported module must equal the eager network that ``inference.json``
+builds on a real demo image within 1e-4 relative. ``onnx_export`` runs for a 2D bundle and
+onnxruntime must agree as well. Bundles use a tiny ConvNeXt from a weights file (so every
+process builds the same backbone, as with real pretrained weights); one test exports the
+default LiteMedSAM backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medadapt.engine.bundle import parsed
+from medadapt.engine.handlers import BestModelSaver
+from medadapt.models import create_model
+from medadapt.models.export import match_checkpointing
+from test_bundles import REPO
+
+BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "inference.json").is_file())
+TINY_OPTIONS = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
+SMALL_DEMO = {
+    "dka_brats": {"num_cases": 4, "size": 32},
+    "dka_busi_seg": {"per_class": 3},
+    "dka_busi_cls": {"per_class": 3},
+    "dka_isic2018_seg": {"n": 6},
+    "dka_isic2019_cls": {"n": 24},
+    "dka_mni152_tissue": {},
+    "dka_mni152_tissue_3d": {},
+}
+ROI = {"dka_brats": [32, 32, 4], "dka_mni152_tissue_3d": [64, 64, 4]}
+RTOL = 1e-4
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A weights file for the tiny ConvNeXt: each process then builds the same backbone, as
+    from a pretrained file (adapter folders refuse a backbone other than their own)."""
+    import timm
+
+    path = tmp_path_factory.mktemp("backbone") / "convnext_atto_tiny.pth"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(timm.create_model("convnext_atto", pretrained=False, num_classes=0, **TINY_OPTIONS).state_dict(), path)
+    return path
+
+
+def settings(bundle: str, **values) -> dict:
+    values = {"image_size": 64, "demo_options": SMALL_DEMO[bundle], **values}
+    if bundle in ROI:
+        values["roi_size"] = ROI[bundle]
+    return values
+
+
+def tiny(bundle: str, checkpoint: Path) -> dict:
+    return settings(bundle, backbone="timm:convnext_atto", backbone_options=TINY_OPTIONS,
+                    backbone_checkpoint=str(checkpoint))
+
+
+def cli(values: dict) -> list[str]:
+    return [a for k, v in values.items() for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+
+
+def write_trained_files(bundle: str, values: dict, models: Path) -> None:
+    """What training leaves in ``models``: the network train.json builds, with trained (here:
+    perturbed) adapters and head, saved by the bundle's BestModelSaver on a new best epoch."""
+    network = parsed(REPO / "bundles" / bundle / "train.json", "network_def", **values)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in network.parameters():
+            if p.requires_grad:   # zero-initialised up-projections would make the adapters a no-op
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    saver = BestModelSaver(str(models), network)
+    saver(SimpleNamespace(state=SimpleNamespace(metrics={"val_metric": 0.5}, key_metric_name="val_metric", epoch=1)))
+    assert (models / "model.pt").is_file() and (models / "best_adapters").is_dir()
+
+
+def monai_bundle(command: str, bundle: str, models: Path, out: Path, values: dict, *extra: str) -> None:
+    args = [sys.executable, "-m", "monai.bundle", command, "--net_id", "network_def", "--filepath", str(out),
+            "--ckpt_file", str(models / "model.pt"), "--meta_file", f"bundles/{bundle}/metadata.json",
+            "--config_file", f"bundles/{bundle}/inference.json", "--ckpt_dir", str(models), *cli(values), *extra]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert out.is_file()
+
+
+def eager_network_and_image(bundle: str, values: dict, models: Path, tmp: Path):
+    """The network inference.json builds (adapters loaded strictly from ``models``) and the
+    first demo case through its preprocessing, as the network receives it (3D: one ROI patch)."""
+    values = dict(values, ckpt_dir=str(models), demo_dir=str(tmp / "demo"), output_dir=str(tmp / "predictions"))
+    config = REPO / "bundles" / bundle / "inference.json"
+    network = parsed(config, "network_def", **values).eval()
+    image = parsed(config, "dataset", **values)[0]["image"]
+    x = image.as_tensor()[None] if hasattr(image, "as_tensor") else torch.as_tensor(image)[None]
+    if bundle in ROI:
+        x = x[(slice(None), slice(None), *(slice(0, r) for r in ROI[bundle]))]
+        assert list(x.shape[2:]) == ROI[bundle]
+    return network, x.float()
+
+
+def check_exported(exported, network, x) -> float:
+    with torch.no_grad():
+        expected, got = network(x), exported(x)
+    assert expected.std() > 0 and got.shape == expected.shape
+    error = relative_error(got, expected)
+    assert error < RTOL, f"exported model off by {error:.2e}"
+    return error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_ckpt_export_equals_the_bundle_network(bundle, tiny_checkpoint, tmp_path):
+    values = tiny(bundle, tiny_checkpoint)
+    models = tmp_path / "models"
+    write_trained_files(bundle, values, models)
+    out = tmp_path / "model.ts"
+    monai_bundle("ckpt_export", bundle, models, out, values)
+
+    extra = {"metadata.json": "", "inference.json": ""}
+    exported = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["inference.json"])["bundle_name"] == bundle
+    assert "network_data_format" in json.loads(extra["metadata.json"])
+    names = [name for name, _ in exported.named_parameters()]
+    # DKA's small kernels are folded into the large ones: one kernel per adapter.
+    assert any(n.endswith("adapter.large") for n in names) and not any(n.endswith("adapter.small") for n in names)
+
+    network, x = eager_network_and_image(bundle, values, models, tmp_path)
+    check_exported(exported, network, x)
+    if x.ndim == 4:   # any batch size, not only the traced one
+        with torch.no_grad():
+            assert relative_error(exported(torch.cat([x, x.flip(-1)]))[1:], network(x.flip(-1))) < RTOL
+
+
+@pytest.mark.slow
+def test_ckpt_export_of_the_default_litemedsam_backbone(tmp_path):
+    bundle = "dka_mni152_tissue"   # a slice of the real MNI152 template
+    values = settings(bundle, backbone_options={"img_size": 64})
+    models = tmp_path / "models"
+    write_trained_files(bundle, values, models)
+    out = tmp_path / "model.ts"
+    monai_bundle("ckpt_export", bundle, models, out, values)
+    network, x = eager_network_and_image(bundle, values, models, tmp_path)
+    assert network.backbone.name == "litemedsam"
+    exported = torch.jit.load(str(out))
+    assert "fft_rfftn" in str(exported.inlined_graph)   # the adapters' 51x51 kernels run through FFTs
+    check_exported(exported, network, x)
+
+
+@pytest.mark.slow
+def test_onnx_export_runs_in_onnxruntime(tiny_checkpoint, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    bundle = "dka_busi_seg"
+    values = tiny(bundle, tiny_checkpoint)
+    models = tmp_path / "models"
+    write_trained_files(bundle, values, models)
+    out = tmp_path / "model.onnx"
+    monai_bundle("onnx_export", bundle, models, out, values, "--input_shape", "[1, 3, 64, 64]",
+                 "--converter_kwargs", "{'opset_version': 18}")
+
+    model = onnx.load(str(out))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert "DFT" in {node.op_type for node in model.graph.node}
+    network, x = eager_network_and_image(bundle, values, models, tmp_path)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = network(x)
+    assert relative_error(got, expected) < RTOL
+
+
+# ----------------------------------------------------------------------------- in process
+
+def tiny_segmenter(task: str = "segmentation", **options):
+    with torch.random.fork_rng():   # the same random backbone every time, the global generator untouched
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning, match="NOT pretrained"):
+            model = create_model(task, backbone="timm:convnext_atto", backbone_options=TINY_OPTIONS,
+                                 num_classes=2, **options)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape))
+    return model.eval()
+
+
+@pytest.mark.parametrize("task,size", [("segmentation", [96, 96]), ("segmentation3d", [96, 96, 4])])
+def test_script_gives_the_traced_export_copy_and_leaves_the_model(task, size):
+    # 96 pixels: 24 x 24 maps at stride 4, where the adapters' 51x51 kernels take the FFT path.
+    options = {"num_slices": 4, "in_channels": 4} if task == "segmentation3d" else {}
+    model = tiny_segmenter(task, export_input_size=size, **options)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scripted = torch.jit.script(model)
+    assert set(model.state_dict()) == set(before) and any(k.endswith("adapter.small") for k in before)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    graph = str(scripted.inlined_graph)
+    assert "fft_rfftn" in graph and "prim::PythonOp" not in graph
+    x = torch.rand(3, options.get("in_channels", 3), *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert relative_error(scripted(x), model(x)) < RTOL
+
+
+def test_export_of_an_any_size_encoder_needs_its_input_size():
+    with pytest.raises(ValueError, match="export_input_size"):
+        torch.jit.script(tiny_segmenter())
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_monai_trace_of_the_eager_model_also_works():
+    from monai.networks.utils import convert_to_torchscript
+
+    model = tiny_segmenter()
+    x = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    traced = convert_to_torchscript(model, use_trace=True, inputs=[x])
+    assert "prim::PythonOp" not in str(traced.inlined_graph)
+    with torch.no_grad():
+        assert relative_error(traced(x), model(x)) < RTOL
+
+
+def test_whole_network_files_load_with_or_without_gradient_checkpointing():
+    plain, checkpointed = tiny_segmenter(), tiny_segmenter(gradient_checkpointing=True)
+    assert set(plain.state_dict()) != set(checkpointed.state_dict())
+    plain.load_state_dict(checkpointed.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), checkpointed.state_dict().values()))
+    fresh = tiny_segmenter()
+    checkpointed.load_state_dict(fresh.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), checkpointed.state_dict().values()))
+    # Anything else is still the strict load's to refuse.
+    state = fresh.state_dict()
+    state.pop(next(iter(state)))
+    assert match_checkpointing(plain, state) is state
+    with pytest.raises(RuntimeError, match="Missing key"):
+        plain.load_state_dict(state)
