@@ -46,6 +46,10 @@ _EXPORTS = {
     "BoxPromptSegmenter": "medadapt.models",
     "create_model": "medadapt.models",
     "load_model": "medadapt.models",
+    # 3D interactive segmentation with a box-prompted model
+    "segment_volume_from_box": "medadapt.models.box_propagation",
+    "propagate_boxes": "medadapt.models.box_propagation",
+    "window_volume": "medadapt.models.box_propagation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

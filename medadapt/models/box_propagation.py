@@ -1,0 +1,315 @@
+"""3D interactive segmentation with a 2D box-prompted model: one box, a whole object.
+
+The user draws a box on one slice of a single-channel volume. That slice is segmented with
+the box, and the mask is carried slice by slice in both directions: each next slice gets the
+bounding box of its neighbour's mask, enlarged a little (`grow`) so that an object widening
+from slice to slice is not cut off. Propagation stops where the object ends: the slice is
+blank inside the box (nothing to segment), the mask is empty (fewer than `min_pixels`), has
+vanished to a sliver of the mask it started from (`min_area_fraction`), or the model is unsure
+of it (under `min_confidence` of its voxels above probability 0.9: SAM-family models still
+draw a weak blob in a box over empty background, e.g. above a skull-stripped brain). More
+boxes on other slices correct the result: a slice with a user box always uses that box, and
+propagation continues from every given box; between two boxes each slice is segmented from
+the nearer one.
+
+Boxes are ``[x0, y0, x1, y1]`` in voxel indices of the slice ``volume.take(k, axis=a)``: x
+indexes its columns (the second remaining axis), y its rows (the first), both ends inclusive.
+
+Intensities are windowed as MedSAM does for MR (`window_volume`: the 0.5-99.5 percentiles of
+the non-zero voxels to [0, 1], over the whole volume); each slice is then given to the model as
+three identical channels, which resizes it to its input size (256 x 256 for LiteMedSAM) and
+rescales it to its own range, as MedSAM's inference does per slice.
+
+Works with any model called as ``model(images (B, 3, H, W), boxes (B, 4)) -> logits (B, 1, H, W)``
+with boxes in pixels of the images, such as `medadapt.models.BoxPromptSegmenter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+Box = Sequence[float]
+
+# Why a propagation run ended (values of `BoxPropagation.stops`).
+STOP_BLANK = "blank"  # the slice holds one value inside the box: nothing to segment
+STOP_EMPTY = "empty"  # the mask had fewer than min_pixels
+STOP_VANISHED = "vanished"  # the mask shrank below min_area_fraction of the one it started from
+STOP_UNSURE = "unsure"  # under min_confidence of the mask's voxels had probability > CONFIDENT
+STOP_EDGE = "edge"  # the last slice of the volume (or of slice_range) was reached
+CONFIDENT = 0.9  # a voxel the model is sure of
+
+
+@dataclass
+class BoxPropagation:
+    """The result of `propagate_boxes`.
+
+    Attributes:
+      mask: uint8 volume of the input's shape, 1 inside the object.
+      axis: the slicing axis.
+      boxes: slice index -> the box that slice was segmented with (user or propagated).
+      prompted: the slices that had a user box.
+      stops: (slice index, reason) per run that ended on its own: the first slice NOT kept
+        and why ("blank", "empty", "vanished", "unsure"), or the last slice of the volume or
+        of ``slice_range`` ("edge"). Runs between two boxes that reach the slices of the
+        other box's run record nothing.
+    """
+
+    mask: np.ndarray
+    axis: int
+    boxes: dict[int, list[float]] = field(default_factory=dict)
+    prompted: list[int] = field(default_factory=list)
+    stops: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def slices(self) -> list[int]:
+        """Slices holding part of the object."""
+        other = tuple(a for a in range(self.mask.ndim) if a != self.axis)
+        return [int(k) for k in np.flatnonzero(self.mask.any(axis=other))]
+
+
+def window_volume(volume: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """MedSAM's MR windowing: clip to the ``percentiles`` of the non-zero voxels, scale to [0, 1].
+
+    A volume without non-zero voxels (or a constant one) becomes all zeros.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    values = volume[volume != 0]
+    if values.size == 0:
+        return np.zeros_like(volume)
+    low, high = np.percentile(values, percentiles)
+    if high <= low:
+        return (volume != 0).astype(np.float32)
+    return ((np.clip(volume, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def check_box(box: Box, rows: int, cols: int, where: str = "box") -> list[float]:
+    """``box`` as four floats [x0, y0, x1, y1] inside a ``rows`` x ``cols`` slice (inclusive
+    voxel indices, x0 <= x1 < cols, y0 <= y1 < rows); ValueError naming ``where`` otherwise."""
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{where} {box!r} is not four numbers [x0, y0, x1, y1]") from None
+    if len(values) != 4 or not all(np.isfinite(values)):
+        raise ValueError(f"{where} {box!r} is not four finite numbers [x0, y0, x1, y1]")
+    x0, y0, x1, y1 = values
+    if x0 > x1 or y0 > y1:
+        raise ValueError(f"{where} {values} is reversed: it needs x0 <= x1 and y0 <= y1")
+    if x0 < 0 or y0 < 0 or x1 > cols - 1 or y1 > rows - 1:
+        raise ValueError(f"{where} {values} lies outside the slice: x (columns) must lie in [0, {cols - 1}] and "
+                         f"y (rows) in [0, {rows - 1}], both ends inclusive")
+    return values
+
+
+def box_of_mask(mask: np.ndarray, grow: float = 0.1, min_grow: float = 1.0) -> list[float] | None:
+    """The inclusive bounding box [x0, y0, x1, y1] of a 2D ``mask``, each side moved out by
+    ``grow`` times the box's size on that axis (at least ``min_grow`` voxels) and clipped to
+    the slice; None for an empty mask."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    x0, x1, y0, y1 = cols.min(), cols.max(), rows.min(), rows.max()
+    dx = max(min_grow, grow * (x1 - x0 + 1))
+    dy = max(min_grow, grow * (y1 - y0 + 1))
+    height, width = mask.shape
+    return [float(max(0, x0 - dx)), float(max(0, y0 - dy)), float(min(width - 1, x1 + dx)),
+            float(min(height - 1, y1 + dy))]
+
+
+class _SliceSegmenter:
+    """The model on single slices of a windowed volume: a mask per (slice, box)."""
+
+    def __init__(self, model: nn.Module, volume: np.ndarray, axis: int, threshold: float, device):
+        self.model, self.volume, self.axis, self.threshold = model, volume, axis, threshold
+        self.device = torch.device(device) if device is not None else _model_device(model)
+
+    def __call__(self, k: int, box: list[float]) -> tuple[np.ndarray, float]:
+        """The mask on slice ``k`` for ``box``, and the share of its voxels the model is sure of."""
+        image = torch.from_numpy(np.ascontiguousarray(self.volume.take(k, axis=self.axis)))
+        batch = image[None, None].expand(1, 3, *image.shape).to(self.device)
+        boxes = torch.tensor([box], dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            logits = self.model(batch, boxes)
+        probability = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+        mask = probability > self.threshold
+        return mask, float((probability[mask] > CONFIDENT).mean()) if mask.any() else 0.0
+
+    def blank(self, k: int, box: list[float]) -> bool:
+        """Whether slice ``k`` holds a single value inside ``box`` (no model call needed)."""
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        inside = self.volume.take(k, axis=self.axis)[y0:y1 + 1, x0:x1 + 1]
+        return inside.size == 0 or float(inside.max()) == float(inside.min())
+
+
+def propagate_boxes(
+    model: nn.Module,
+    volume: np.ndarray,
+    boxes: Mapping[int, Box],
+    axis: int = 2,
+    *,
+    grow: float = 0.1,
+    min_pixels: int = 4,
+    min_area_fraction: float = 0.05,
+    min_confidence: float = 0.2,
+    threshold: float = 0.5,
+    window: bool = True,
+    slice_range: tuple[int, int] | None = None,
+    device: str | torch.device | None = None,
+) -> BoxPropagation:
+    """Segment the object the user boxed on one or more slices through the whole volume.
+
+    Arguments:
+      model: a box-prompted 2D model (see the module docstring), used in eval mode.
+      volume: a single-channel 3D array (or tensor).
+      boxes: slice index on ``axis`` -> user box [x0, y0, x1, y1] (inclusive voxel indices
+        of that slice, x = columns, y = rows).
+      axis: the slicing axis (0, 1 or 2).
+      grow: each propagated box is the neighbour mask's bounding box enlarged on every side
+        by this fraction of its size (at least one voxel).
+      min_pixels: a propagated mask with fewer voxels than this ends the run (empty).
+      min_area_fraction: a propagated mask smaller than this fraction of the mask on the slice
+        its run started from ends the run (the object vanished).
+      min_confidence: a propagated mask with a smaller share of voxels above probability 0.9
+        ends the run (the model is unsure; 0 turns the rule off).
+      threshold: on the sigmoid of the model's logits.
+      window: apply `window_volume` first (False: ``volume`` already lies in [0, 1]).
+      slice_range: (first, last) slice, inclusive: propagation goes no further (default: the
+        whole volume), e.g. the extent of a 3D region of interest the user drew.
+      device: where the model runs (default: where its parameters are).
+
+    Returns a `BoxPropagation`: the mask and how it was made.
+    """
+    volume = np.asarray(volume.detach().cpu() if isinstance(volume, torch.Tensor) else volume)
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be a single-channel 3D array, got shape {volume.shape}")
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
+    if not boxes:
+        raise ValueError("give at least one box: {slice index: [x0, y0, x1, y1]}")
+    depth = volume.shape[axis]
+    first, last = (0, depth - 1) if slice_range is None else (int(slice_range[0]), int(slice_range[1]))
+    if not 0 <= first <= last < depth:
+        raise ValueError(f"slice_range {slice_range!r} must satisfy 0 <= first <= last < {depth}")
+    rows, cols = (s for a, s in enumerate(volume.shape) if a != axis)
+    prompts: dict[int, list[float]] = {}
+    for k, box in boxes.items():
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not first <= k <= last:
+            raise ValueError(f"slice index {k!r} must be an integer in [{first}, {last}] (axis {axis} has {depth} "
+                             "slices)")
+        prompts[int(k)] = check_box(box, rows, cols, where=f"box on slice {k}")
+
+    image = window_volume(volume) if window else volume.astype(np.float32)
+    segment = _SliceSegmenter(model, image, axis, threshold, device)
+    was_training = model.training
+    model.eval()
+    try:
+        rules = _Rules(grow, min_pixels, min_area_fraction, min_confidence)
+        result = _propagate(segment, prompts, (first, last), rules)
+    finally:
+        model.train(was_training)
+    mask = np.zeros(volume.shape, dtype=np.uint8)
+    for k, slice_mask in result.pop("masks").items():
+        index = [slice(None)] * 3
+        index[axis] = k
+        mask[tuple(index)] = slice_mask
+    return BoxPropagation(mask=mask, axis=axis, prompted=sorted(prompts), **result)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    grow: float
+    min_pixels: int
+    min_area_fraction: float
+    min_confidence: float
+
+    def stop(self, area: int, confident: float, reference: int) -> str | None:
+        """Why a propagated mask of ``area`` voxels ends its run, or None to keep it."""
+        if area < self.min_pixels:
+            return STOP_EMPTY
+        if area < self.min_area_fraction * reference:
+            return STOP_VANISHED
+        if confident < self.min_confidence:
+            return STOP_UNSURE
+        return None
+
+
+def _propagate(segment: _SliceSegmenter, prompts: dict[int, list[float]], extent: tuple[int, int],
+               rules: _Rules) -> dict:
+    masks: dict[int, np.ndarray] = {}
+    used: dict[int, list[float]] = {}
+    stops: list[tuple[int, str]] = []
+    for k, box in prompts.items():  # a user's box is always segmented, whatever the rules say
+        masks[k], used[k] = segment(k, box)[0], box
+    given = sorted(prompts)
+
+    def run(start: int, step: int, limit: int) -> int:
+        """Carry the mask of ``start`` towards ``limit`` (exclusive); the last slice kept."""
+        reference = max(int(masks[start].sum()), 1)
+        previous, k = masks[start], start + step
+        while k != limit:
+            box = box_of_mask(previous, rules.grow)
+            if box is None:
+                stops.append((k, STOP_EMPTY))
+                return k - step
+            if segment.blank(k, box):
+                stops.append((k, STOP_BLANK))
+                return k - step
+            current, confident = segment(k, box)
+            reason = rules.stop(int(current.sum()), confident, reference)
+            if reason:
+                stops.append((k, reason))
+                return k - step
+            masks[k], used[k], previous = current, box, current
+            k += step
+        if limit in (extent[0] - 1, extent[1] + 1):  # else the run reached the middle between two boxes
+            stops.append((k - step, STOP_EDGE))
+        return k - step
+
+    # Outwards from the first and last boxes; between two boxes, each side up to the middle, and
+    # the upper one further down if the lower one's run ended early.
+    run(given[0], -1, extent[0] - 1)
+    for low, high in zip(given, given[1:]):
+        reached = run(low, +1, (low + high) // 2 + 1)
+        run(high, -1, reached)
+    run(given[-1], +1, extent[1] + 1)
+    return {"masks": masks, "boxes": dict(sorted(used.items())), "stops": stops}
+
+
+def segment_volume_from_box(
+    model: nn.Module,
+    volume: np.ndarray,
+    box: Box,
+    slice_index: int,
+    axis: int = 2,
+    more_boxes: Mapping[int, Box] | None = None,
+    **options,
+) -> np.ndarray:
+    """The object boxed on one slice, segmented through the volume: a uint8 mask of the
+    volume's shape (see `propagate_boxes` for ``options`` and the module docstring for the
+    box convention).
+
+    Arguments:
+      model: a box-prompted 2D model, e.g. ``medadapt.create_model("box_segmentation")``
+        (LiteMedSAM with its pretrained weights).
+      volume: a single-channel 3D array.
+      box: [x0, y0, x1, y1] on slice ``slice_index`` of ``axis``, inclusive voxel indices of
+        ``volume.take(slice_index, axis=axis)`` (x = columns, y = rows).
+      slice_index, axis: where the box was drawn.
+      more_boxes: corrections, {slice index: box}; each of those slices uses its own box.
+
+    Example::
+
+        model = medadapt.create_model("box_segmentation")  # LiteMedSAM
+        mask = medadapt.segment_volume_from_box(model, t1, [30, 40, 70, 90], slice_index=47, axis=2)
+    """
+    boxes = {int(slice_index): box, **dict(more_boxes or {})}
+    return propagate_boxes(model, volume, boxes, axis, **options).mask
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
