@@ -8,7 +8,8 @@ are tiny ConvNeXt-atto networks built through the real code paths from a fixed b
 checkpoint written here; the box-prompted model is the real LiteMedSAM (256 px).
 
 `server` is the module-scoped fixture of tests/test_monailabel.py; other modules build their
-own with `running_server` (extra ``medadapt label`` options, extra study files).
+own with `running_server` (extra ``medadapt label`` options, extra study files) or, for other
+studies (a DICOMweb server) and model configs, `label_server`.
 """
 
 from __future__ import annotations
@@ -188,18 +189,28 @@ def running_server(root: Path, label_args: Sequence[str] = (),
       add_studies: called with (studies folder, facts) before the server starts, to add files.
     """
     _require_monailabel()
-    import requests
-
     facts = _write_studies(root / "studies")
     if add_studies:
         add_studies(root / "studies", facts)
+    config = _write_config(root, root / "runs")
+    with label_server(root, str(root / "studies"), config, label_args) as running:
+        running.facts = facts
+        yield running
+
+
+@contextmanager
+def label_server(root: Path, studies: str, config: Path, label_args: Sequence[str] = ()) -> Iterator[Server]:
+    """``medadapt label --studies STUDIES --config CONFIG`` on a free port, its runs and log in
+    ``root``, answering /info/ (else the test fails with the log's tail); stopped on exit."""
+    _require_monailabel()
+    import requests
+
     runs = root / "runs"
-    config = _write_config(root, runs)
     port = _free_port()
     log = root / "server.log"
     env = {**os.environ, "MONAI_LABEL_SESSIONS": "false",
            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)}
-    command = [sys.executable, "-m", "medadapt", "label", "--studies", str(root / "studies"), "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "medadapt", "label", "--studies", studies, "--host", "127.0.0.1",
                "--port", str(port), "--runs", str(runs), "--config", str(config),
                "--bundle-root", str(REPO / "bundles"), *label_args]
     with open(log, "w") as out:
@@ -207,7 +218,7 @@ def running_server(root: Path, label_args: Sequence[str] = (),
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env,
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    running = Server(url, process, log, facts, root / "studies", runs)
+    running = Server(url, process, log, {}, Path(studies), runs)
     _APP_FOLDERS.append(running.app_dir)
     try:
         deadline = time.time() + STARTUP_TIMEOUT

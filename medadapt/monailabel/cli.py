@@ -4,6 +4,7 @@ Example::
 
     medadapt label --studies data/studies                  # http://127.0.0.1:8000/
     medadapt label --studies data/studies --port 8001 --runs runs --bundle-root bundles
+    medadapt label --studies http://127.0.0.1:8042/dicom-web   # a DICOMweb server's series
 
 The server is the real ``monailabel start_server`` (run as ``python -m monailabel.main``, which
 is what the ``monailabel`` launcher executes) with this environment's ``bin/`` first on PATH,
@@ -14,6 +15,8 @@ model/, lib/, logs/ and bin/ folders and its log inside the app folder, and the 
 uploads (uploads/) and temporary files (tmp/) there, none of which must land in the installed
 package. Every request is bounded: ``--max-request-mb`` (body size), ``--upload-timeout`` (time
 to send it), ``--infer-timeout`` (one inference); at most MAX_CONNECTIONS at once.
+``--studies`` may name a DICOMweb server instead of a folder (`medadapt.monailabel.dicomweb`):
+its series are the images, and final labels go back to it as DICOM SEG series.
 Needs the ``[label]`` extra: ``pip install -e '.[label]'``.
 """
 
@@ -32,7 +35,11 @@ from medadapt.monailabel.limits import (
     MAX_REQUEST_BYTES_ENV,
     UPLOAD_TIMEOUT,
     UPLOAD_TIMEOUT_ENV,
+    parse_json_object,
 )
+
+# A JSON object of QIDO-RS filters for the served series, read by medadapt.monailabel.dicomweb.
+SEARCH_FILTER_ENV = "MEDADAPT_LABEL_DICOMWEB_FILTER"
 
 GUARDED_APP = "medadapt.monailabel.server:app"
 MAX_CONNECTIONS = 32  # uvicorn answers 503 beyond it, so queued uploads cannot pile up without bound
@@ -51,7 +58,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--studies", required=True, help="folder of images (NIfTI, PNG, JPG) to annotate")
+    parser.add_argument("--studies", required=True,
+                        help="folder of images (NIfTI, PNG, JPG) to annotate, or a DICOMweb server's root URL "
+                             "(http://HOST:PORT/dicom-web)")
+    parser.add_argument("--dicomweb-filter", default=None, metavar="JSON",
+                        help='with a DICOMweb --studies: QIDO-RS filter of the series to serve, e.g. '
+                             '\'{"Modality": "MR"}\' (default: every image series)')
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--bundle-root", default="bundles",
@@ -74,6 +86,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def is_url(studies: str) -> bool:
+    """Whether ``--studies`` names a DICOMweb server rather than a folder."""
+    return studies.strip().lower().startswith(("http://", "https://"))
+
+
+def check_dicomweb_url(url: str) -> None:
+    """ValueError unless ``url`` is a plain http(s) URL with a host (no credentials in it:
+    they would end up in logs and process lists; MONAI Label reads them from
+    MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--studies {url!r}: a DICOMweb URL needs http(s)://HOST[:PORT]/PATH")
+    if parts.username or parts.password:
+        raise ValueError("--studies: put no user or password in the URL; set MONAI_LABEL_DICOMWEB_USERNAME and "
+                         "MONAI_LABEL_DICOMWEB_PASSWORD instead")
+    if parts.query or parts.fragment:
+        raise ValueError(f"--studies {url!r}: a DICOMweb root URL has no query or fragment")
+    try:
+        parts.port  # noqa: B018 (raises for a bad port)
+    except ValueError as error:
+        raise ValueError(f"--studies {url!r}: {error}") from None
+
+
 def write_app_dir(folder: str | Path) -> Path:
     """The ``--app`` folder: a main.py importing the app class from the package."""
     folder = Path(folder).resolve()
@@ -86,8 +123,9 @@ def write_app_dir(folder: str | Path) -> Path:
 
 def server_command(args: argparse.Namespace, app_dir: Path) -> list[str]:
     """The ``monailabel start_server`` command line for ``args``."""
+    studies = args.studies if is_url(args.studies) else str(Path(args.studies).resolve())
     command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir),
-               "--studies", str(Path(args.studies).resolve()), "--host", args.host, "--port", str(args.port),
+               "--studies", studies, "--host", args.host, "--port", str(args.port),
                "--uvicorn_app", GUARDED_APP, "--limit_concurrency", str(MAX_CONNECTIONS),
                "--conf", "bundles", str(Path(args.bundle_root).resolve()),
                "--conf", "runs", str(Path(args.runs).resolve())]
@@ -107,6 +145,8 @@ def server_environment(args: argparse.Namespace) -> dict[str, str]:
     env[MAX_REQUEST_BYTES_ENV] = str(int(args.max_request_mb * 2 ** 20))
     env[UPLOAD_TIMEOUT_ENV] = str(args.upload_timeout)
     env["MONAI_LABEL_INFER_TIMEOUT"] = str(args.infer_timeout)  # MONAI Label's own setting
+    if getattr(args, "dicomweb_filter", None):
+        env[SEARCH_FILTER_ENV] = args.dicomweb_filter
     return env
 
 
@@ -115,8 +155,15 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("monailabel") is None:
         print(f"medadapt label: error: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    if not Path(args.studies).is_dir():
-        raise FileNotFoundError(f"studies folder {args.studies} does not exist")
+    if is_url(args.studies):
+        check_dicomweb_url(args.studies)
+        if args.dicomweb_filter is not None:
+            parse_json_object(args.dicomweb_filter, "--dicomweb-filter")
+    elif args.dicomweb_filter is not None:
+        raise ValueError("--dicomweb-filter needs a DICOMweb --studies URL")
+    elif not Path(args.studies).is_dir():
+        raise FileNotFoundError(f"studies folder {args.studies} does not exist (or give a DICOMweb URL, "
+                                "http://HOST:PORT/dicom-web)")
     if args.config and not Path(args.config).is_file():
         raise FileNotFoundError(f"model config {args.config} does not exist")
     if not (0 < args.port < 65536):

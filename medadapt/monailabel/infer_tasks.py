@@ -1,5 +1,5 @@
 """MONAI Label infer tasks for medadapt models: bundle models (volumes, 2D images, classes)
-and the box-prompted LiteMedSAM.
+and the box-prompted LiteMedSAM, on images and through volumes.
 
 A bundle model's task runs the bundle's own components (`BundleModel.components`): its
 ``preprocessing``, its network (pretrained backbone + adapters loaded strictly, never through
@@ -40,7 +40,7 @@ from medadapt.monailabel.imagefiles import (
     write_png_label,
 )
 from medadapt.monailabel.labelmaps import class_scores, segmentation_label_map
-from medadapt.monailabel.specs import AdapterState, BoxModel, BundleModel, ServedModel
+from medadapt.monailabel.specs import AdapterState, Box3DModel, BoxModel, BundleModel, ServedModel
 
 logger = logging.getLogger("medadapt.monailabel")
 
@@ -317,8 +317,189 @@ def parse_box(box: Any, width: int, height: int, model: str) -> list[float]:
     return values
 
 
+class BoxVolumeSegmentationTask(AdapterInferTask):
+    """The box model carried through a single-channel volume (`medadapt.propagate_boxes`):
+    a box on one slice, more boxes on other slices to correct it.
+
+    Request params, in voxel indices of the stored volume (the NIfTI's own array order):
+
+    - ``{"box": [x0, y0, x1, y1], "slice": k, "axis": a}``: the slice is
+      ``volume.take(k, axis=a)``, x indexes its columns (the second remaining axis), y its rows,
+      both ends inclusive; ``axis`` defaults to 2. Corrections: ``"boxes": [{"slice": k2,
+      "box": [...]}, ...]`` on the same axis.
+    - ``{"roi": [i0, i1, j0, j1, k0, k1]}`` (3D Slicer's ROI, IJK): the box is the ROI's extent
+      on the middle slice of ``axis`` (default: the ROI's thinnest axis), and propagation stays
+      within the ROI's extent on that axis.
+    - ``{"foreground": [[i, j, k], ...]}`` (3D Slicer's DeepGrow points, IJK): two or more
+      points on one slice of ``axis`` (default 2) are the corners of a box on that slice; points
+      on several slices give several boxes. ``background`` points are ignored.
+
+    Answer: a uint8 label volume (1 = object) with the input's shape and affine; the JSON says
+    which slices hold the object and where propagation stopped.
+    """
+
+    PROMPTS = ("box", "slice", "axis", "boxes", "roi", "foreground", "background", "label")
+
+    def __init__(self, model: Box3DModel):
+        super().__init__(model, InferType.DEEPGROW)  # 3D Slicer sends its points to DeepGrow models
+        self._config.update({key: None for key in self.PROMPTS})
+
+    def build(self, adapters: str | None) -> dict[str, Any]:
+        return {"network": self.model.build_network(adapters)}
+
+    def check_input(self, data: dict) -> dict:
+        data = super().check_input(data)
+        info: ImageFileInfo = data[INPUT_INFO]
+        if info.channels != 1:
+            raise InvalidInput(f"model {self.model.name!r} segments single-channel volumes; "
+                               f"{Path(info.path).name} has {info.channels} channels", 422)
+        data["prompts"] = volume_prompts(data, info.spatial_shape, self.model.name)
+        return data
+
+    def preprocess(self, data: dict) -> dict:
+        import nibabel as nib
+
+        parts, state = self.parts(data.get("device") or "cpu")
+        data[ADAPTERS_USED] = state
+        # The stored voxel order, untouched: the prompts are indices of it.
+        data["image"] = np.asarray(nib.load(data["image"]).dataobj, dtype=np.float32).reshape(
+            data[INPUT_INFO].spatial_shape)
+        return data
+
+    def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cpu") -> dict:
+        from medadapt.models.box_propagation import propagate_boxes
+
+        parts, _ = self.parts(device)
+        prompts = data["prompts"]
+        try:
+            result = propagate_boxes(parts["network"], data["image"], prompts["boxes"], prompts["axis"],
+                                     slice_range=prompts["slice_range"], device=device)
+        except ValueError as error:
+            raise InvalidInput(f"model {self.model.name!r}: {error}", 422) from None
+        data[self.output_label_key] = result.mask
+        slices = result.slices
+        data[self.output_json_key] = {
+            "label_values": self.model.label_values, "axis": result.axis, "prompted_slices": result.prompted,
+            "object_slices": [slices[0], slices[-1]] if slices else [],
+            "stops": [{"slice": k, "reason": reason} for k, reason in result.stops],
+            "slices_segmented": len(result.boxes)}
+        return data
+
+    def postprocess(self, data: dict) -> dict:
+        return data
+
+
+def volume_prompts(params: dict, shape: Sequence[int], model: str) -> dict[str, Any]:
+    """{"boxes": {slice: box}, "axis": a, "slice_range": (first, last) or None} from a 3D box
+    model's request params (see `BoxVolumeSegmentationTask`), or InvalidInput naming the input."""
+    usage = ('send params {"box": [x0, y0, x1, y1], "slice": k, "axis": a} (voxel indices; x = columns, y = rows '
+             'of volume.take(k, axis=a), both ends inclusive), or {"roi": [i0, i1, j0, j1, k0, k1]}, or '
+             '{"foreground": [[i, j, k], ...]} with two or more points on one slice')
+    axis = params.get("axis")
+    if axis is not None and (isinstance(axis, bool) or axis not in (0, 1, 2)):
+        raise InvalidInput(f"axis must be 0, 1 or 2, got {axis!r}: {usage}", 400)
+    slice_range = None
+    boxes: dict[int, list[float]] = {}
+    if params.get("box") is not None:
+        axis = 2 if axis is None else axis
+        boxes[_slice_index(params.get("slice"), shape[axis], "slice", usage)] = _four_numbers(params["box"], "box",
+                                                                                            usage)
+        for n, extra in enumerate(params.get("boxes") or []):
+            if not isinstance(extra, dict):
+                raise InvalidInput(f"boxes[{n}] must be an object with 'slice' and 'box', got {extra!r}: {usage}", 400)
+            k = _slice_index(extra.get("slice"), shape[axis], f"boxes[{n}].slice", usage)
+            boxes[k] = _four_numbers(extra.get("box"), f"boxes[{n}].box", usage)
+    elif params.get("roi") is not None:
+        ranges = _roi_ranges(params["roi"], shape, usage)
+        if axis is None:  # the axis the ROI is thinnest along: the view it was drawn in
+            axis = min((2, 1, 0), key=lambda a: ranges[a][1] - ranges[a][0])
+        rows, cols = (ranges[a] for a in range(3) if a != axis)
+        boxes[int(round(sum(ranges[axis]) / 2))] = [float(cols[0]), float(rows[0]), float(cols[1]), float(rows[1])]
+        if ranges[axis][1] > ranges[axis][0]:
+            slice_range = ranges[axis]
+    elif params.get("foreground"):
+        axis = 2 if axis is None else axis
+        boxes = _boxes_from_points(params["foreground"], shape, axis, usage)
+    else:
+        raise InvalidInput(f"model {model!r} needs a prompt: {usage}", 400)
+    rows, cols = (s for a, s in enumerate(shape) if a != axis)
+    from medadapt.models.box_propagation import check_box
+
+    for k, box in boxes.items():
+        try:
+            check_box(box, rows, cols, where=f"box on slice {k} of axis {axis}")
+        except ValueError as error:
+            raise InvalidInput(f"{error}: {usage}", 422) from None
+    return {"boxes": boxes, "axis": axis, "slice_range": slice_range}
+
+
+def _four_numbers(value: Any, what: str, usage: str) -> list[float]:
+    try:
+        numbers = [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"{what} {value!r} is not four numbers: {usage}", 400) from None
+    if len(numbers) != 4 or not all(math.isfinite(v) for v in numbers):
+        raise InvalidInput(f"{what} {value!r} is not four finite numbers: {usage}", 400)
+    return numbers
+
+
+def _slice_index(value: Any, depth: int, what: str, usage: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{what} must be an integer slice index, got {value!r}: {usage}", 400)
+    if not 0 <= value < depth:
+        raise InvalidInput(f"{what} {value} lies outside the volume: that axis has slices 0..{depth - 1}", 422)
+    return value
+
+
+def _roi_ranges(roi: Any, shape: Sequence[int], usage: str) -> list[tuple[int, int]]:
+    """Per axis the (low, high) voxel range of a Slicer ROI [i0, i1, j0, j1, k0, k1] (each pair
+    in either order, as Slicer's RAS-to-IJK turn gives it), clipped to the volume."""
+    try:
+        values = [float(v) for v in roi]
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput(f"roi {roi!r} is not six numbers: {usage}", 400) from None
+    if len(values) != 6 or not all(math.isfinite(v) for v in values):
+        raise InvalidInput(f"roi {roi!r} is not six finite numbers [i0, i1, j0, j1, k0, k1]: {usage}", 400)
+    ranges = []
+    for a in range(3):
+        low, high = sorted(values[2 * a: 2 * a + 2])
+        low, high = max(0, int(round(low))), min(shape[a] - 1, int(round(high)))
+        if low > high:
+            raise InvalidInput(f"roi {values} lies outside the volume of shape {tuple(shape)}", 422)
+        ranges.append((low, high))
+    return ranges
+
+
+def _boxes_from_points(points: Any, shape: Sequence[int], axis: int, usage: str) -> dict[int, list[float]]:
+    if not isinstance(points, list) or len(points) > 1000:
+        raise InvalidInput(f"foreground must be a list of [i, j, k] points: {usage}", 400)
+    by_slice: dict[int, list[tuple[float, float]]] = {}
+    row_axis, col_axis = (a for a in range(3) if a != axis)
+    for n, point in enumerate(points):
+        try:
+            coords = [float(c) for c in point] if isinstance(point, list) else []
+        except (TypeError, ValueError, OverflowError):
+            coords = []
+        if len(coords) != 3 or not all(math.isfinite(c) for c in coords):
+            raise InvalidInput(f"foreground[{n}] {point!r} is not a point [i, j, k]: {usage}", 400)
+        if any(not 0 <= c <= s - 1 for c, s in zip(coords, shape)):
+            raise InvalidInput(f"foreground[{n}] {point!r} lies outside the volume of shape {tuple(shape)}", 422)
+        by_slice.setdefault(int(round(coords[axis])), []).append((coords[col_axis], coords[row_axis]))
+    boxes = {}
+    for k, corners in by_slice.items():
+        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+        if len(corners) >= 2:
+            boxes[k] = [min(xs), min(ys), max(xs), max(ys)]
+    if not boxes:
+        raise InvalidInput(f"foreground points give no box: put two or more points (opposite corners) on one "
+                           f"slice of axis {axis}", 422)
+    return boxes
+
+
 def make_infer_task(model: ServedModel) -> AdapterInferTask:
     """The infer task for a served model."""
+    if isinstance(model, Box3DModel):
+        return BoxVolumeSegmentationTask(model)
     if isinstance(model, BoxModel):
         return BoxSegmentationTask(model)
     return BundleClassificationTask(model) if model.task == "classification" else BundleSegmentationTask(model)

@@ -45,6 +45,7 @@ from monailabel.utils.others.generic import handle_torch_linalg_multithread, rem
 import medadapt
 from medadapt.adapters import list_methods
 from medadapt.monailabel.datastore import CheckedDatastore
+from medadapt.monailabel.dicomweb import CheckedDICOMwebDatastore
 from medadapt.monailabel.errors import InvalidInput, http_error
 from medadapt.monailabel.imagefiles import (
     DATASTORE_PATTERNS,
@@ -91,6 +92,7 @@ class MedAdaptApp(MONAILabelApp):
         conf = dict(conf or {})
         self.models: list[ServedModel] = load_models(
             app_option(conf, "config") or None, app_option(conf, "bundles"), app_option(conf, "runs"))
+        self._models = {model.name: model for model in self.models}
         for model in self.models:
             logger.info("serving %s (%s, from %s)", model.name, model.task, model.source)
         super().__init__(
@@ -111,7 +113,8 @@ class MedAdaptApp(MONAILabelApp):
     # ------------------------------------------------------------------ MONAI Label hooks
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()  # DICOMweb / remote stores: upstream as is
+            # Not upstream's: it downloads dcmqi from GitHub at start and lists only CT series.
+            return CheckedDICOMwebDatastore.from_settings(self.studies.strip().rstrip("/"), self.app_dir)
         return CheckedDatastore(
             self.studies,
             extensions=DATASTORE_PATTERNS,
@@ -196,6 +199,10 @@ class MedAdaptApp(MONAILabelApp):
             image_id, name = image, f"image {image!r} ({os.path.basename(path)})"
         else:
             raise InvalidInput(f"model {model!r} needs an image: a datastore id (?image=ID) or an uploaded file", 400)
+        sequences = self._models[model].sequences
+        if sequences and image_id is not None and isinstance(store, CheckedDICOMwebDatastore):
+            # A multi-sequence model on a DICOMweb study: the study's series as channels.
+            path = store.sequence_volume(image_id, sequences)
         checked["image"] = path
         _check_device(checked.get("device"))
         checked["timeout"] = self._infer_timeout(checked)

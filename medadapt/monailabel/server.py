@@ -9,7 +9,9 @@ does the unsafe thing itself:
   (408); paths with "." / ".." segments or NUL characters are refused (400); so are the
   upstream routes that act on client-chosen server paths or files this app does not have:
   sessions by id on /infer (400), model-file upload and deletion (405), WSI inference (404),
-  and the DICOMweb proxy without a DICOMweb datastore (404).
+  the DICOMweb proxy without a DICOMweb datastore (404), and writes through that proxy (POST,
+  405: the proxy is for viewers reading studies; labels reach the PACS as SEGs this server
+  writes).
 - `guard_endpoints`: MONAI Label's infer and datastore endpoints write uploads into the app's
   own ``<app>/uploads`` folder (`UploadFolder`), where the app recognises them, instead of
   ``tmpXXXX`` names in the system temp folder; their JSON form fields (``params``, ``info``) are
@@ -18,6 +20,8 @@ does the unsafe thing itself:
   the input (`monailabel_exception_handler`), never a bare 500; the dataset archive is deleted
   after it is sent, and an empty datastore answers 404 instead of failing an assertion.
 - every other temporary file of the server and its training jobs goes to ``<app>/tmp``.
+- ``output=dicom_seg`` at inference writes the SEG with `medadapt.monailabel.dicomseg`
+  (upstream runs dcmqi's ``itkimage2segimage``, which is not installed).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import numpy as np
 from fastapi import HTTPException
 from monailabel.app import app as monailabel_app
 from monailabel.config import settings
@@ -45,6 +50,7 @@ from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import remove_file
 from starlette.background import BackgroundTask
+from starlette.responses import FileResponse
 
 from medadapt.monailabel.errors import monailabel_exception_handler
 from medadapt.monailabel.imagefiles import UploadFolder, use_upload_folder
@@ -68,6 +74,8 @@ REFUSED_ROUTES = {
                                  "adapters"),
     (None, "/infer/wsi/"): (404, "this server has no whole-slide (WSI) models; use POST /infer/{model}"),
     (None, "/infer/wsi_v2/"): (404, "this server has no whole-slide (WSI) models; use POST /infer/{model}"),
+    ("POST", "/proxy/"): (405, "the DICOMweb proxy only reads (GET): store labels with PUT /datastore/label, which "
+                               "writes them to the DICOMweb server as DICOM SEG"),
 }
 
 
@@ -182,6 +190,28 @@ def guard_endpoints(uploads: UploadFolder) -> None:
         setattr(datastore_endpoints, name, _with_json_field(function, field))
     datastore_endpoints.download_dataset = _removed_after_sending(_original(datastore_endpoints.download_dataset))
     datastore_endpoints.download_image = _checked_checksum(_original(datastore_endpoints.download_image))
+    infer_endpoints.nifti_to_dicom_seg = inference_seg
+
+
+def inference_seg(series_dir: str, label: str, label_info: Any = None, use_itk: bool = True, **_) -> str:
+    """Stands in for MONAI Label's ``nifti_to_dicom_seg`` in its infer endpoint
+    (``output=dicom_seg``): a SEG file of the label over the series in ``series_dir``, written
+    with highdicom. Returns the file (sent to the client, then deleted)."""
+    import nibabel as nib
+
+    from medadapt.monailabel.dicomseg import SegGeometryError, write_seg
+    from medadapt.monailabel.dicomweb import segment_names
+
+    image = nib.load(label)
+    handle, path = tempfile.mkstemp(suffix=".dcm", prefix="medadapt_seg_")
+    os.close(handle)
+    try:
+        write_seg(np.rint(np.asarray(image.dataobj)).astype(np.int64), image.affine, series_dir,
+                  segment_names({"label_info": label_info if isinstance(label_info, list) else []}), path)
+    except SegGeometryError as error:
+        remove_file(path)
+        raise HTTPException(422, f"output=dicom_seg: {error}") from None
+    return path
 
 
 class _UploadNames:
@@ -229,10 +259,26 @@ def _checked_inference(run_inference):
         if arguments.get("label"):
             raise HTTPException(400, "this server's models take no label input (form field 'label')")
         output = arguments.get("output")
-        if getattr(output, "value", output) == "dicom_seg" and not isinstance(app_instance().datastore(),
-                                                                               DICOMWebDatastore):
+        if getattr(output, "value", output) != "dicom_seg":
+            return with_params(*args, **kwargs)
+        if not isinstance(app_instance().datastore(), DICOMWebDatastore):
             raise HTTPException(400, "output=dicom_seg needs a DICOMweb datastore; use output=image")
-        return with_params(*args, **kwargs)
+        # Upstream answers 404 without params "label_info"; the model's own label names serve.
+        bound = signature.bind(*args, **kwargs)
+        try:
+            params = parse_json_object(bound.arguments.get("params"), "params")
+        except ValueError as error:
+            raise HTTPException(400, str(error)) from None
+        labels = getattr(app_instance()._infers.get(arguments.get("model")), "labels", None)
+        if "label_info" not in params and isinstance(labels, dict):
+            params["label_info"] = [{"name": name, "idx": value} for name, value in labels.items()]
+        bound.arguments["params"] = json.dumps(params)
+        response = with_params(*bound.args, **bound.kwargs)
+        if isinstance(response, FileResponse):  # the SEG file, written for this answer only
+            # Added to upstream's tasks (they delete the label file): a response's own background
+            # would replace them.
+            bound.arguments["background_tasks"].add_task(remove_file, response.path)
+        return response
 
     return checked
 

@@ -6,7 +6,7 @@ the adapters loaded strictly, ``adapter_checkpoint``), ``inferer`` and ``label_m
 prediction turned into a label map on the input's own grid). So the served model is the
 bundle's model and its labels are the bundle's predictions; training runs the bundle's
 ``train.json`` on the labelled studies. `BoxModel` is the interactive LiteMedSAM, prompted
-by a box.
+by a box on an image; `Box3DModel` carries it through a volume slice by slice.
 
 Two adapter folders are looked at, the newest complete one wins:
 
@@ -18,7 +18,7 @@ bundle settings (for example a smaller backbone)::
 
     {"models": {"busi_small": {"bundle": "dka_busi_seg",
                                "overrides": {"backbone": "timm:convnext_atto", "image_size": 64}}},
-     "include_bundles": false, "include_box_model": true}
+     "include_bundles": false, "include_box_model": true, "include_box3d_model": true}
 """
 
 from __future__ import annotations
@@ -35,17 +35,21 @@ logger = logging.getLogger("medadapt.monailabel")
 
 LABEL_ADAPTERS = "monailabel_adapters"
 BOX_MODEL = "litemedsam_box"
+BOX3D_MODEL = "litemedsam_box3d"
+VOLUME_TASKS = ("segmentation3d", "box_segmentation3d")
 _TASK_TEXT = {
     "segmentation3d": "3D segmentation of NIfTI volumes",
     "segmentation": "2D segmentation of PNG/JPG images",
     "classification": "Classification of PNG/JPG images",
     "box_segmentation": "Box-prompted 2D segmentation of PNG/JPG images",
+    "box_segmentation3d": "Box-prompted 3D segmentation of NIfTI volumes, slice by slice",
 }
 _UNTRAINED = {
     "classification": "the classification head is untrained, so its classes mean nothing until training",
     "segmentation": "the segmentation decoder is untrained, so its masks mean nothing until training",
     "segmentation3d": "the segmentation decoder is untrained, so its masks mean nothing until training",
     "box_segmentation": "the SAM prompt encoder and mask decoder are the pretrained ones, so it segments as is",
+    "box_segmentation3d": "the SAM prompt encoder and mask decoder are the pretrained ones, so it segments as is",
 }
 
 
@@ -83,12 +87,15 @@ class ServedModel:
 
     Arguments:
       name: the model name in MONAI Label (``/infer/<name>``).
-      task: "segmentation3d", "segmentation", "classification" or "box_segmentation".
+      task: "segmentation3d", "segmentation", "classification", "box_segmentation" or
+        "box_segmentation3d".
       labels: output names in channel order (classes, or segmented regions).
       label_values: MONAI Label ``labels``: {name: value written in label maps}.
       adapters: folder of trained adapters (may not exist yet).
       description: shown by ``GET /info/``.
       source: where the model came from, for messages.
+      sequences: the input channels' names when they are separate series of one study (BraTS:
+        t1, t1ce, t2, flair); empty for single-image input.
     """
 
     name: str
@@ -102,10 +109,11 @@ class ServedModel:
     backbone: str = "litemedsam"
     pretrained: bool = True
     in_channels: int = 3
+    sequences: list[str] = field(default_factory=list)
 
     @property
     def dimension(self) -> int:
-        return 3 if self.task == "segmentation3d" else 2
+        return 3 if self.task in VOLUME_TASKS else 2
 
     @property
     def label_adapters(self) -> str:
@@ -143,6 +151,7 @@ class BundleModel(ServedModel):
         """The served model of the bundle in ``folder`` (named ``name``, default the folder's)."""
         from medadapt.backbones import ships_weights
         from medadapt.data import get_preset
+        from medadapt.data.brats import MODALITIES
 
         folder = Path(folder).resolve()
         name = name or folder.name
@@ -162,6 +171,8 @@ class BundleModel(ServedModel):
         model.backbone = value("network_def#backbone")
         model.in_channels = int(value("network_def#in_channels"))
         model.pretrained = bool(value("network_def#backbone_checkpoint")) or ships_weights(model.backbone)
+        if value("dataset_name") == "brats" and model.in_channels == len(MODALITIES):
+            model.sequences = list(MODALITIES)  # served from four series of a DICOMweb study
         metadata = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else {}
         model.description = str(metadata.get("description") or f"{_TASK_TEXT[model.task]} ({name})")
         return model
@@ -232,6 +243,26 @@ class BoxModel(ServedModel):
         return image2d_transforms(train=True, task="segmentation", size=self.image_size, with_label=True)
 
 
+@dataclass
+class Box3DModel(BoxModel):
+    """The interactive 3D model: the box model carried through a volume slice by slice
+    (`medadapt.models.box_propagation`). It shares the box model's adapter folders, so
+    training ``litemedsam_box`` improves both; it has no training task of its own.
+    """
+
+    @classmethod
+    def default(cls, runs: str | Path) -> Box3DModel:
+        return cls(name=BOX3D_MODEL, task="box_segmentation3d", labels=["object"], label_values={"object": 1},
+                   adapters=str(default_adapters(BOX_MODEL, runs)),
+                   description='Box-prompted 3D segmentation (LiteMedSAM + DKA) of single-channel NIfTI volumes: a '
+                               'box on one slice, carried slice by slice; send params {"box": [x0, y0, x1, y1], '
+                               '"slice": k, "axis": a} in voxel indices (or a 3D "roi", or "foreground" points)')
+
+    @property
+    def trainable(self) -> bool:
+        return False  # trained through the 2D box model, whose adapters it serves
+
+
 # ---------------------------------------------------------------------------- the model list
 def bundle_models(bundle_root: str | Path, runs: str | Path) -> list[BundleModel]:
     """The served models of every bundle in ``bundle_root``; a broken bundle is logged and
@@ -250,10 +281,10 @@ def bundle_models(bundle_root: str | Path, runs: str | Path) -> list[BundleModel
 
 
 def load_models(config: str | Path | None, bundle_root: str | Path, runs: str | Path) -> list[ServedModel]:
-    """The served models: from ``config`` if given (plus all bundles if it says so), else every
-    bundle in ``bundle_root`` and the LiteMedSAM box model."""
+    """The served models: from ``config`` if given (plus all bundles and the box models if it
+    says so), else every bundle in ``bundle_root`` and the LiteMedSAM box models (2D and 3D)."""
     if not config:
-        return [*bundle_models(bundle_root, runs), BoxModel.default(runs)]
+        return [*bundle_models(bundle_root, runs), BoxModel.default(runs), Box3DModel.default(runs)]
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")
@@ -261,7 +292,7 @@ def load_models(config: str | Path | None, bundle_root: str | Path, runs: str | 
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"model config {path} is not valid JSON: {error}") from None
-    unknown = set(data) - {"models", "include_bundles", "include_box_model"}
+    unknown = set(data) - {"models", "include_bundles", "include_box_model", "include_box3d_model"}
     if unknown:
         raise ValueError(f"model config {path}: unknown keys {sorted(unknown)}")
     models: list[ServedModel] = []
@@ -279,6 +310,8 @@ def load_models(config: str | Path | None, bundle_root: str | Path, runs: str | 
         models += bundle_models(bundle_root, runs)
     if data.get("include_box_model", False):
         models.append(BoxModel.default(runs))
+    if data.get("include_box3d_model", False):
+        models.append(Box3DModel.default(runs))
     names = [m.name for m in models]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
