@@ -8,14 +8,16 @@ BraTS' four series, with FLAIR on the 2 mm grid so that the server must resample
 served models are tiny ConvNeXt-atto configurations of the dka_brats bundle: one with a single
 input channel (a T1 series) and the 4-channel one.
 
-Without Orthanc (not root, no apt) these tests skip, saying how to install it; `.ci/run`
-installs it.
+Without Orthanc (not root, no apt) the tests that need it skip, saying how to install it;
+`.ci/run` installs it. The same grid check for separate sequence files (the BraTS transform
+chain's reader) is tested here too, without a server.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import signal
 import socket
@@ -31,11 +33,7 @@ from monailabel_server import TINY_CONVNEXT, _require_monailabel, _tiny_backbone
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 INSTALL = "apt-get update && apt-get install -y orthanc orthanc-dicomweb"
-pytestmark = [
-    pytest.mark.skipif(ORTHANC is None or not DICOMWEB_PLUGIN.is_file(),
-                       reason=f"needs Orthanc with its DICOMweb plugin: {INSTALL}"),
-    pytest.mark.xdist_group("dicomweb"),
-]
+pytestmark = pytest.mark.xdist_group("dicomweb")
 
 ROOT_UID = "1.2.826.0.1.3680043.10.1234"  # test UIDs under one root
 T1_STUDY, T1_SERIES = f"{ROOT_UID}.1", f"{ROOT_UID}.1.1"
@@ -106,6 +104,8 @@ def orthanc(tmp_path_factory):
     holding the test studies; yields {"url", "http", "files"}."""
     import requests
 
+    if ORTHANC is None or not DICOMWEB_PLUGIN.is_file():
+        pytest.skip(f"needs Orthanc with its DICOMweb plugin: {INSTALL}")
     root = tmp_path_factory.mktemp("orthanc")
     port = _free_port()
     config = {"Name": "medadapt-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
@@ -245,7 +245,7 @@ def test_inference_on_a_series_and_its_label_saved_as_dicom_seg(server, orthanc,
     assert answer.status_code == 200, answer.text
     segs = _segs(orthanc)
     assert len(segs) == before + 1
-    seg = hd.seg.Segmentation.from_dataset(_retrieve_seg(orthanc, segs[-1]))
+    seg = hd.seg.Segmentation.from_dataset(_retrieve_seg(orthanc, segs[-1]), copy=False)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == T1_SERIES
     assert seg.StudyInstanceUID == T1_STUDY
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["grey matter", "white matter"]
@@ -367,3 +367,55 @@ def test_label_command_takes_a_dicomweb_url(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["label", "--studies", url, "--dicomweb-filter", "[1]", "--dry-run"]) == 2
     assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_separate_sequence_files_are_put_on_the_first_ones_grid(tmp_path, caplog):
+    """A BraTS case folder of four files, FLAIR on the 2 mm grid and the others on 4 mm: the
+    BraTS chain stacks them on t1's grid, FLAIR resampled (and said in the log); MONAI's own
+    reader refuses the list with an error naming neither file."""
+    import logging
+
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    from medadapt.data import brats_transforms
+    from medadapt.data.brats import BRATS
+    from medadapt.data.errors import DatasetError
+
+    t1, affine = mni152(4)
+    fine, fine_affine = mni152(2)
+    case = tmp_path / "BraTS2021_00007"
+    case.mkdir()
+    volumes = {"t1": (t1, affine), "t1ce": (1.2 * t1, affine), "t2": (0.8 * t1, affine),
+               "flair": (0.7 * fine, fine_affine)}
+    for name, (volume, grid) in volumes.items():
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), grid), case / f"{case.name}_{name}.nii.gz")
+    entry = BRATS.plain_datalist(case)[0]
+    with pytest.raises(RuntimeError, match="affine matrix of all images should be the same"):
+        LoadImage(image_only=True)(entry["image"])
+
+    transforms = brats_transforms(train=False, with_label=False, pixdim=None)
+    with caplog.at_level(logging.WARNING, logger="medadapt"):
+        image = transforms(entry)["image"]
+    assert image.shape == (4, *t1.shape)
+    np.testing.assert_allclose(image.affine.numpy(), affine, atol=1e-5)
+    # t1's 4 mm voxel centres are every second 2 mm centre: linear resampling hits FLAIR's own voxels.
+    raw = LoadImage(image_only=True, ensure_channel_first=True)
+    channels = [raw(entry["image"][n])[0] for n in range(3)]
+    flair_on_t1 = 0.7 * fine[::2, ::2, ::2].astype(np.float32)
+    for n, expected in enumerate([*channels, flair_on_t1]):
+        inside = np.asarray(expected) != 0
+        zscored = (np.asarray(expected)[inside] - np.asarray(expected)[inside].mean()) / np.asarray(expected)[inside].std()
+        np.testing.assert_allclose(np.asarray(image[n])[inside], zscored, atol=1e-3)
+    warnings = [r.getMessage() for r in caplog.records if "resampled onto t1's grid" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("flair (") and "spacing [2.0, 2.0, 2.0]" in warnings[0]
+
+    # A file that does not overlap the first one's grid is refused, naming both.
+    far = fine_affine.copy()
+    far[:3, 3] += 1000.0
+    nib.save(nib.Nifti1Image((0.7 * fine).astype(np.float32), far), case / f"{case.name}_flair.nii.gz")
+    with pytest.raises(RuntimeError) as refused:  # MONAI's Compose wraps what a transform raises
+        transforms(entry)
+    assert isinstance(refused.value.__cause__, DatasetError)
+    assert re.search(r"flair \(.*_flair.nii.gz\) does not overlap the grid of t1 \(.*_t1.nii.gz\)",
+                     str(refused.value.__cause__))

@@ -7,7 +7,8 @@ every step (``--train#preprocessing#transforms#3#prob 0.2``), and the Python fun
 the same config. A config refers to the bundle's settings by reference (``@image_size``,
 ``@roi_size``, ``@pixdim``, ``@release``); the Python functions supply them as values.
 
-- BraTS (3D): four MR sequences stacked as channels (t1, t1ce, t2, flair), labels converted
+- BraTS (3D): four MR sequences stacked as channels (t1, t1ce, t2, flair; four files on
+  different grids are resampled onto the first's, `SequenceGridReader`), labels converted
   to TC / WT / ET for the release, RAS orientation, resampling, per-channel z-score over
   brain voxels, random crops and flips for training.
 - 2D PNG/JPG: read as RGB, masks merged and binarised, resized, scaled to [0, 1] (the model
@@ -22,15 +23,20 @@ timm expect and as matplotlib shows them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import NibabelReader
 from monai.transforms import Compose, MapTransform
 
-from medadapt.data.brats import MSD_TO_STANDARD
+from medadapt.data.brats import MODALITIES, MSD_TO_STANDARD
 from medadapt.data.brats_labels import canonical_release, release_from_name
 from medadapt.data.errors import DatasetError
+
+logger = logging.getLogger("medadapt")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,6 +95,63 @@ class BraTSChannelOrderd(MapTransform):
             if self.release == "msd" or (self.release == "auto" and release_from_name(name) == "msd"):
                 d[key] = self.select({**d, key: d[key]})[key]
         return d
+
+
+class SequenceGridReader(NibabelReader):
+    """MONAI's NIfTI reader for the separate sequence files of one case, stacked as channels:
+    every file after the first must lie on the first's grid (shape and voxel-to-world affine,
+    within ``atol`` mm), and one that does not is resampled onto it, with a warning in the log
+    naming both files and grids. (MONAI's own reader refuses different affines with an error
+    that names neither file, and stacks what it can.) A single file is read as it is.
+
+    Arguments:
+      names: what the files are, in order (e.g. t1, t1ce, t2, flair), for the log.
+      order: spline order of the resampling (1: linear).
+      atol: largest difference of affine entries, in mm, still counted as the same grid.
+      kwargs: passed to `NibabelReader`.
+    """
+
+    def __init__(self, names: Sequence[str] = (), order: int = 1, atol: float = 1e-3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.names, self.order, self.atol = list(names), int(order), float(atol)
+
+    def get_data(self, img):
+        images = list(img) if isinstance(img, (list, tuple)) else [img]
+        if len(images) > 1:
+            images = [images[0], *(self._on_grid_of_first(images, n) for n in range(1, len(images)))]
+        return super().get_data(images if len(images) > 1 else images[0])
+
+    def _on_grid_of_first(self, images: list, n: int):
+        import nibabel as nib
+        from nibabel.processing import resample_from_to
+
+        first, image = images[0], images[n]
+        same_shape = first.shape[:3] == image.shape[:3] and len(image.shape) == len(first.shape)
+        if same_shape and np.allclose(image.affine, first.affine, atol=self.atol, rtol=0):
+            # The same grid up to header rounding: carry the first's affine, as MONAI's stacking expects.
+            return nib.Nifti1Image(np.asanyarray(image.dataobj), first.affine, image.header)
+        if len(image.shape) != 3 or len(first.shape) != 3:
+            raise DatasetError(f"{self._name(n)} ({image.get_filename()}) of shape {image.shape} cannot be put on the "
+                               f"grid of {self._name(0)} ({first.get_filename()}, shape {first.shape}): separate "
+                               "sequence files must be 3D volumes")
+        resampled = resample_from_to(image, first, order=self.order, cval=0.0)
+        if np.count_nonzero(np.asanyarray(image.dataobj)) and not np.count_nonzero(resampled.dataobj):
+            raise DatasetError(f"{self._name(n)} ({image.get_filename()}) does not overlap the grid of "
+                               f"{self._name(0)} ({first.get_filename()}): check both files' orientation headers")
+        logger.warning("%s (%s): shape %s, spacing %s mm differs from %s (%s): shape %s, spacing %s mm; resampled "
+                       "onto %s's grid (spline order %d)", self._name(n), image.get_filename(), image.shape,
+                       _spacing(image), self._name(0), first.get_filename(), first.shape, _spacing(first),
+                       self._name(0), self.order)
+        return resampled
+
+    def _name(self, n: int) -> str:
+        return self.names[n] if n < len(self.names) else f"file {n + 1}"
+
+
+def _spacing(image) -> list[float]:
+    import nibabel as nib
+
+    return [round(float(v), 3) for v in nib.affines.voxel_sizes(image.affine)]
 
 
 class MergeMasksd(MapTransform):
@@ -222,7 +285,9 @@ def brats_transform_config(
         release = "auto" if str(release).lower() == "auto" else canonical_release(release)
     keys = ["image"] if stage == "infer" else ["image", "label"]
     steps = [
-        _step("LoadImaged", keys=keys, image_only=True),
+        # Separate sequence files arrive as a list in MODALITIES order; the reader checks their grids.
+        _step("LoadImaged", keys=keys, image_only=True,
+              reader=_step("medadapt.data.transforms.SequenceGridReader", names=list(MODALITIES))),
         _step("EnsureChannelFirstd", keys=keys),
         _step("medadapt.data.transforms.CheckFinited", keys="image"),
         _step("medadapt.data.transforms.BraTSChannelOrderd", keys="image", release=release),
