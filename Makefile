@@ -4,11 +4,11 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 / torchvision 0.29.1 is the pair that installs offline here and imports together.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt $(TORCH_PINS)
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 .PHONY: install demo test bench
