@@ -163,7 +163,7 @@ def _remove_legacy_files(folder: Path) -> None:
     # Files of the old names left in a folder saved again would be a second, stale copy.
     legacy_config = folder / LEGACY_CONFIG_NAME
     try:
-        is_ours = json.loads(legacy_config.read_text()).get("format") == FORMAT
+        is_ours = json.loads(legacy_config.read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return
     if is_ours:
@@ -187,7 +187,7 @@ def read_adapter_config(path: str | Path) -> dict:
         raise FileNotFoundError(f"no {CONFIG_NAME} (or the older {LEGACY_CONFIG_NAME}) in {folder}: "
                                 "not a medadapt adapter folder")
     try:
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:

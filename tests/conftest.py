@@ -3,6 +3,7 @@ paths as full-size models in a fraction of the time."""
 
 from __future__ import annotations
 
+import locale
 import os
 import warnings
 
@@ -14,6 +15,20 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
 # Two pytest workers share two cores; more threads per worker only oversubscribes them.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_locale(request):
+    """Some library code resets the C locale during a test (to "C", whose text encoding is
+    ASCII), and every later test in that worker would then decode subprocess output and write
+    files as ASCII. Put the locale back and say which test changed it."""
+    before = locale.setlocale(locale.LC_CTYPE)
+    yield
+    after = locale.setlocale(locale.LC_CTYPE)
+    if after != before:
+        locale.setlocale(locale.LC_CTYPE, before)
+        warnings.warn(f"{request.node.nodeid} changed the C locale's LC_CTYPE from {before!r} to {after!r}; "
+                      "restored", stacklevel=1)
 
 
 def tiny_sam():

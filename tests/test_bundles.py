@@ -37,7 +37,7 @@ def test_configs_are_the_build_of_their_recipes():
     # Shared pieces are written once (bundles/recipes/); the configs users run are built from
     # them and must not drift: python bundles/build.py rewrites them.
     result = subprocess.run([sys.executable, str(REPO / "bundles" / "build.py"), "--check"], capture_output=True,
-                            text=True)
+                            text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr
 
 
@@ -45,7 +45,7 @@ def run_bundle(config: str | list[str], *args: str, check: bool = True) -> subpr
     files = config if isinstance(config, str) else str(config).replace(" ", "")
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *args],
-                            cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+                            cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"bundle run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

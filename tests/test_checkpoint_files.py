@@ -349,7 +349,7 @@ with atomic_path(sys.argv[1]) as tmp:
 
 def _kill_during_save(script, target, ready=lambda tmp: True):
     """Run ``script`` saving ``target``; SIGKILL it once ``ready(tmp)``; return the temporary path."""
-    writer = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
     try:
         tmp = Path(writer.stdout.readline().strip())
         deadline = time.monotonic() + 60
@@ -395,7 +395,7 @@ def test_temporaries_of_live_writers_and_other_files_are_kept(tmp_path):
     from medadapt.io import STALE_TEMP_AGE_S, _host
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True)
+                              text=True, encoding="utf-8", errors="replace", check=True)
     dead_pid = int(finished.stdout)
     target = tmp_path / "config.json"
     live = tmp_path / f".config.json.tmp-{os.getpid()}-0123abcd-{_host()}"

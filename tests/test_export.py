@@ -95,7 +95,7 @@ def monai_bundle(command: str, bundle: str, models: Path, out: Path, values: dic
             "--ckpt_file", str(models / "model.pt"), "--meta_file", f"bundles/{bundle}/metadata.json",
             "--config_file", f"bundles/{bundle}/inference.json", "--ckpt_dir", str(models), *cli(values), *extra]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=900)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     assert out.is_file()
 

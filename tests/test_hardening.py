@@ -124,7 +124,7 @@ def test_configs_run_from_any_working_directory(tmp_path):
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/dka_busi_cls/train.json"),
             *TINY, "--demo_options", SMALL_DEMO["dka_busi_cls"], "--max_epochs", "1", "--image_size", "64",
             "--output_dir", str(out)]
-    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "metrics.json").is_file()
     # The bundle's own default output folder follows the bundle, not the working directory.

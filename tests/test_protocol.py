@@ -386,7 +386,7 @@ def test_a_killed_ray_worker_is_retried(tmp_path, demo_dir):
     kwargs.update(methods=["dka"], fractions=[1.0], folds=2, out=str(out), demo_dir=str(demo_dir), ray="local",
                   epochs=3)
     driver = subprocess.Popen([sys.executable, "-c", code, json.dumps(kwargs)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                              stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", start_new_session=True)
     killed = None
     deadline = time.time() + 240
     while killed is None and time.time() < deadline and driver.poll() is None:

@@ -30,7 +30,7 @@ print(runtime._applied, mmapped, libc.sbrk(0) < before)
 
 def _run(tuning: str) -> list[bool]:
     env = dict(os.environ, MEDADAPT_MALLOC_TUNING=tuning)
-    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, check=True)
     return [word == "True" for word in out.stdout.split()[-3:]]
 
 
@@ -54,6 +54,6 @@ nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), path)
 LoadImage(image_only=True)(path)
 print("loaded")
 """
-    out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
     assert "loaded" in out.stdout
     assert "nvImageCodec" not in out.stdout + out.stderr

@@ -149,7 +149,7 @@ def _msd_datalist(data_dir: Path, require_labels: bool) -> list[dict]:
     """MSD Task01 datalist; the training cases come from dataset.json as MSD intends."""
     spec_path = data_dir / "dataset.json"
     try:
-        spec = json.loads(spec_path.read_text())
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise DatasetError(f"MSD dataset.json {str(spec_path)!r} cannot be read: {error}") from error
     modality = spec.get("modality")

@@ -116,7 +116,7 @@ def build_slices(root: str | os.PathLike) -> str:
     marker = root / MARKER
     if marker.is_file():
         try:
-            record = json.loads(marker.read_text())
+            record = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             record = {}
         if record.get("version") == VERSION and all((root / f).is_file() for f in record.get("files", [])):
@@ -149,8 +149,8 @@ def build_slices(root: str | os.PathLike) -> str:
         files += [f"stacks/images/{name}", f"stacks/labels/{name}"]
     (root / "README.txt").write_text(README.format(resolution=RESOLUTION, test=span(zone["test"]), gap=gap,
                                                    stack=STACK_SLICES,
-                                                   pool=", ".join(f"{a}-{b}" for a, b in _runs(zone["pool"]))))
-    marker.write_text(json.dumps({"version": VERSION, "zones": zone, "stacks": stacks, "files": files}, indent=1))
+                                                   pool=", ".join(f"{a}-{b}" for a, b in _runs(zone["pool"]))), encoding="utf-8")
+    marker.write_text(json.dumps({"version": VERSION, "zones": zone, "stacks": stacks, "files": files}, indent=1), encoding="utf-8")
     return str(root)
 
 
@@ -188,7 +188,7 @@ def datalist(root: str | os.PathLike, volumes: bool = False) -> list[dict]:
     """Entries for every written slice (or, with ``volumes``, every stack): "image", "label",
     "case", "group", "z" (the stack's first slice), "zone"."""
     root = Path(root)
-    record = json.loads((root / MARKER).read_text())
+    record = json.loads((root / MARKER).read_text(encoding="utf-8"))
     kind, folder, pattern = ("stacks", root / "stacks", "s{:02d}.nii.gz") if volumes else ("zones", root, "z{:02d}.png")
     entries = []
     for zone_name in ("test", "pool"):

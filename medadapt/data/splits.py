@@ -158,7 +158,7 @@ def save_splits(splits: dict, path: str | os.PathLike) -> Path:
     """Write ``splits`` as indented JSON to ``path`` (folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(splits, indent=1))
+    path.write_text(json.dumps(splits, indent=1), encoding="utf-8")
     return path
 
 
@@ -182,7 +182,7 @@ def load_split(
             written (default: the JSON's "root").
     """
     if not isinstance(splits, dict):
-        splits = json.loads(Path(splits).read_text())
+        splits = json.loads(Path(splits).read_text(encoding="utf-8"))
     if splits.get("format") != FORMAT:
         raise ValueError(f"not a medadapt splits file (format {splits.get('format')!r}, expected {FORMAT!r})")
     base = Path(root) if root is not None else Path(splits["root"])
@@ -425,8 +425,9 @@ def _draw_fraction(fraction, folds, seed, pool_strata, sizes, by_group) -> dict:
         record["actual_fraction"] = round(record["count"] / pool, 6) if pool else 0.0
     shared = sorted({k for k in range(folds) for j in range(k) if set(fold_groups[k]) & set(fold_groups[j])})
     repeats = None
-    if shared:
-        # The cyclic walk ran out of unused groups: later folds reuse images of earlier ones.
+    if shared and fraction < 1:
+        # The cyclic walk ran out of unused groups: later folds reuse images of earlier ones
+        # (at fraction 1 every fold is the whole pool by definition, nothing to warn about).
         repeats = (f"fraction {fraction:g}: the pool holds too few images for {folds} disjoint training subsets; "
                    f"fold(s) {', '.join(map(str, shared))} share images with earlier folds")
         logger.warning(repeats)

@@ -136,7 +136,7 @@ def read_splits_file(path: str, dataset: str, task: str, root: str, datalist: li
     if not file.is_file():
         raise FileNotFoundError(f"splits_file {file} does not exist")
     try:
-        splits = json.loads(file.read_text())
+        splits = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ValueError(f"splits_file {file} is not a readable JSON file: {error}") from None
     if not isinstance(splits, dict) or splits.get("format") != FORMAT:

@@ -398,7 +398,7 @@ class MetricsWriter:
         record = {}
         if self.path.is_file() and not (self.fresh and not self._written):
             try:
-                record = json.loads(self.path.read_text())
+                record = json.loads(self.path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 record = {}
         metrics = {self._name(k): _jsonable(v) for k, v in engine.state.metrics.items()}

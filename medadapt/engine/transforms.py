@@ -12,14 +12,19 @@ from medadapt.data.brats_labels import RELEASES, canonical_release
 def regions_to_labels(regions: torch.Tensor, release: str = "2021") -> torch.Tensor:
     """(3, ...) binary TC/WT/ET channels -> (1, ...) label map in ``release``'s values.
 
-    Nested regions are written outermost first (edema, then core, then enhancing), so each
-    voxel gets the label of the innermost region that contains it.
+    The regions are nested by construction: core only inside the whole tumour, enhancing only
+    inside the core. A voxel's label is its innermost region, so the file's whole tumour is
+    exactly the WT channel (the most reliable of the three) and a core or enhancing voxel the
+    model put outside it, where a label map could only show it by growing the whole tumour,
+    is dropped.
     """
     spec = RELEASES[canonical_release(release)]
     (edema,) = set(spec.wt) - set(spec.tc)
     (core,) = set(spec.tc) - set(spec.et)
     (enhancing,) = spec.et
-    tc, wt, et = (regions[i] > 0.5 for i in range(3))
+    wt = regions[1] > 0.5
+    tc = (regions[0] > 0.5) & wt
+    et = (regions[2] > 0.5) & tc
     out = torch.zeros_like(regions[:1], dtype=torch.uint8)
     out[0][wt] = edema
     out[0][tc] = core

@@ -116,8 +116,8 @@ def write_app_dir(folder: str | Path) -> Path:
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     main = folder / "main.py"
-    if not main.is_file() or main.read_text() != APP_MAIN:
-        main.write_text(APP_MAIN)
+    if not main.is_file() or main.read_text(encoding="utf-8") != APP_MAIN:
+        main.write_text(APP_MAIN, encoding="utf-8")
     return folder
 
 

@@ -173,7 +173,7 @@ class BundleModel(ServedModel):
         model.pretrained = bool(value("network_def#backbone_checkpoint")) or ships_weights(model.backbone)
         if value("dataset_name") == "brats" and model.in_channels == len(MODALITIES):
             model.sequences = list(MODALITIES)  # served from four series of a DICOMweb study
-        metadata = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else {}
+        metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8")) if (folder / "metadata.json").is_file() else {}
         model.description = str(metadata.get("description") or f"{_TASK_TEXT[model.task]} ({name})")
         return model
 
@@ -289,7 +289,7 @@ def load_models(config: str | Path | None, bundle_root: str | Path, runs: str | 
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"model config {path} is not valid JSON: {error}") from None
     unknown = set(data) - {"models", "include_bundles", "include_box_model", "include_box3d_model"}

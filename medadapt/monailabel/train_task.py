@@ -65,7 +65,7 @@ class AdapterTrainTask(TrainTask):
     def stats(self) -> dict[str, Any]:
         path = Path(self.spec.label_adapters) / STATS_NAME
         try:
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
 
@@ -175,7 +175,7 @@ class AdapterTrainTask(TrainTask):
 
         best = run_dir / "models" / "best_adapters"
         load_adapters(model, best)  # the checkpoint the validation set chose, not the last epoch
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         shutil.rmtree(run_dir, ignore_errors=True)
         return model, {"metrics": metrics, "studies_validated": len(val)}
 
@@ -221,7 +221,7 @@ def publish(model: torch.nn.Module, folder: str | Path, stats: dict[str, Any]) -
     tag = f"{os.getpid()}-{time.time_ns()}"
     staging, retired = folder.with_name(f".{folder.name}.new-{tag}"), folder.with_name(f".{folder.name}.old-{tag}")
     save_adapters(model, staging)
-    (staging / STATS_NAME).write_text(json.dumps(stats, indent=1))
+    (staging / STATS_NAME).write_text(json.dumps(stats, indent=1), encoding="utf-8")
     if folder.exists():
         os.replace(folder, retired)
     os.replace(staging, folder)

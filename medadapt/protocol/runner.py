@@ -131,7 +131,7 @@ def find_bundle(dataset: str, task: str, bundles: str | Path | None = None) -> P
     found = []
     for train in sorted(root.glob("*/train.json")):
         try:
-            config = json.loads(train.read_text())
+            config = json.loads(train.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if config.get("dataset_name") == dataset and config.get("task") == task:
@@ -144,7 +144,7 @@ def find_bundle(dataset: str, task: str, bundles: str | Path | None = None) -> P
 
 def bundle_settings(bundle: Path) -> set[str]:
     """The top-level settings of a bundle's train config."""
-    return set(json.loads((bundle / "train.json").read_text()))
+    return set(json.loads((bundle / "train.json").read_text(encoding="utf-8")))
 
 
 def build_network(bundle: Path, overrides: dict):
@@ -219,7 +219,7 @@ def run_cell(cell: dict) -> dict:
     trained = time.perf_counter()
     run_workflow([bundle / "train.json", bundle / "evaluate.json"], **overrides)
     done = time.perf_counter()
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     (checkpoints / "best_adapters").replace(folder / "adapters")
     shutil.rmtree(checkpoints)
     record = {
@@ -471,7 +471,7 @@ def run_protocol(
                 cell_settings = _json_ready({**settings, "method_options": method_info[method]["resolved_options"],
                                              "train_digest": _digest(train_rel)})
                 if path.is_file():
-                    stored = json.loads(path.read_text())
+                    stored = json.loads(path.read_text(encoding="utf-8"))
                     if stored.get("settings") == cell_settings:
                         cells[(method, fraction, fold)] = stored
                         skipped.append(ident)

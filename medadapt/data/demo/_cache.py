@@ -20,7 +20,7 @@ def is_current(root: Path, generator: str, params: dict) -> bool:
     if not marker.is_file():
         return False
     try:
-        record = json.loads(marker.read_text())
+        record = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
     if record.get("generator") != generator or record.get("version") != VERSION or record.get("params") != params:
@@ -34,7 +34,7 @@ def clear_previous(root: Path) -> None:
     if not marker.is_file():
         return
     try:
-        files = json.loads(marker.read_text()).get("files", [])
+        files = json.loads(marker.read_text(encoding="utf-8")).get("files", [])
     except (OSError, json.JSONDecodeError):
         files = []
     for name in files:
@@ -56,4 +56,4 @@ def write_marker(root: Path, generator: str, params: dict, files: list[Path]) ->
         "params": params,
         "files": sorted(str(Path(f).relative_to(root)) for f in files),
     }
-    (root / MARKER).write_text(json.dumps(record, indent=1))
+    (root / MARKER).write_text(json.dumps(record, indent=1), encoding="utf-8")

@@ -74,7 +74,7 @@ def make_demo_brats(root: str | os.PathLike, num_cases: int = 6, size: int = 64,
             files.append(_save(np.round(data * 1000).astype(np.int16), affine, folder / f"{case}_{name}.nii.gz"))
         files.append(_save(seg, affine, folder / f"{case}_seg.nii.gz"))
     readme = root / "README.txt"
-    readme.write_text(README.format(num_cases=num_cases, size=size, spacing=spacing, seed=seed))
+    readme.write_text(README.format(num_cases=num_cases, size=size, spacing=spacing, seed=seed), encoding="utf-8")
     write_marker(root, "brats", params, files + [readme])
     return str(root)
 

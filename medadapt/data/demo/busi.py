@@ -67,7 +67,7 @@ def make_demo_busi(
                 files.append(folder / (f"{stem}_mask.png" if k == 0 else f"{stem}_mask_{k}.png"))
                 Image.fromarray(mask.astype(np.uint8) * 255).save(files[-1])
     readme = root / "README.txt"
-    readme.write_text(README.format(per_class=per_class, height=height, width=width, seed=seed))
+    readme.write_text(README.format(per_class=per_class, height=height, width=width, seed=seed), encoding="utf-8")
     write_marker(root, "busi", params, files + [readme])
     return str(root)
 

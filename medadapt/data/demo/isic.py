@@ -100,7 +100,7 @@ def make_demo_isic2018(root: str | os.PathLike, n: int = 16, size: tuple[int, in
         layout="ISIC 2018 Task 1", count=n, height=height, width=width,
         classes_note=" (naevus-, melanoma- and keratosis-like), with their segmentation masks",
         extra="", function=f"make_demo_isic2018(root, n={n}, size=({height}, {width}), seed={seed})",
-    ))
+    ), encoding="utf-8")
     write_marker(root, "isic2018", params, files + [readme])
     return str(root)
 
@@ -150,11 +150,11 @@ def make_demo_isic2019(root: str | os.PathLike, n: int = 32, size: tuple[int, in
         truth_rows.append([case] + ["1.0" if c == name else "0.0" for c in ISIC2019_CLASSES])
         meta_rows.append({"image": case, **lesion_meta})
     truth_csv, meta_csv = root / "ISIC_2019_Training_GroundTruth.csv", root / "ISIC_2019_Training_Metadata.csv"
-    with open(truth_csv, "w", newline="") as handle:
+    with open(truth_csv, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(("image",) + ISIC2019_CLASSES)
         writer.writerows(truth_rows)
-    with open(meta_csv, "w", newline="") as handle:
+    with open(meta_csv, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=ISIC2019_METADATA_COLUMNS)
         writer.writeheader()
         writer.writerows(meta_rows)
@@ -167,7 +167,7 @@ def make_demo_isic2019(root: str | os.PathLike, n: int = 32, size: tuple[int, in
         "with a keratin centre)",
         extra="- Ages, sexes and sites in the metadata CSV are random; lesion ids group repeat photos.\n",
         function=f"make_demo_isic2019(root, n={n}, size=({height}, {width}), seed={seed})",
-    ))
+    ), encoding="utf-8")
     write_marker(root, "isic2019", params, files + [truth_csv, meta_csv, readme])
     return str(root)
 
