@@ -288,3 +288,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "s.json")])
     assert code == 2 and "benign (1)" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_the_whole_pool_in_every_fold_is_not_a_repeat_worth_a_warning(tmp_path, caplog):
+    datalist = tiny_files_datalist(tmp_path, [0] * 6 + [1] * 6)
+    splits = make_splits(datalist, [1.0], folds=5, seed=0, label_key="class", val_fraction=0)
+    assert splits["fractions"][0]["repeats"] is None
+    assert "disjoint training subsets" not in caplog.text

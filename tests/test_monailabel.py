@@ -288,3 +288,15 @@ def test_served_label_is_the_bundles_own_prediction(server, tmp_path):
     predicted = np.asarray(Image.open(out / "mni_slice_pred.png")) > 0
     assert served.shape == predicted.shape == server.facts["slice_shape"]
     assert (served > 0).sum() > 0 and np.array_equal(served > 0, predicted)
+
+
+def test_brats_label_map_keeps_the_whole_tumour_channel_and_nests_the_others():
+    """A core voxel outside the predicted whole tumour must not grow the whole tumour in the
+    written label map; an enhancing voxel outside the core is dropped too."""
+    from medadapt.engine.transforms import regions_to_labels
+
+    tc = torch.tensor([1, 1, 0, 0, 1], dtype=torch.float32)
+    wt = torch.tensor([1, 1, 1, 0, 0], dtype=torch.float32)
+    et = torch.tensor([1, 0, 0, 1, 1], dtype=torch.float32)
+    labels = regions_to_labels(torch.stack([tc, wt, et]), "2021")[0].tolist()
+    assert labels == [4, 1, 2, 0, 0]
