@@ -68,7 +68,7 @@ def test_configs_pass_monai_property_checks(bundle, tmp_path):
         workflow.initialize()
         missing = workflow.check_properties()
         assert not missing, f"{bundle}/{name} lacks required properties {missing}"
-    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
     assert set(metadata["network_data_format"]) == {"inputs", "outputs"}
     for name in ("evaluate.json", "multi_gpu_train.json", "logging.conf", "docs/README.md"):
         assert (folder / name).is_file(), f"{bundle} lacks {name}"
@@ -84,10 +84,10 @@ def test_bundle_trains_one_epoch_and_predicts(bundle, tmp_path):
     models = out / "models"
     assert any((models / "best_adapters").glob("*.safetensors"))
     assert (models / "model.pt").is_file() and (models / "training_state.pt").is_file()
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     key = "val_accuracy" if "cls" in bundle else "val_mean_dice"
     assert 0.0 <= metrics[key] <= 1.0 and metrics["epoch"] == 1 and metrics["best_epoch"] == 1
-    splits = json.loads((out / "splits.json").read_text())
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     train = {e["image"] if isinstance(e["image"], str) else e["image"][0] for e in splits["fractions"][0]["folds"][0]["train"]}
     held = [{e["image"] if isinstance(e["image"], str) else e["image"][0] for e in splits[part]} for part in ("val", "test")]
     assert train and all(held) and not (train & held[0]) and not (train & held[1]) and not (held[0] & held[1])
@@ -95,7 +95,7 @@ def test_bundle_trains_one_epoch_and_predicts(bundle, tmp_path):
     # The fixed test set, through the same bundle: test_* beside the val_* keys.
     run_bundle(f"['bundles/{bundle}/train.json','bundles/{bundle}/evaluate.json']", *TINY, *demo,
                *EXTRA.get(bundle, []), "--output_dir", str(out), "--image_size", "64")
-    evaluated = json.loads((out / "metrics.json").read_text())
+    evaluated = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert evaluated[key] == metrics[key] and 0.0 <= evaluated[key.replace("val_", "test_")] <= 1.0
 
     predictions = tmp_path / "predictions"
@@ -103,7 +103,7 @@ def test_bundle_trains_one_epoch_and_predicts(bundle, tmp_path):
                "--ckpt_dir", str(models), "--output_dir", str(predictions), "--demo_dir", str(out / "demo_data"))
     written = sorted(p.name for p in predictions.iterdir() if not p.name.startswith("."))
     if "cls" in bundle:
-        rows = (predictions / "predictions.csv").read_text().strip().splitlines()
+        rows = (predictions / "predictions.csv").read_text(encoding="utf-8").strip().splitlines()
         assert len(rows) - 1 == len(list((out / "demo_data").rglob("*.png")) + list((out / "demo_data").rglob("*.jpg"))) \
             - len(list((out / "demo_data").rglob("*_mask*.png")))
     else:
@@ -208,7 +208,7 @@ def test_a_bundle_trains_with_amp_on_the_cpu(tmp_path):
     out = tmp_path / "run"
     run_bundle("bundles/dka_busi_seg/train.json", *TINY, "--demo_options", SMALL_DEMO["dka_busi_seg"],
                "--max_epochs", "1", "--output_dir", str(out), "--image_size", "64", "--amp", "True")
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["val_mean_dice"] <= 1.0
     result = run_bundle("bundles/dka_busi_seg/train.json", *TINY, "--amp", "half", "--output_dir",
                         str(tmp_path / "bad"), check=False)

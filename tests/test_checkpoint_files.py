@@ -125,7 +125,7 @@ def _rewrite_tensor(folder, change):
 
 
 def _rewrite_config(folder, change):
-    config = json.loads((folder / CONFIG_NAME).read_text())
+    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     change(config)
     (folder / CONFIG_NAME).write_text(json.dumps(config))
 
@@ -368,9 +368,9 @@ def test_a_temporary_left_by_a_killed_save_is_removed_by_the_next(tmp_path):
     target.write_text("the previous good file")
     tmp = _kill_during_save(SLOW_WRITER, target)
     assert tmp.stat().st_size >= 1 << 20
-    assert target.read_text() == "the previous good file"
+    assert target.read_text(encoding="utf-8") == "the previous good file"
     atomic_write_text(target, "new")
-    assert target.read_text() == "new"
+    assert target.read_text(encoding="utf-8") == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 

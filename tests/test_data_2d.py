@@ -113,7 +113,7 @@ def test_isic2019_labels_and_lesion_groups(tmp_path):
 def test_isic2019_bad_rows_named(tmp_path):
     ids = make_isic2019(tmp_path, [0, 1, 2], ["a", "b", "c"])
     csv_path = tmp_path / "ISIC_2019_Training_GroundTruth.csv"
-    lines = csv_path.read_text().splitlines()
+    lines = csv_path.read_text(encoding="utf-8").splitlines()
     lines[2] = lines[2].replace("0.0", "1.0", 1)  # two classes for the second image
     csv_path.write_text("\n".join(lines) + "\n")
     os.remove(tmp_path / "ISIC_2019_Training_Input" / f"{ids[2]}.jpg")

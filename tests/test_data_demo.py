@@ -28,7 +28,7 @@ def _digest(folder: Path) -> dict:
 
 
 def _readme_says_synthetic(root: Path) -> None:
-    text = (root / "README.txt").read_text()
+    text = (root / "README.txt").read_text(encoding="utf-8")
     assert "SYNTHETIC" in text
 
 
@@ -39,7 +39,7 @@ def test_demo_brats_default_is_valid_and_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert elapsed < 30  # about 3 s on 2 idle CPU cores; generous for a loaded CI machine
     _readme_says_synthetic(root)
-    assert "MNI152" in (root / "README.txt").read_text()
+    assert "MNI152" in (root / "README.txt").read_text(encoding="utf-8")
     assert detect_release(root) == "2021"
     datalist = brats_datalist(root)
     assert len(datalist) == 6

@@ -252,7 +252,7 @@ def test_cli_split_busi(tmp_path, capsys):
         "--folds", "3", "--seed", "0", "--out", str(out),
     ])
     assert code == 0 and out.is_file()
-    splits = json.loads(out.read_text())
+    splits = json.loads(out.read_text(encoding="utf-8"))
     assert splits["dataset"] == "busi" and splits["classes"] == ["benign", "malignant", "normal"]
     assert [r["fraction"] for r in splits["fractions"]] == [0.0063, 0.5, 1.0]
     train = load_split(out, 0.0063, fold=2)
@@ -268,7 +268,7 @@ def test_cli_split_isic2019_groups_lesions(tmp_path):
     out = tmp_path / "splits.json"
     assert main(["split", "--dataset", "isic2019", "--root", str(tmp_path / "isic"), "--fractions", "0.5",
                  "--folds", "2", "--out", str(out)]) == 0
-    splits = json.loads(out.read_text())
+    splits = json.loads(out.read_text(encoding="utf-8"))
     test_lesions = {e["lesion_id"] for e in splits["test"]}
     for fold in splits["fractions"][0]["folds"]:
         assert not {e["lesion_id"] for e in fold["train"]} & test_lesions

@@ -128,7 +128,7 @@ def orthanc(tmp_path_factory):
             except requests.ConnectionError:
                 time.sleep(0.25)
         else:
-            pytest.fail(f"Orthanc did not answer: {(root / 'orthanc.log').read_text()[-2000:]}")
+            pytest.fail(f"Orthanc did not answer: {(root / 'orthanc.log').read_text(encoding="utf-8")[-2000:]}")
         files = _upload_studies(root / "series", http, base)
         yield {"url": f"{base}/dicom-web", "base": base, "http": http, "files": files}
     finally:
@@ -284,7 +284,7 @@ def test_four_series_study_becomes_the_brats_models_four_channels(server, tmp_pa
     t1, affine = mni152(4)
     assert label.shape == t1.shape  # on the grid of the series the request named
     np.testing.assert_allclose(label.affine, affine, atol=1e-4)
-    log = server.log.read_text()
+    log = server.log.read_text(encoding="utf-8")
     assert f"sequences ['t1', 't1ce', 't2', 'flair'] of study {BRATS_STUDY} as channels" in log
     assert "sequence flair" in log and "resampled onto it" in log  # FLAIR's 2 mm grid, said in the log
     # A study without the four sequences: a 422 naming what it holds and the accepted names.

@@ -47,8 +47,8 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
 
-    splits_single = json.loads((single / "splits.json").read_text())
-    assert json.loads((ddp / "splits.json").read_text()) == splits_single
+    splits_single = json.loads((single / "splits.json").read_text(encoding="utf-8"))
+    assert json.loads((ddp / "splits.json").read_text(encoding="utf-8")) == splits_single
     assert len(splits_single["fractions"][0]["folds"][0]["train"]) % 6 == 0, "global batches must be full"
     one = load_file(str(single / "models" / "adapters" / WEIGHTS_NAME))
     two = load_file(str(ddp / "models" / "adapters" / WEIGHTS_NAME))
@@ -56,4 +56,4 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     # Only rank 0 writes logs and checkpoints.
-    assert (ddp / "train.log").read_text().count("outputs in") == 1
+    assert (ddp / "train.log").read_text(encoding="utf-8").count("outputs in") == 1

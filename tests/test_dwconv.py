@@ -404,7 +404,7 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
 
     bench = _load_benchmark("gpu")
     assert bench.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))["rows"]
     assert not [r["name"] for r in rows if r["note"].startswith("failed")]
     sections = [r["section"] for r in rows]
     assert sections.count("dwconv") == 2 * len(bench.DWCONV_CASES)   # float32 and bf16 per case
@@ -413,7 +413,7 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     dwconv_targets = {r["name"].split(",")[0]: r["target"] for r in rows if r["section"] == "dwconv"}
     assert dwconv_targets["2D k51 16ch"] == ">= 5x faster" and dwconv_targets["2D k3 16ch"] is None
     assert all(r["target"] == "<= 1.1" and isinstance(r["pass"], bool) for r in rows if r["section"] == "step")
-    table = (tmp_path / "gpu.md").read_text()
+    table = (tmp_path / "gpu.md").read_text(encoding="utf-8")
     assert "| section | comparison |" in table and table.count("\n| dwconv |") == sections.count("dwconv")
 
 

@@ -113,7 +113,7 @@ def test_a_splits_file_of_another_folder_or_dataset_is_refused(tmp_path):
     result = run_bundle("bundles/dka_brats/train.json", *BRATS, "--dataset_dir", str(brats), "--splits_file",
                         str(splits), "--output_dir", str(out), check=False)
     assert result.returncode != 0 and "made for dataset 'busi'" in result.stderr
-    assert json.loads(splits.read_text())["dataset"] == "busi"
+    assert json.loads(splits.read_text(encoding="utf-8"))["dataset"] == "busi"
 
 
 def test_configs_run_from_any_working_directory(tmp_path):

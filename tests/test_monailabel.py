@@ -209,7 +209,7 @@ def test_training_on_saved_labels_updates_the_served_adapters(server):
     assert result["trained"] is True and result["label_shape"] == list(server.facts["slice_shape"])
 
     # The folder is an ordinary, self-describing adapter folder: the whole model comes back from it.
-    overrides = json.loads((server.runs.parent / "models.json").read_text())["models"]["seg_tiny"]["overrides"]
+    overrides = json.loads((server.runs.parent / "models.json").read_text(encoding="utf-8"))["models"]["seg_tiny"]["overrides"]
     fresh = medadapt.load_model(folder, backbone_checkpoint=overrides["backbone_checkpoint"])
     assert medadapt.count_parameters(fresh)["trainable"] > 0
 
@@ -225,7 +225,7 @@ def test_label_command_runs_monailabel_start_server(tmp_path, capsys):
     assert code == 0
     command = capsys.readouterr().out
     assert "-m monailabel.main start_server --app" in command and "--port 8123" in command
-    app_main = (tmp_path / "runs" / "monailabel_app" / "main.py").read_text()
+    app_main = (tmp_path / "runs" / "monailabel_app" / "main.py").read_text(encoding="utf-8")
     assert "from medadapt.monailabel.main import MedAdaptApp" in app_main
     assert main(["label", "--studies", str(tmp_path / "missing"), "--dry-run"]) == 2
 
@@ -276,7 +276,7 @@ def test_served_label_is_the_bundles_own_prediction(server, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     (images / "mni_slice.png").write_bytes((server.studies / "mni_slice.png").read_bytes())
-    overrides = json.loads((server.runs.parent / "models.json").read_text())["models"]["seg_trained"]["overrides"]
+    overrides = json.loads((server.runs.parent / "models.json").read_text(encoding="utf-8"))["models"]["seg_trained"]["overrides"]
     args = []
     for key, value in overrides.items():
         args += [f"--{key}", repr(value) if isinstance(value, (dict, list)) else str(value)]

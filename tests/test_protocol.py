@@ -61,7 +61,7 @@ def test_table_has_every_cell_and_a_rerun_skips_finished_cells(tmp_path, demo_di
     assert len(table.ran) == 8 and table.skipped == []
     assert [(r["method"], r["fraction"]) for r in table] == [("dka", 0.0063), ("dka", 1.0),
                                                             ("linear", 0.0063), ("linear", 1.0)]
-    splits = json.loads((out / "splits.json").read_text())
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     pool = splits["counts"]["pool"]
     assert splits["counts"]["test"] == 3 and splits["counts"]["val"] == 3 and pool == 6
     for row in table:
@@ -78,7 +78,7 @@ def test_table_has_every_cell_and_a_rerun_skips_finished_cells(tmp_path, demo_di
     assert linear["size"] is None
 
     # Markdown, CSV and JSON on disk; the Markdown has the count next to the percentage.
-    markdown = (out / "protocol.md").read_text()
+    markdown = (out / "protocol.md").read_text(encoding="utf-8")
     assert "| 0.63 % (3 images) | 100 % (6 images) |" in markdown
     assert f"{dka['trainable']:,}" in markdown and "Balanced accuracy" in markdown
     assert markdown == table.markdown
@@ -120,7 +120,7 @@ def test_segmentation_cells_report_dice(tmp_path, demo_dir):
     (row,) = table
     assert 0.0 <= row["dice"] <= 1.0
     assert "Dice (%)" in table.markdown
-    cell = json.loads(next((tmp_path / "seg" / "cells").glob("*.json")).read_text())
+    cell = json.loads(next((tmp_path / "seg" / "cells").glob("*.json")).read_text(encoding="utf-8"))
     assert cell["metrics"]["dice"] == cell["metrics"]["bundle"]["test_mean_dice"]
     assert "val_mean_dice" in cell["metrics"]["bundle"]  # the checkpoint was chosen on the validation set
 
@@ -134,7 +134,7 @@ def test_a_cell_is_the_bundle_run_with_its_overrides(tmp_path, demo_dir):
     from safetensors.torch import load_file
 
     _grid(tmp_path / "cell", demo_dir, methods=["dka"], fractions=[1.0], folds=1)
-    cell = json.loads((tmp_path / "cell" / "cells" / "dka__1__fold0.json").read_text())
+    cell = json.loads((tmp_path / "cell" / "cells" / "dka__1__fold0.json").read_text(encoding="utf-8"))
     bundle = Path(cell["settings"]["bundle"])
     args = []
     for key, value in cell["overrides"].items():
@@ -181,7 +181,7 @@ def test_iso_params_picks_the_size_closest_to_the_budget(tmp_path, demo_dir):
         assert abs(row["trainable"] - budget) <= slope / 2 + 1
     assert rows["dka"]["size"] != 16 and rows["lora"]["size"] != 8  # moved off the defaults
     assert rows["linear"]["size"] is None
-    stored = json.loads((tmp_path / "iso" / "protocol.json").read_text())
+    stored = json.loads((tmp_path / "iso" / "protocol.json").read_text(encoding="utf-8"))
     assert stored["methods"]["dka"]["options"]["bottleneck"] == rows["dka"]["size"]
     assert stored["settings"]["iso_params"] == budget
 
@@ -286,7 +286,7 @@ def test_mni152_tissue_runs_a_cell_with_dice_per_tissue(tmp_path):
                          methods=["linear"], fractions=[0.2], folds=1, steps=2, out=str(tmp_path / "mni"))
     (row,) = table
     assert row["count"].endswith(" slices") and 0.0 <= row["dice"] <= 1.0
-    cell = json.loads(next((tmp_path / "mni" / "cells").glob("*.json")).read_text())
+    cell = json.loads(next((tmp_path / "mni" / "cells").glob("*.json")).read_text(encoding="utf-8"))
     assert cell["overrides"]["train#trainer#epoch_length"] == 1 and cell["overrides"]["max_epochs"] == 2
 
 
@@ -331,7 +331,7 @@ def test_mni152_tissue_3d_runs_a_cell_with_3d_adapters(tmp_path):
                          out=str(tmp_path / "out"), demo_dir=str(tmp_path), progress=False, echo=lambda m: None)
     (row,) = table
     assert row["count"].endswith(" stacks") and 0.0 <= row["dice"] <= 1.0
-    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text())
+    cell = json.loads(next((tmp_path / "out" / "cells").glob("*.json")).read_text(encoding="utf-8"))
     options = read_adapter_config(cell["adapters"])["options"]
     # 3D kernels over the stack of 4 slices.
     assert options["spatial_dims"] == 3 and options["num_slices"] == 4

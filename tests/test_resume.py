@@ -56,9 +56,13 @@ def test_killed_training_resumes_to_the_same_result(tmp_path):
     assert expected.keys() == resumed.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    ref_metrics = json.loads((reference / "metrics.json").read_text())
-    new_metrics = json.loads((out / "metrics.json").read_text())
+    ref_metrics = json.loads((reference / "metrics.json").read_text(encoding="utf-8"))
+    new_metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    ref_history, new_history = ref_metrics.pop("history"), new_metrics.pop("history")
     assert new_metrics == pytest.approx(ref_metrics, abs=1e-6)
+    assert len(new_history) == len(ref_history)
+    for new_entry, ref_entry in zip(new_history, ref_history):
+        assert new_entry == pytest.approx(ref_entry, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -88,7 +92,7 @@ def test_resume_keeps_the_best_score_and_refuses_other_settings(tmp_path):
     run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "3", "--resume", "True")
     assert torch.load(state_path, weights_only=True)["epoch"] == 3
     assert best.read_bytes() == best_bytes
-    assert json.loads((out / "metrics.json").read_text())["best_val_accuracy"] == 2.0
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["best_val_accuracy"] == 2.0
 
 
 @pytest.mark.slow
@@ -98,7 +102,7 @@ def test_same_seed_gives_the_same_split_and_training(tmp_path):
     for out, seed in zip(runs, ("0", "0", "1")):
         run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--seed", seed, "--output_dir", str(out),
                    "--demo_dir", str(tmp_path / "demo"))
-    splits = [json.loads((out / "splits.json").read_text()) for out in runs]
+    splits = [json.loads((out / "splits.json").read_text(encoding="utf-8")) for out in runs]
     assert splits[0] == splits[1] and splits[0]["fractions"] != splits[2]["fractions"]
     a, b = _adapters(runs[0]), _adapters(runs[1])
     for name in a:
@@ -114,7 +118,7 @@ def test_cladapter_stages_run_in_the_bundle_and_resume_in_stage_two(tmp_path):
             "--train#preprocessing", "%validate#preprocessing"]
     straight = tmp_path / "straight"
     run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "3", "--output_dir", str(straight))
-    log = (straight / "train.log").read_text()
+    log = (straight / "train.log").read_text(encoding="utf-8")
     stage1 = next(line for line in log.splitlines() if "stage 1 of 2" in line)
     stage2 = next(line for line in log.splitlines() if "stage 2 of 2" in line)
     assert "epoch 2: stage 2 of staged fine-tuning, learning rates x 0.1" in log
