@@ -303,12 +303,7 @@ def parse_box(box: Any, width: int, height: int, model: str) -> list[float]:
         raise InvalidInput(f"model {model!r} needs a box prompt: {usage}", 400)
     if isinstance(box, str):
         box = box.replace("[", " ").replace("]", " ").replace(",", " ").split()
-    try:
-        values = [float(v) for v in box]
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidInput(f"box {box!r} is not four numbers: {usage}", 400) from None
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise InvalidInput(f"box {box!r} is not four finite numbers: {usage}", 400)
+    values = _four_numbers(box, "box", usage)
     x0, y0, x1, y1 = values
     if not (x0 < x1 and y0 < y1):
         raise InvalidInput(f"box {values} is empty or reversed: {usage}", 400)
