@@ -128,7 +128,7 @@ def orthanc(tmp_path_factory):
             except requests.ConnectionError:
                 time.sleep(0.25)
         else:
-            pytest.fail(f"Orthanc did not answer: {(root / 'orthanc.log').read_text(encoding="utf-8")[-2000:]}")
+            pytest.fail(f"Orthanc did not answer: {(root / 'orthanc.log').read_text(encoding='utf-8')[-2000:]}")
         files = _upload_studies(root / "series", http, base)
         yield {"url": f"{base}/dicom-web", "base": base, "http": http, "files": files}
     finally:
