@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) -m monai.bundle run --config_file bundles/dka_brats/train.json
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py

@@ -17,6 +17,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The notebooks are the suite's longest tests: they start first, so that with
+    ``--dist worksteal`` the other worker takes the rest instead of waiting at the end."""
+    items.sort(key=lambda item: item.originalname != "test_notebook_runs")
+
+
 @pytest.fixture(autouse=True)
 def _keep_the_locale(request):
     """Some library code resets the C locale during a test (to "C", whose text encoding is

@@ -210,6 +210,8 @@ def label_server(root: Path, studies: str, config: Path, label_args: Sequence[st
     log = root / "server.log"
     env = {**os.environ, "MONAI_LABEL_SESSIONS": "false",
            "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)}
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        env["OMP_NUM_THREADS"] = "1"  # two workers share two cores, as in conftest.py
     command = [sys.executable, "-m", "medadapt", "label", "--studies", studies, "--host", "127.0.0.1",
                "--port", str(port), "--runs", str(runs), "--config", str(config),
                "--bundle-root", str(REPO / "bundles"), *label_args]

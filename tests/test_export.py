@@ -12,9 +12,6 @@ default LiteMedSAM backbone.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +22,7 @@ from medadapt.engine.bundle import parsed
 from medadapt.engine.handlers import BestModelSaver
 from medadapt.models import create_model
 from medadapt.models.export import match_checkpointing
-from test_bundles import REPO
+from test_bundles import REPO, monai_bundle
 
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "inference.json").is_file())
 TINY_OPTIONS = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
@@ -90,13 +87,11 @@ def write_trained_files(bundle: str, values: dict, models: Path) -> None:
     assert (models / "model.pt").is_file() and (models / "best_adapters").is_dir()
 
 
-def monai_bundle(command: str, bundle: str, models: Path, out: Path, values: dict, *extra: str) -> None:
-    args = [sys.executable, "-m", "monai.bundle", command, "--net_id", "network_def", "--filepath", str(out),
-            "--ckpt_file", str(models / "model.pt"), "--meta_file", f"bundles/{bundle}/metadata.json",
-            "--config_file", f"bundles/{bundle}/inference.json", "--ckpt_dir", str(models), *cli(values), *extra]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=900)
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+def export(command: str, bundle: str, models: Path, out: Path, values: dict, *extra: str) -> None:
+    """``python -m monai.bundle COMMAND`` (ckpt_export, onnx_export) on the bundle's inference.json."""
+    monai_bundle(command, "--net_id", "network_def", "--filepath", str(out), "--ckpt_file", str(models / "model.pt"),
+                 "--meta_file", f"bundles/{bundle}/metadata.json", "--config_file", f"bundles/{bundle}/inference.json",
+                 "--ckpt_dir", str(models), *cli(values), *extra)
     assert out.is_file()
 
 
@@ -130,7 +125,7 @@ def test_ckpt_export_equals_the_bundle_network(bundle, tiny_checkpoint, tmp_path
     models = tmp_path / "models"
     write_trained_files(bundle, values, models)
     out = tmp_path / "model.ts"
-    monai_bundle("ckpt_export", bundle, models, out, values)
+    export("ckpt_export", bundle, models, out, values)
 
     extra = {"metadata.json": "", "inference.json": ""}
     exported = torch.jit.load(str(out), _extra_files=extra)
@@ -154,7 +149,7 @@ def test_ckpt_export_of_the_default_litemedsam_backbone(tmp_path):
     models = tmp_path / "models"
     write_trained_files(bundle, values, models)
     out = tmp_path / "model.ts"
-    monai_bundle("ckpt_export", bundle, models, out, values)
+    export("ckpt_export", bundle, models, out, values)
     network, x = eager_network_and_image(bundle, values, models, tmp_path)
     assert network.backbone.name == "litemedsam"
     exported = torch.jit.load(str(out))
@@ -171,7 +166,7 @@ def test_onnx_export_runs_in_onnxruntime(tiny_checkpoint, tmp_path):
     models = tmp_path / "models"
     write_trained_files(bundle, values, models)
     out = tmp_path / "model.onnx"
-    monai_bundle("onnx_export", bundle, models, out, values, "--input_shape", "[1, 3, 64, 64]",
+    export("onnx_export", bundle, models, out, values, "--input_shape", "[1, 3, 64, 64]",
                  "--converter_kwargs", "{'opset_version': 18}")
 
     model = onnx.load(str(out))
