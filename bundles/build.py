@@ -80,12 +80,13 @@ def preset_layer(name: str, dataset: str, task: str) -> dict:
 
 def build(folder: Path) -> dict[str, dict]:
     """The configs of the bundle in ``folder``, by file name."""
-    overlay = json.loads((folder / "bundle.json").read_text())
+    overlay = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
     unknown = sorted(set(overlay) - OVERLAY_KEYS)
     if unknown:
         raise ValueError(f"{folder / 'bundle.json'}: unknown keys {unknown}; allowed {sorted(OVERLAY_KEYS)}")
-    layers = [json.loads((RECIPES / "base.json").read_text())]
-    layers += [json.loads((RECIPES / f"{recipe}.json").read_text()) for recipe in overlay.get("recipes", [])]
+    layers = [json.loads((RECIPES / "base.json").read_text(encoding="utf-8"))]
+    layers += [json.loads((RECIPES / f"{recipe}.json").read_text(encoding="utf-8"))
+               for recipe in overlay.get("recipes", [])]
     from_preset = preset_layer(folder.name, overlay["dataset_name"], overlay.get("task", ""))
     layers += [from_preset, overlay]
     configs = {}
@@ -119,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     for folder in bundle_folders():
         for file, config in build(folder).items():
             path = folder / file
-            if path.is_file() and path.read_text() == text(config):
+            if path.is_file() and path.read_text(encoding="utf-8") == text(config):
                 continue
             if args.check:
                 stale.append(str(path))
             else:
-                path.write_text(text(config))
+                path.write_text(text(config), encoding="utf-8")
                 print(f"wrote {path}")
     if stale:
         print("stale bundle configs (run python bundles/build.py):\n  " + "\n  ".join(stale), file=sys.stderr)

@@ -103,9 +103,9 @@ def eager_network_and_image(bundle: str, values: dict, models: Path, tmp: Path):
     network = parsed(config, "network_def", **values).eval()
     image = parsed(config, "dataset", **values)[0]["image"]
     x = image.as_tensor()[None] if hasattr(image, "as_tensor") else torch.as_tensor(image)[None]
-    if bundle in ROI:
-        x = x[(slice(None), slice(None), *(slice(0, r) for r in ROI[bundle]))]
-        assert list(x.shape[2:]) == ROI[bundle]
+    if "roi_size" in values:
+        x = x[(slice(None), slice(None), *(slice(0, r) for r in values["roi_size"]))]
+        assert list(x.shape[2:]) == values["roi_size"]
     return network, x.float()
 
 
@@ -158,16 +158,21 @@ def test_ckpt_export_of_the_default_litemedsam_backbone(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_export_runs_in_onnxruntime(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("bundle", ["dka_busi_seg", "dka_mni152_tissue_3d"])
+def test_onnx_export_runs_in_onnxruntime(bundle, tiny_checkpoint, tmp_path):
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
-    bundle = "dka_busi_seg"
-    values = tiny(bundle, tiny_checkpoint)
+    # 96 pixels in 3D: 24 x 24 x 4 maps at stride 4, where the 3x51x51 kernels take the FFT path.
+    size = {"image_size": 96, "roi_size": [96, 96, 4]} if bundle in ROI else {}
+    values = {**tiny(bundle, tiny_checkpoint), **size}
     models = tmp_path / "models"
     write_trained_files(bundle, values, models)
     out = tmp_path / "model.onnx"
-    export("onnx_export", bundle, models, out, values, "--input_shape", "[1, 3, 64, 64]",
-                 "--converter_kwargs", "{'opset_version': 18}")
+    channels = json.loads((REPO / "bundles" / bundle / "metadata.json").read_text(encoding="utf-8"))[
+        "network_data_format"]["inputs"]["image"]["num_channels"]
+    shape = [1, channels, *values.get("roi_size", [64, 64])]
+    export("onnx_export", bundle, models, out, values, "--input_shape", json.dumps(shape),
+           "--converter_kwargs", "{'opset_version': 18}")
 
     model = onnx.load(str(out))
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
