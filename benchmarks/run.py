@@ -9,7 +9,8 @@ Sections (each row: what was compared, both measurements, their ratio, the targe
   step       a DKA training step against a Houlsby-adapter step, SAM ViT-B encoder at 256x256
   memory     peak RSS of DKA fine-tuning against full fine-tuning (and with checkpointing);
              adapter file size against the full checkpoint
-  cache      a linear-probing / CLAdapter stage-1 epoch on cached features against a normal one
+  cache      a linear-probing / CLAdapter stage-1 epoch on cached features against a normal one,
+             directly and through dka_busi_cls train.json (feature_cache auto against False)
   window     sliding-window inference of a BraTS-sized volume with the default bundle model:
              pipeline time against the model's bare forward time over the same windows
   demo       peak RSS and time of one training epoch of the dka_brats demo bundle
@@ -199,7 +200,39 @@ def bench_cache(quick: bool) -> list[dict]:
         ms = _median_alternating({"plain": plain_epoch, "cached": cached_epoch}, repeats=1 if quick else 3, warmup=0)
         rows.append(_row("cache", f"{method}: cached epoch vs encoder epoch (LiteMedSAM, {len(batches)} batches of 4)",
                          ms["plain"], ms["cached"], "ms", None, note=f"speed-up {ms['plain'] / ms['cached']:.0f}x"))
+    # The same through the bundle users run: dka_busi_cls train.json on its demo, deterministic
+    # training inputs (the cache's condition), feature_cache "auto" against False.
+    epochs = 3 if quick else 4
+    for method, options in (("linear", {}), ("cladapter", {"stage2_epoch": epochs + 1})):
+        seconds = {cache: _bundle_epoch_seconds("dka_busi_cls", epochs, method=method, feature_cache=cache,
+                                                **{"train#preprocessing": "%validate#preprocessing"}, **options)
+                   for cache in (False, "auto")}
+        # Epoch 1 fills the cache; the last one also validates.
+        plain, cached = (1000 * statistics.median(seconds[c][1:-1]) for c in (False, "auto"))
+        rows.append(_row("cache", f"{method}: dka_busi_cls train.json epoch, feature_cache auto vs False "
+                         "(LiteMedSAM 256, demo)", plain, cached, "ms", None,
+                         note=f"speed-up {plain / cached:.0f}x; first epoch {seconds['auto'][0]:.1f} s vs "
+                              f"{seconds[False][0]:.1f} s"))
     return rows
+
+
+def _bundle_epoch_seconds(bundle: str, epochs: int, **overrides) -> list[float]:
+    """Wall time of each training epoch of ``bundle``'s train.json, validating at the last."""
+    from ignite.engine import Events
+
+    from medadapt.engine.bundle import workflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        flow = workflow(str(REPO / "bundles" / bundle / "train.json"), output_dir=tmp, max_epochs=epochs,
+                        val_interval=epochs, progress=False, **overrides)
+        flow.initialize()
+        trainer = flow.parser.get_parsed_content("train#trainer")
+        starts, seconds = [], []
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: starts.append(time.perf_counter()))
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: seconds.append(time.perf_counter() - starts[-1]))
+        flow.run()
+        flow.finalize()
+    return seconds
 
 
 def _bundle_value(bundle: str, key: str, **overrides):

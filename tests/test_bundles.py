@@ -75,6 +75,8 @@ def _run_in_this_process(command: list[str]) -> subprocess.CompletedProcess:
     import fire
     from monai.bundle import __main__ as entry_point
 
+    from medadapt.engine.reporting import RunLogHandler
+
     commands = {name: getattr(entry_point, name) for name in dir(entry_point) if not name.startswith("_")
                 and callable(getattr(entry_point, name))}
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -90,11 +92,32 @@ def _run_in_this_process(command: list[str]) -> subprocess.CompletedProcess:
         finally:
             # The run's log file and its logging.conf console handler end with the run, as with a process.
             for log in [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]:
-                for handler in [h for h in log.handlers if getattr(h, "medadapt_run_log", False)
+                for handler in [h for h in log.handlers if isinstance(h, RunLogHandler)
                                 or getattr(h, "stream", None) in (stdout, stderr)]:
                     log.removeHandler(handler)
                     handler.close()
     return subprocess.CompletedProcess(["monai.bundle", *command], code, stdout.getvalue(), stderr.getvalue())
+
+
+def test_bundles_run_one_after_another_in_a_process_keep_their_logs_apart(tmp_path):
+    # As the protocol runner, MONAI Label and the notebooks run them: in one process.
+    import shutil
+
+    from medadapt.engine.bundle import run_workflow
+
+    settings = {"backbone": "timm:convnext_atto", "backbone_options": {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]},
+                "demo_options": {"per_class": 3}, "image_size": 64, "max_epochs": 1, "progress": False,
+                "demo_dir": str(tmp_path / "demo")}
+    config = str(REPO / "bundles" / "dka_busi_cls" / "train.json")
+    first, second, third = (tmp_path / name for name in ("first", "second", "third"))
+    run_workflow(config, output_dir=str(first), **settings)
+    first_log = (first / "train.log").read_text(encoding="utf-8")
+    run_workflow(config, output_dir=str(second), **settings)
+    assert (first / "train.log").read_text(encoding="utf-8") == first_log
+    assert f"outputs in {second.resolve()}" in (second / "train.log").read_text(encoding="utf-8")
+    shutil.rmtree(second)  # a finished run's folder may go (MONAI Label removes its run folder)
+    run_workflow(config, output_dir=str(third), **settings)
+    assert (third / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)

@@ -11,6 +11,27 @@ OUTPUTS = ("models/best_adapters", "models/adapters", "models/model.pt", "models
            "metrics.json", "logs")
 
 
+RUN_LOGGERS = ("medadapt", "ignite.engine.engine.SupervisedTrainer", "ignite.engine.engine.SupervisedEvaluator")
+
+
+class RunLogHandler(logging.FileHandler):
+    """A run's ``train.log``. Once closed it leaves its loggers: by the next run's
+    `setup_logging`, or by the next bundle's ``logging.conf`` (``logging.config.fileConfig``
+    closes every handler). A closed ``FileHandler`` left attached would reopen its file on the
+    next message, so a process running several bundles (the protocol runner, MONAI Label, a
+    notebook) would write later runs into a finished run's log, or fail once that run's folder
+    is gone."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8")
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+
+    def close(self) -> None:
+        for name in RUN_LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+        super().close()
+
+
 def setup_logging(output_dir: str) -> None:
     """Log medadapt's and MONAI's messages to the console and to ``output_dir/train.log``."""
     from medadapt.engine.distributed import is_main_process
@@ -19,17 +40,14 @@ def setup_logging(output_dir: str) -> None:
         return
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    handler.medadapt_run_log = True
-    for name in ("medadapt", "ignite.engine.engine.SupervisedTrainer", "ignite.engine.engine.SupervisedEvaluator"):
+    # One run log at a time: the previous run's closes (and leaves its loggers).
+    for name in RUN_LOGGERS:
+        for old in [h for h in logging.getLogger(name).handlers if isinstance(h, RunLogHandler)]:
+            old.close()
+    handler = RunLogHandler(out / "train.log")
+    for name in RUN_LOGGERS:
         log = logging.getLogger(name)
         log.setLevel(logging.INFO)
-        # One run log at a time: a process running several bundles (the protocol runner)
-        # would otherwise write every later run into every earlier run's file.
-        for old in [h for h in log.handlers if getattr(h, "medadapt_run_log", False)]:
-            log.removeHandler(old)
-            old.close()
         log.addHandler(handler)
 
 
