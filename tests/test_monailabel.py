@@ -208,6 +208,11 @@ def test_training_on_saved_labels_updates_the_served_adapters(server):
     result = server.post("/infer/seg_tiny", params={"image": "mni_slice", "output": "json"}).json()
     assert result["trained"] is True and result["label_shape"] == list(server.facts["slice_shape"])
 
+    # A second training in the same server (the first one's run folder is gone by now).
+    again = server.post("/train/seg_tiny", params={"run_sync": "true"}, json={"max_epochs": 1, "batch_size": 1})
+    assert again.status_code == 200, again.text
+    assert again.json()["metrics"]["epoch"] == 1
+
     # The folder is an ordinary, self-describing adapter folder: the whole model comes back from it.
     overrides = json.loads((server.runs.parent / "models.json").read_text(encoding="utf-8"))["models"]["seg_tiny"]["overrides"]
     fresh = medadapt.load_model(folder, backbone_checkpoint=overrides["backbone_checkpoint"])
