@@ -287,3 +287,21 @@ def test_box_prompt_parts_come_from_the_backbone():
     backbone = medadapt.create_backbone("timm:convnext_atto", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
     with pytest.raises(ValueError, match="no prompt encoder"):
         backbone.build_prompt_parts()
+
+
+def test_box_prompts_from_labels_bound_each_mask_and_refuse_bad_jitter():
+    from medadapt.engine.prompts import BoxPromptsFromLabels
+
+    label = torch.zeros(2, 1, 32, 32)
+    label[0, 0, 4:10, 6:20] = 1  # rows 4..9, columns 6..19
+    batch = {"image": torch.rand(2, 3, 32, 32), "label": label}
+    image, same_label, (boxes,), kwargs = BoxPromptsFromLabels(jitter=0)(batch)
+    assert torch.equal(image, batch["image"]) and torch.equal(same_label, label) and kwargs == {}
+    assert boxes.tolist() == [[6, 4, 19, 9], [0, 0, 31, 31]]  # an empty mask gets the whole image
+    torch.manual_seed(0)
+    _, _, (jittered,), _ = BoxPromptsFromLabels(jitter=3)(batch)
+    assert (jittered[0, :2] <= boxes[0, :2]).all() and (jittered[0, 2:] >= boxes[0, 2:]).all()
+    assert (boxes[0] - jittered[0]).abs().max() <= 3
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="box_jitter"):
+            BoxPromptsFromLabels(jitter=bad)

@@ -208,6 +208,19 @@ def test_training_on_saved_labels_updates_the_served_adapters(server):
     result = server.post("/infer/seg_tiny", params={"image": "mni_slice", "output": "json"}).json()
     assert result["trained"] is True and result["label_shape"] == list(server.facts["slice_shape"])
 
+    # The box model trains through the 2D segmentation bundle, with boxes drawn around the label.
+    response = server.post("/train/litemedsam_box", params={"run_sync": "true"},
+                           json={"max_epochs": 1, "batch_size": 1})
+    assert response.status_code == 200, response.text
+    box_stats = response.json()
+    assert box_stats["metrics"]["epoch"] == 1 and 0.0 <= box_stats["metrics"]["val_mean_dice"] <= 1.0
+    assert server.get("/info/").json()["models"]["litemedsam_box"]["trained"] is True
+    result = server.post("/infer/litemedsam_box", params={"image": "mni_slice", "output": "json"},
+                         files=_box_params(server.facts["brain_box"])).json()
+    assert result["trained"] is True and result["adapters"] == str(Path(box_stats["adapters"]).resolve())
+    bad = server.post("/train/litemedsam_box", params={"run_sync": "true"}, json={"box_jitter": -1})
+    assert bad.status_code == 400 and "box_jitter" in bad.json()["detail"]
+
     # A second training in the same server (the first one's run folder is gone by now).
     again = server.post("/train/seg_tiny", params={"run_sync": "true"}, json={"max_epochs": 1, "batch_size": 1})
     assert again.status_code == 200, again.text

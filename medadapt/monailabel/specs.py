@@ -36,6 +36,7 @@ logger = logging.getLogger("medadapt.monailabel")
 LABEL_ADAPTERS = "monailabel_adapters"
 BOX_MODEL = "litemedsam_box"
 BOX3D_MODEL = "litemedsam_box3d"
+TRAINING_BUNDLE = "dka_busi_seg"  # the box model trains through this bundle's recipe
 VOLUME_TASKS = ("segmentation3d", "box_segmentation3d")
 _TASK_TEXT = {
     "segmentation3d": "3D segmentation of NIfTI volumes",
@@ -125,6 +126,11 @@ class ServedModel:
         """Labels in a MONAI Label datastore are images, so only segmentation models train here."""
         return self.task != "classification"
 
+    def training(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The bundle folder whose ``train.json`` trains this model, and the settings it runs
+        with (``options``: the training request's, see `train_task.DEFAULTS`)."""
+        raise NotImplementedError(f"model {self.name!r} does not train here")
+
     def current_adapters(self) -> AdapterState | None:
         """The newest complete adapter folder of this model, or None (serve fresh adapters)."""
         return newest_adapters([self.adapters, self.label_adapters])
@@ -189,6 +195,10 @@ class BundleModel(ServedModel):
                        "ckpt_dir": str(run_dir / "models"), "progress": False, **self.overrides, **extra})
         return parser
 
+    def training(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The bundle and settings that train this model: its own, with its overrides."""
+        return self.bundle, dict(self.overrides)
+
     def components(self, adapters: str | None) -> dict[str, Any]:
         """The bundle's preprocessing, network (adapters from ``adapters`` loaded strictly, or
         freshly injected ones for None), inferer and label map, from one parser, so that the
@@ -218,13 +228,34 @@ class BoxModel(ServedModel):
     """
 
     image_size: int = 256
+    bundle: str = ""  # the 2D segmentation bundle whose train.json trains it (see `training`)
 
     @classmethod
-    def default(cls, runs: str | Path) -> BoxModel:
+    def default(cls, runs: str | Path, bundle_root: str | Path = "bundles") -> BoxModel:
         return cls(name=BOX_MODEL, task="box_segmentation", labels=["object"], label_values={"object": 1},
-                   adapters=str(default_adapters(BOX_MODEL, runs)),
+                   adapters=str(default_adapters(BOX_MODEL, runs)), bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
                    description='Box-prompted 2D segmentation (LiteMedSAM + DKA) of PNG/JPG images; send params '
                                '{"box": [x0, y0, x1, y1]} in image pixels')
+
+    @property
+    def trainable(self) -> bool:
+        return (Path(self.bundle) / "train.json").is_file()
+
+    def training(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The bundle and settings that train this model: the 2D segmentation recipe (its
+        transforms, loss, schedule, validation and checkpoint choice) with this network and box
+        prompts drawn around each reference mask, moved by up to ``box_jitter`` pixels in
+        training and not at all for validation, as MedSAM trains."""
+        if options["method"] != self.method:
+            from medadapt.monailabel.errors import InvalidInput
+
+            raise InvalidInput(f"model {self.name!r} trains {self.method} adapters only", 400)
+        prompts = "medadapt.engine.prompts.BoxPromptsFromLabels"
+        return self.bundle, {
+            "backbone": self.backbone, "image_size": self.image_size, "network_def#task": self.task,
+            "train#trainer#prepare_batch": {"_target_": prompts, "jitter": int(options["box_jitter"])},
+            "validate#evaluator#prepare_batch": {"_target_": prompts, "jitter": 0},
+        }
 
     def build_network(self, adapters: str | None = None):
         from medadapt.models import create_model
@@ -237,10 +268,6 @@ class BoxModel(ServedModel):
 
         return image2d_transforms(train=False, task="segmentation", size=self.image_size, with_label=False)
 
-    def train_transforms(self):
-        from medadapt.data import image2d_transforms
-
-        return image2d_transforms(train=True, task="segmentation", size=self.image_size, with_label=True)
 
 
 @dataclass
@@ -251,9 +278,9 @@ class Box3DModel(BoxModel):
     """
 
     @classmethod
-    def default(cls, runs: str | Path) -> Box3DModel:
+    def default(cls, runs: str | Path, bundle_root: str | Path = "bundles") -> Box3DModel:
         return cls(name=BOX3D_MODEL, task="box_segmentation3d", labels=["object"], label_values={"object": 1},
-                   adapters=str(default_adapters(BOX_MODEL, runs)),
+                   adapters=str(default_adapters(BOX_MODEL, runs)), bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
                    description='Box-prompted 3D segmentation (LiteMedSAM + DKA) of single-channel NIfTI volumes: a '
                                'box on one slice, carried slice by slice; send params {"box": [x0, y0, x1, y1], '
                                '"slice": k, "axis": a} in voxel indices (or a 3D "roi", or "foreground" points)')
@@ -284,7 +311,8 @@ def load_models(config: str | Path | None, bundle_root: str | Path, runs: str | 
     """The served models: from ``config`` if given (plus all bundles and the box models if it
     says so), else every bundle in ``bundle_root`` and the LiteMedSAM box models (2D and 3D)."""
     if not config:
-        return [*bundle_models(bundle_root, runs), BoxModel.default(runs), Box3DModel.default(runs)]
+        return [*bundle_models(bundle_root, runs), BoxModel.default(runs, bundle_root),
+                Box3DModel.default(runs, bundle_root)]
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")
@@ -309,9 +337,9 @@ def load_models(config: str | Path | None, bundle_root: str | Path, runs: str | 
     if data.get("include_bundles", False):
         models += bundle_models(bundle_root, runs)
     if data.get("include_box_model", False):
-        models.append(BoxModel.default(runs))
+        models.append(BoxModel.default(runs, bundle_root))
     if data.get("include_box3d_model", False):
-        models.append(Box3DModel.default(runs))
+        models.append(Box3DModel.default(runs, bundle_root))
     names = [m.name for m in models]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -1,13 +1,13 @@
 """Fine-tune a served model's adapters on the studies annotators have labelled.
 
-A bundle model trains by running its bundle's ``train.json`` (the same recipe, transforms,
-loss, schedule and checkpoint choice as ``python -m monai.bundle run``) on the labelled pairs
-of the datastore (a data fraction of them; a tenth, at least one, held out to choose the
-checkpoint). The box-prompted LiteMedSAM, which has no bundle, trains with a short loop of its
-own on boxes drawn from the labels. Either way the result is published as a complete adapter
-folder (``monailabel_adapters`` beside the bundle's ``best_adapters``), which the infer task
-picks up at its next request. Classification models do not train here: a MONAI Label
-datastore holds label images, not classes.
+Every model trains by running a bundle's ``train.json`` (the same recipe, transforms, loss,
+schedule and checkpoint choice as ``python -m monai.bundle run``) on the labelled pairs of the
+datastore (a data fraction of them; a tenth, at least one, held out to choose the checkpoint):
+a bundle model its own bundle, the box-prompted LiteMedSAM the 2D segmentation recipe with box
+prompts drawn around the labels (`specs.BoxModel.training`). The result is published as a
+complete adapter folder (``monailabel_adapters`` beside the bundle's ``best_adapters``), which
+the infer task picks up at its next request. Classification models do not train here: a MONAI
+Label datastore holds label images, not classes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
 from medadapt.monailabel.errors import InvalidInput
-from medadapt.monailabel.specs import BundleModel, ServedModel
+from medadapt.monailabel.specs import ServedModel
 
 logger = logging.getLogger("medadapt.monailabel")
 
@@ -82,13 +82,7 @@ class AdapterTrainTask(TrainTask):
         device = torch.device(name_to_device(request.get("device")))
         started = time.time()
         start_from = self.initial_adapters(options)
-        if isinstance(self.spec, BundleModel):
-            model, record = self.train_bundle(subset, options, device, start_from)
-        else:
-            model = self.spec.build_network(start_from)
-            if start_from is None and options["method"] != self.spec.method:
-                raise InvalidInput(f"model {self.spec.name!r} trains {self.spec.method} adapters only", 400)
-            record = {"losses": [round(v, 6) for v in self.fit(model.to(device), subset, options, device)]}
+        model, record = self.train_bundle(subset, options, device, start_from)
         stats = {
             "model": self.spec.name,
             "method": options["method"],
@@ -122,6 +116,9 @@ class AdapterTrainTask(TrainTask):
             raise InvalidInput(f"fraction must be in (0, 1], got {options['fraction']}", 400)
         if options["init"] not in ("served", "fresh"):
             raise InvalidInput(f"init must be 'served' or 'fresh', got {options['init']!r}", 400)
+        jitter = options["box_jitter"]
+        if isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0:
+            raise InvalidInput(f"box_jitter must be a whole number of pixels >= 0, got {jitter!r}", 400)
         return options
 
     def _fits(self, image: str) -> bool:
@@ -145,8 +142,10 @@ class AdapterTrainTask(TrainTask):
 
     def train_bundle(self, pairs: list[dict], options: dict[str, Any], device: torch.device,
                      start_from: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
-        """Run the bundle's train.json on ``pairs``; returns the best model and what it measured."""
+        """Run the model's bundle's train.json on ``pairs``; returns the best model and what it measured."""
         from medadapt.engine.bundle import run_workflow
+
+        bundle, settings = self.spec.training(options)
 
         held = max(1, len(pairs) // 10) if len(pairs) > 1 else 0
         order = random.Random(options["seed"]).sample(pairs, len(pairs))
@@ -159,7 +158,7 @@ class AdapterTrainTask(TrainTask):
                 "counts": {"train": len(train), "val": len(val), "test": 0}}
         run_dir = Path(self.spec.label_adapters).parent / "monailabel_run"
         overrides = {
-            **self.spec.overrides, "bundle_root": self.spec.bundle, "dataset_dir": "served studies", "data": data,
+            **settings, "bundle_root": bundle, "dataset_dir": "served studies", "data": data,
             "output_dir": str(run_dir), "max_epochs": options["max_epochs"], "batch_size": options["batch_size"],
             "lr_adapter": options["lr_adapter"], "lr_head": options["lr_head"], "seed": options["seed"],
             "method": options["method"], "val_interval": 1, "progress": False, "export_full_model": False,
@@ -169,7 +168,7 @@ class AdapterTrainTask(TrainTask):
             overrides["method_options"] = options["method_options"]
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        flow = run_workflow(Path(self.spec.bundle) / "train.json", **overrides)
+        flow = run_workflow(Path(bundle) / "train.json", **overrides)
         model = flow.parser.get_parsed_content("network")
         from medadapt.checkpoint import load_adapters
 
@@ -178,38 +177,6 @@ class AdapterTrainTask(TrainTask):
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         shutil.rmtree(run_dir, ignore_errors=True)
         return model, {"metrics": metrics, "studies_validated": len(val)}
-
-    def fit(self, model: torch.nn.Module, pairs: list[dict], options: dict[str, Any],
-            device: torch.device) -> list[float]:
-        """The box model's training loop (it has no bundle); the mean loss of each epoch."""
-        from monai.data import DataLoader, Dataset
-        from monai.losses import DiceCELoss
-
-        from medadapt.injection import param_groups
-        from medadapt.models import boxes_from_masks
-
-        loader = DataLoader(Dataset(pairs, self.spec.train_transforms()),
-                            batch_size=options["batch_size"], shuffle=True, num_workers=0)
-        loss_fn = DiceCELoss(sigmoid=True)  # MedSAM's loss: Dice + binary cross-entropy on the mask
-        optimizer = torch.optim.AdamW(param_groups(model, options["lr_adapter"], options["lr_head"]))
-        generator = torch.Generator().manual_seed(options["seed"])
-        model.train()
-        losses = []
-        for epoch in range(options["max_epochs"]):
-            total, batches = 0.0, 0
-            for batch in loader:
-                # Plain tensors: the loop needs no metadata, and custom ops need not handle MetaTensor.
-                image, label = (batch[k].as_subclass(torch.Tensor).to(device) for k in ("image", "label"))
-                boxes = boxes_from_masks(label.cpu(), jitter=int(options["box_jitter"]), generator=generator)
-                logits = model(image, boxes.to(device))
-                loss = loss_fn(logits, label)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total, batches = total + loss.item(), batches + 1
-            losses.append(total / max(batches, 1))
-            logger.info("%s epoch %d/%d: loss %.4f", self.spec.name, epoch + 1, options["max_epochs"], losses[-1])
-        return losses
 
 
 def publish(model: torch.nn.Module, folder: str | Path, stats: dict[str, Any]) -> Path:
