@@ -218,8 +218,10 @@ def test_training_on_saved_labels_updates_the_served_adapters(server):
     result = server.post("/infer/litemedsam_box", params={"image": "mni_slice", "output": "json"},
                          files=_box_params(server.facts["brain_box"])).json()
     assert result["trained"] is True and result["adapters"] == str(Path(box_stats["adapters"]).resolve())
-    bad = server.post("/train/litemedsam_box", params={"run_sync": "true"}, json={"box_jitter": -1})
-    assert bad.status_code == 400 and "box_jitter" in bad.json()["detail"]
+    for options, message in (({"box_jitter": -1}, "box_jitter"),
+                             ({"method_options": {"bottleneck": 4}}, "default options")):
+        bad = server.post("/train/litemedsam_box", params={"run_sync": "true"}, json=options)
+        assert bad.status_code == 400 and message in bad.json()["detail"], bad.text
 
     # A second training in the same server (the first one's run folder is gone by now).
     again = server.post("/train/seg_tiny", params={"run_sync": "true"}, json={"max_epochs": 1, "batch_size": 1})

@@ -246,10 +246,12 @@ class BoxModel(ServedModel):
         transforms, loss, schedule, validation and checkpoint choice) with this network and box
         prompts drawn around each reference mask, moved by up to ``box_jitter`` pixels in
         training and not at all for validation, as MedSAM trains."""
-        if options["method"] != self.method:
+        if options["method"] != self.method or options["method_options"]:
             from medadapt.monailabel.errors import InvalidInput
 
-            raise InvalidInput(f"model {self.name!r} trains {self.method} adapters only", 400)
+            # The served model is built with its own method and options; other adapters would not load.
+            raise InvalidInput(f"model {self.name!r} trains {self.method} adapters with their default options "
+                               "only (no method or method_options)", 400)
         prompts = "medadapt.engine.prompts.BoxPromptsFromLabels"
         return self.bundle, {
             "backbone": self.backbone, "image_size": self.image_size, "network_def#task": self.task,
@@ -267,7 +269,6 @@ class BoxModel(ServedModel):
         from medadapt.data import image2d_transforms
 
         return image2d_transforms(train=False, task="segmentation", size=self.image_size, with_label=False)
-
 
 
 @dataclass
