@@ -19,7 +19,8 @@ from monai.bundle import ConfigWorkflow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "train.json").is_file())
-TINY = ["--backbone", "timm:convnext_atto", "--backbone_options", "{'depths': [1,1,1,1], 'dims': [8,16,24,32]}"]
+TINY_OPTIONS = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}  # a tiny ConvNeXt: timm's real class
+TINY = ["--backbone", "timm:convnext_atto", "--backbone_options", json.dumps(TINY_OPTIONS)]
 SMALL_DEMO = {
     "dka_brats": "{'num_cases': 4, 'size': 32}",
     "dka_busi_seg": "{'per_class': 3}",
@@ -105,8 +106,7 @@ def test_bundles_run_one_after_another_in_a_process_keep_their_logs_apart(tmp_pa
 
     from medadapt.engine.bundle import run_workflow
 
-    settings = {"backbone": "timm:convnext_atto", "backbone_options": {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]},
-                "demo_options": {"per_class": 3}, "image_size": 64, "max_epochs": 1, "progress": False,
+    settings = {"backbone": "timm:convnext_atto", "backbone_options": TINY_OPTIONS, "demo_options": {"per_class": 3}, "image_size": 64, "max_epochs": 1, "progress": False,
                 "demo_dir": str(tmp_path / "demo")}
     config = str(REPO / "bundles" / "dka_busi_cls" / "train.json")
     first, second, third = (tmp_path / name for name in ("first", "second", "third"))

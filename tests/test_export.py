@@ -22,10 +22,9 @@ from medadapt.engine.bundle import parsed
 from medadapt.engine.handlers import BestModelSaver
 from medadapt.models import create_model
 from medadapt.models.export import match_checkpointing
-from test_bundles import REPO, monai_bundle
+from test_bundles import REPO, TINY_OPTIONS, monai_bundle
 
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "inference.json").is_file())
-TINY_OPTIONS = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
 SMALL_DEMO = {
     "dka_brats": {"num_cases": 4, "size": 32},
     "dka_busi_seg": {"per_class": 3},

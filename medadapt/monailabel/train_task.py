@@ -27,6 +27,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
+from medadapt.engine.prompts import BoxPromptsFromLabels
 from medadapt.monailabel.errors import InvalidInput
 from medadapt.monailabel.specs import ServedModel
 
@@ -116,9 +117,10 @@ class AdapterTrainTask(TrainTask):
             raise InvalidInput(f"fraction must be in (0, 1], got {options['fraction']}", 400)
         if options["init"] not in ("served", "fresh"):
             raise InvalidInput(f"init must be 'served' or 'fresh', got {options['init']!r}", 400)
-        jitter = options["box_jitter"]
-        if isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0:
-            raise InvalidInput(f"box_jitter must be a whole number of pixels >= 0, got {jitter!r}", 400)
+        try:  # the box prompts' own check, before any work
+            BoxPromptsFromLabels(options["box_jitter"])
+        except ValueError as error:
+            raise InvalidInput(str(error), 400) from None
         return options
 
     def _fits(self, image: str) -> bool:
