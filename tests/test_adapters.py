@@ -109,6 +109,23 @@ def test_unknown_method_and_option_are_named():
         medadapt.inject(model, "dka", placement="sideways")
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"bottleneck": "8"}, "'bottleneck' takes a whole number, got '8'"),
+    ({"bottleneck": True}, "'bottleneck' takes a whole number"),
+    ({"dropout": None}, "'dropout' takes a number"),
+    ({"large_kernel": [1, "51", 51]}, "'large_kernel' takes a whole number or a list"),
+    ({"targets": {"a": 1}}, "'targets' takes a list of (a whole number) or a string or null"),
+])
+def test_option_values_of_the_wrong_type_are_refused_naming_the_option(options, message):
+    with pytest.raises(ValueError) as error:
+        medadapt.adapters.make_config("dka", options)
+    assert message in str(error.value)
+    # what the fields take is accepted, tuples for lists included
+    config = medadapt.adapters.make_config("dka", {"bottleneck": 8, "dropout": 0, "large_kernel": (1, 51, 51),
+                                                   "targets": [0, -1]})
+    assert config.large_kernel == (1, 51, 51) and config.targets == [0, -1]
+
+
 def test_inject_twice_is_refused():
     model, _ = build_task("timm_vit")
     medadapt.inject(model, "lora")

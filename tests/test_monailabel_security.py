@@ -38,13 +38,20 @@ UPLOAD_TIMEOUT = 5
 pytestmark = pytest.mark.xdist_group("monailabel_security")  # one server for the file
 
 
+# Study names that MONAI's config parser would read as Python, a reference and a macro.
+CONFIG_SYNTAX_NAMES = ("$HOME", "@seed", "%seed::x")
+
+
 def _add_bad_studies(studies: Path, facts: dict) -> None:
-    """A 4-channel volume with a few NaN voxels, beside the good studies."""
+    """A 4-channel volume with a few NaN voxels, and slices named in config syntax, beside the
+    good studies."""
     import nibabel as nib
 
     volume = facts["volume"].copy()
     volume[20:22, 20:22, 20:22, 1] = np.nan
     nib.save(nib.Nifti1Image(volume, facts["volume_affine"]), studies / "nan_volume.nii.gz")
+    for name in CONFIG_SYNTAX_NAMES:
+        (studies / f"{name}.png").write_bytes((studies / "mni_slice.png").read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -324,9 +331,9 @@ def test_upstream_routes_that_act_on_client_paths_are_refused(server):
     # Upstream's batch inference divides by the GPU count; here it runs on the CPU, each image
     # through the same checks (the corrupt one fails alone).
     response = server.post("/batch/infer/seg_tiny", params={"run_sync": "true"},
-                           json={"device": "cpu", "max_batch_size": 2, "max_workers": 2, "save_label": False})
+                           json={"device": "cpu", "max_batch_size": 16, "max_workers": 2, "save_label": False})
     assert response.status_code == 200, response.text
-    assert response.json()["corrupt"] == {} and response.json()["mni_slice"]["params"]["label_shape"]
+    assert response.json()["corrupt"] == {} and response.json()["mni_slice"]["params"]["label_shape"], response.json()
     # MONAI Label would remove the parent of its sessions folder (requests' clients drop "..").
     for method in ("GET", "DELETE"):
         status, detail = _raw_request(server, method, "/session/..", {})
@@ -340,6 +347,53 @@ def test_upstream_routes_that_act_on_client_paths_are_refused(server):
     response = server.get("/datastore/dataset")
     assert response.status_code == 200 and response.content.startswith(b"PK"), response.text[:200]
     assert not _files_in(server.app_dir / "tmp")
+
+
+# ---------------------------------------------------------------------------- 1b. no client string is code
+def _hostile_values(marker: Path) -> list:
+    """Strings a MONAI config would run or resolve: each form would create ``marker``, or
+    read another part of the config, if it reached the bundle as it was sent."""
+    touch = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    return [f"${touch}", f"$({touch}, 1)[1]", "@device", "@network_def#backbone", "%train#trainer", "@#seed",
+            "1::2"]
+
+
+def test_no_training_option_is_ever_read_as_code(server, tmp_path):
+    marker = tmp_path / "ran"
+    fields = ["max_epochs", "fraction", "seed", "batch_size", "lr_adapter", "lr_head", "method", "init",
+              "box_jitter", "device"]
+    for run_sync in ("true", "false"):
+        for value in _hostile_values(marker):
+            for field in fields:
+                response = server.post("/train/seg_tiny", params={"run_sync": run_sync}, json={field: value})
+                assert 400 <= response.status_code < 500, (field, value, response.text)
+                assert field in _detail(response), (field, value, response.text)
+            for options in ({"activation": value}, {"targets": value}, {"targets": [value]}, {value: 1},
+                            {"bottleneck": value}):
+                response = server.post("/train/seg_tiny", params={"run_sync": run_sync},
+                                       json={"method_options": options})
+                assert response.status_code == 400, (options, response.text)
+                assert "method_options" in _detail(response), response.text
+            # the deprecated route that trains every model checks each model's request too
+            response = server.post("/train/", params={"run_sync": run_sync}, json={"seg_tiny": {"lr_head": value}})
+            assert response.status_code == 400 and "lr_head" in _detail(response), response.text
+    assert not marker.exists()
+    assert server.get("/train/").status_code in (200, 404)  # no job was queued; the server serves on
+    assert "seg_tiny" in server.get("/info/").json()["models"]
+
+
+def test_studies_named_in_config_syntax_train_as_data(server):
+    """A study called "$HOME" is a file name: training reads it (a 500 when the name was Python)."""
+    for name in CONFIG_SYNTAX_NAMES:
+        response = server.put("/datastore/label", params={"image": name, "tag": "final"},
+                              files={"label": (f"{name}.png", _label_png(server))})
+        assert response.status_code == 200, response.text
+    response = server.post("/train/seg_tiny", params={"run_sync": "true"},
+                           json={"max_epochs": 1, "batch_size": 1, "init": "fresh"})
+    assert response.status_code == 200, response.text
+    stats = response.json()
+    assert stats["studies_used"] >= len(CONFIG_SYNTAX_NAMES), stats
+    assert stats["metrics"]["epoch"] == 1
 
 
 # ---------------------------------------------------------------------------- many at once

@@ -12,7 +12,10 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+import numbers
+import types
+import typing
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -361,6 +364,22 @@ class AdapterConfig:
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
 
+    @classmethod
+    def from_options(cls, options: dict, method: str | None = None) -> AdapterConfig:
+        """The config from keyword options, each checked against its field's type first: an
+        unknown name or a value of the wrong type is a ValueError naming the option and what it
+        takes (a request, a JSON file or a command line can send any value)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
+        method = f"method {method!r}" if method else cls.__name__
+        if unknown:
+            raise ValueError(f"{method} has no option(s) {unknown}; its options are {list(fields)}")
+        hints = typing.get_type_hints(cls)
+        for name, value in options.items():
+            if not _conforms(value, hints[name]):
+                raise ValueError(f"{method} option {name!r} takes {_type_text(hints[name])}, got {value!r}")
+        return cls(**options)
+
     def options(self) -> dict:
         """The options as JSON-ready values (what ``save_adapters`` records)."""
         return dataclasses.asdict(self)
@@ -511,6 +530,47 @@ class BlockAdapterConfig(AdapterConfig):
 def site_layout(site: Site, config: AdapterConfig) -> TokenLayout:
     """The TokenLayout of what ``site`` receives, for the config's 2D or 3D variant."""
     return TokenLayout(spatial_dims=config.spatial_dims, num_slices=config.num_slices or 1, **site.layout)
+
+
+
+# ----------------------------------------------------------------------------- option types
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the type annotation ``hint`` (the types configs use: numbers,
+    strings, booleans, None, lists and fixed-length tuples of them, unions)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, h) for h in args)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and Ellipsis not in args:  # tuple[int, int]: that many items
+            return len(value) == len(args) and all(map(_conforms, value, args))
+        return all(_conforms(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _type_text(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "an object"}
+    if hint in names:
+        return names[hint]
+    if origin in (list, tuple, Sequence):
+        args = typing.get_args(hint)
+        return f"a list of ({_type_text(args[0])})" if args else "a list"
+    return str(hint)
 
 
 __all__ = [

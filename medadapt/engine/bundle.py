@@ -7,9 +7,45 @@ runs the bundle's recipe and nothing else.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+
+# What MONAI's config parser reads in a string: "$" starts Python, "@" a reference, "%" a macro,
+# and it rewrites "::", "@#" and "%#" wherever they stand.
+_PARSED_TEXT = re.compile(r"^[$@%]|::|[@%]#")
+
+
+def parses_as_itself(text: str) -> bool:
+    """Whether MONAI's config parser takes the string ``text`` as the plain text it is."""
+    return not _PARSED_TEXT.search(text)
+
+
+class Verbatim(Mapping):
+    """A read-only mapping that MONAI's config parser passes through untouched.
+
+    The parser reads every string inside the dicts and lists of a config (see `parses_as_itself`),
+    but does not look inside other objects. Data from outside a bundle (file names, case ids a
+    server was sent) is handed to a config as ``Verbatim(data)``: a file named ``$HOME.png`` stays
+    a file name, and ``@data['train']`` in the config gets the list as it was.
+    """
+
+    def __init__(self, data: Mapping):
+        self._data = dict(data)
+
+    def __getitem__(self, key):
+        return self._data[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Verbatim({self._data!r})"
 
 
 def _files(config_file: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:

@@ -43,7 +43,6 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import handle_torch_linalg_multithread, remove_file
 
 import medadapt
-from medadapt.adapters import list_methods
 from medadapt.monailabel.datastore import CheckedDatastore
 from medadapt.monailabel.dicomweb import CheckedDICOMwebDatastore
 from medadapt.monailabel.errors import InvalidInput, http_error
@@ -56,7 +55,7 @@ from medadapt.monailabel.imagefiles import (
     is_upload,
 )
 from medadapt.monailabel.infer_tasks import make_infer_task
-from medadapt.monailabel.limits import MAX_TRAIN_BATCH, MAX_TRAIN_EPOCHS, check_json_value
+from medadapt.monailabel.limits import check_json_value
 from medadapt.monailabel.paths import plain_name
 from medadapt.monailabel.specs import ServedModel, load_models
 from medadapt.monailabel.train_task import AdapterTrainTask
@@ -265,25 +264,21 @@ class MedAdaptApp(MONAILabelApp):
         raise http_error(InvalidInput("this server has no whole-slide (WSI) models; use POST /infer/{model}", 404))
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
-        model = request.get("model")
-        if model not in self._trainers:
-            message = f"no training task {model!r}; this server trains {sorted(self._trainers)}"
-            raise http_error(InvalidInput(message, 404))
         try:
-            _check_json(request, "training options")
-            _check_device(request.get("device"))
-            for key, limit in (("max_epochs", MAX_TRAIN_EPOCHS), ("batch_size", MAX_TRAIN_BATCH)):
-                value = request.get(key)
-                if isinstance(value, (int, float, str)) and _as_number(value) > limit:
-                    raise InvalidInput(f"{key} must be at most {limit}, got {value!r}", 400)
-            method = request.get("method")
-            if method is not None and method not in list_methods():  # the model build would fail with a 500
-                raise InvalidInput(f"unknown method {method!r}; one of {list_methods()}", 400)
-            if not isinstance(request.get("method_options") or {}, dict):
-                raise InvalidInput(f"method_options must be a JSON object, got {request['method_options']!r}", 400)
+            self.check_training_request(request)
             return super().train(request)
         except MONAILabelException as error:
             raise http_error(error) from error
+
+    def check_training_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The typed options of a training request, or InvalidInput (4xx) naming what is wrong.
+        Run before a job is queued (`server.guard_endpoints`) and again in the job itself."""
+        model = request.get("model")
+        if model not in self._trainers:
+            raise InvalidInput(f"unknown model {model!r} for training; this server trains {sorted(self._trainers)}", 404)
+        _check_json(request, "training options")
+        _check_device(request.get("device"))
+        return self._trainers[model].options(request)
 
     def bundle_path(self, model: str | None) -> str | None:
         # Called by MONAI Label before it queues a training job in a subprocess: the one place
@@ -315,13 +310,6 @@ def _check_device(device: Any) -> None:
     index = int(device.partition(":")[2] or 0)
     if device.startswith("cuda") and torch.cuda.is_available() and index >= torch.cuda.device_count():
         raise InvalidInput(f"device {device!r}: this server has {torch.cuda.device_count()} GPU(s)", 400)
-
-
-def _as_number(value: int | float | str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        return 0.0  # not a number: the training task answers with its own message
 
 
 def _check_values(path: str, name: str) -> None:

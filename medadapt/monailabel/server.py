@@ -46,13 +46,14 @@ from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.endpoints import datastore as datastore_endpoints
 from monailabel.endpoints import infer as infer_endpoints
+from monailabel.endpoints import train as train_endpoints
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import remove_file
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
 
-from medadapt.monailabel.errors import monailabel_exception_handler
+from medadapt.monailabel.errors import http_error, monailabel_exception_handler
 from medadapt.monailabel.imagefiles import UploadFolder, use_upload_folder
 from medadapt.monailabel.limits import (
     MAX_REQUEST_BYTES,
@@ -191,6 +192,8 @@ def guard_endpoints(uploads: UploadFolder) -> None:
     datastore_endpoints.download_dataset = _removed_after_sending(_original(datastore_endpoints.download_dataset))
     datastore_endpoints.download_image = _checked_checksum(_original(datastore_endpoints.download_image))
     infer_endpoints.nifti_to_dicom_seg = inference_seg
+    train_endpoints.run_model = _checked_training(_original(train_endpoints.run_model))
+    train_endpoints.run = _checked_training_of_all(_original(train_endpoints.run))
 
 
 def inference_seg(series_dir: str, label: str, label_info: Any = None, use_itk: bool = True, **_) -> str:
@@ -279,6 +282,43 @@ def _checked_inference(run_inference):
             # would replace them.
             bound.arguments["background_tasks"].add_task(remove_file, response.path)
         return response
+
+    return checked
+
+
+def _check_training(model: str, params: dict | None) -> None:
+    """The checks of a training request, as the job would see it (upstream merges the
+    trainer's config and the params), before it is queued: 4xx naming the option."""
+    instance = app_instance()
+    request = {"model": model, **instance.info().get("config", {}).get("train", {}), **(params or {})}
+    try:
+        instance.check_training_request(request)
+    except MONAILabelException as error:
+        raise http_error(error) from None
+
+
+def _checked_training(run_model):
+    """Upstream's training start for one model, its options checked first: a job queued in
+    the background would only fail later, out of the client's sight."""
+
+    @functools.wraps(run_model)
+    def checked(model: str, params: dict | None = None, run_sync: bool | None = False,
+                enqueue: bool | None = False):
+        _check_training(model, params)
+        return run_model(model, params, run_sync, enqueue)
+
+    return checked
+
+
+def _checked_training_of_all(run):
+    """Upstream's (deprecated) training of every model, each model's request checked first."""
+
+    @functools.wraps(run)
+    def checked(params: dict | None = None, run_sync: bool | None = False):
+        for model in app_instance().info()["trainers"]:
+            own = (params or {}).get(model)
+            _check_training(model, {**(params or {}), **(own if isinstance(own, dict) else {})})
+        return run(params, run_sync)
 
     return checked
 

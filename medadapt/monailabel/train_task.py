@@ -27,8 +27,10 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
-from medadapt.engine.prompts import BoxPromptsFromLabels
+from medadapt.adapters import list_methods, make_config
+from medadapt.engine.bundle import Verbatim, parses_as_itself
 from medadapt.monailabel.errors import InvalidInput
+from medadapt.monailabel.limits import MAX_TRAIN_BATCH, MAX_TRAIN_EPOCHS
 from medadapt.monailabel.specs import ServedModel
 
 logger = logging.getLogger("medadapt.monailabel")
@@ -102,25 +104,28 @@ class AdapterTrainTask(TrainTask):
         return stats
 
     def options(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The training options of ``request`` (see `DEFAULTS`), typed and range-checked;
+        InvalidInput (400) naming the first bad one.
+
+        These values go into a MONAI bundle config, where a string can be Python (``$``), a
+        reference (``@``) or a macro (``%``): numbers become numbers, names must be ones the
+        server has, and method options must be the method's config fields, of their types,
+        with strings the config parser takes as plain text.
+        """
         options = self.config()
         options.update({k: v for k, v in request.items() if k in DEFAULTS and v is not None})
-        try:
-            options["max_epochs"] = int(options["max_epochs"])
-            options["batch_size"] = int(options["batch_size"])
-            options["fraction"] = float(options["fraction"])
-            options["seed"] = int(options["seed"])
-        except (TypeError, ValueError) as error:
-            raise InvalidInput(f"bad training option: {error}", 400) from None
-        if options["max_epochs"] < 1 or options["batch_size"] < 1:
-            raise InvalidInput("max_epochs and batch_size must be >= 1", 400)
-        if not (0.0 < options["fraction"] <= 1.0) or math.isnan(options["fraction"]):
-            raise InvalidInput(f"fraction must be in (0, 1], got {options['fraction']}", 400)
+        options["max_epochs"] = _whole("max_epochs", options["max_epochs"], 1, MAX_TRAIN_EPOCHS)
+        options["batch_size"] = _whole("batch_size", options["batch_size"], 1, MAX_TRAIN_BATCH)
+        options["seed"] = _whole("seed", options["seed"], 0, 2 ** 32 - 1)
+        options["box_jitter"] = _whole("box_jitter", options["box_jitter"], 0, 1024)
+        options["fraction"] = _real("fraction", options["fraction"], 0.0, 1.0)
+        options["lr_adapter"] = _real("lr_adapter", options["lr_adapter"], 0.0, 1.0)
+        options["lr_head"] = _real("lr_head", options["lr_head"], 0.0, 1.0)
         if options["init"] not in ("served", "fresh"):
             raise InvalidInput(f"init must be 'served' or 'fresh', got {options['init']!r}", 400)
-        try:  # the box prompts' own check, before any work
-            BoxPromptsFromLabels(options["box_jitter"])
-        except ValueError as error:
-            raise InvalidInput(str(error), 400) from None
+        if options["method"] not in list_methods():
+            raise InvalidInput(f"unknown method {options['method']!r}; one of {list_methods()}", 400)
+        options["method_options"] = _method_options(options["method"], options["method_options"])
         return options
 
     def _fits(self, image: str) -> bool:
@@ -156,8 +161,9 @@ class AdapterTrainTask(TrainTask):
             logger.warning("%s: one labelled study: it is trained on and validated on", self.spec.name)
         entries = lambda items: [{"image": d["image"], "label": d["label"], "case": Path(d["image"]).name}  # noqa: E731
                                  for d in items]
-        data = {"train": entries(train), "val": entries(val), "test": [], "root": "", "demo": False,
-                "counts": {"train": len(train), "val": len(val), "test": 0}}
+        # Verbatim: the studies' names are data; the config parser would read "$HOME.png" as Python.
+        data = Verbatim({"train": entries(train), "val": entries(val), "test": [], "root": "", "demo": False,
+                         "counts": {"train": len(train), "val": len(val), "test": 0}})
         run_dir = Path(self.spec.label_adapters).parent / "monailabel_run"
         overrides = {
             **settings, "bundle_root": bundle, "dataset_dir": "served studies", "data": data,
@@ -179,6 +185,59 @@ class AdapterTrainTask(TrainTask):
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         shutil.rmtree(run_dir, ignore_errors=True)
         return model, {"metrics": metrics, "studies_validated": len(val)}
+
+
+def _whole(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as a whole number in [low, high] (a JSON number, or text holding one)."""
+    number = _number(name, value)
+    if number != int(number) or not low <= number <= high:
+        raise InvalidInput(f"{name} must be a whole number from {low} to {high}, got {value!r}", 400)
+    return int(number)
+
+
+def _real(name: str, value: Any, low: float, high: float) -> float:
+    """``value`` as a number in (low, high]."""
+    number = _number(name, value)
+    if not low < number <= high:
+        raise InvalidInput(f"{name} must be a number above {low:g} and at most {high:g}, got {value!r}", 400)
+    return number
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidInput(f"{name} must be a number, got {value!r}", 400)
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidInput(f"{name} must be a number, got {value!r}", 400) from None
+    if not math.isfinite(number):
+        raise InvalidInput(f"{name} must be a finite number, got {value!r}", 400)
+    return number
+
+
+def _method_options(method: str, options: Any) -> dict[str, Any]:
+    """``options`` if they are options of ``method``, of their fields' types, with no string
+    that a bundle config would read as Python, a reference or a macro."""
+    if not isinstance(options, dict):
+        raise InvalidInput(f"method_options must be a JSON object, got {options!r}", 400)
+    try:
+        make_config(method, options)
+    except ValueError as error:
+        raise InvalidInput(f"method_options: {error}", 400) from None
+
+    def texts(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from texts(item)
+
+    for key, value in options.items():
+        for text in texts(value):
+            if not parses_as_itself(text):
+                raise InvalidInput(f"method_options.{key}: {text[:60]!r} would be read as code by the bundle "
+                                   "config (a leading '$', '@' or '%', or '::', '@#', '%#'); send plain text", 400)
+    return dict(options)
 
 
 def publish(model: torch.nn.Module, folder: str | Path, stats: dict[str, Any]) -> Path:
