@@ -113,7 +113,15 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
+    """peft's line, and for a ``create_model`` model what the same method trains at the papers'
+    scale (ViT-B/16) and the adapters' bottleneck widths."""
+    from medadapt.checkpoint import build_record
+
     print(trainable_summary(model))
+    if build_record(model):
+        from medadapt.models.scale import scale_report
+
+        print(scale_report(model))
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -110,7 +110,7 @@ def test_unknown_method_and_option_are_named():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"bottleneck": "8"}, "'bottleneck' takes a whole number, got '8'"),
+    ({"bottleneck": "8"}, "'bottleneck' takes a whole number or null, got '8'"),
     ({"bottleneck": True}, "'bottleneck' takes a whole number"),
     ({"dropout": None}, "'dropout' takes a number"),
     ({"large_kernel": [1, "51", 51]}, "'large_kernel' takes a whole number or a list"),

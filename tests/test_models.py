@@ -268,19 +268,31 @@ def test_vit_classifier_pools_the_class_token_by_default():
         medadapt.Classifier(backbone, 2, pool="max")
 
 
-def test_dka_bottleneck_follows_the_task_unless_given():
-    # DKA poster Table 3: bottleneck 192 for segmentation, 16 for classification.
-    from medadapt.injection import injection_record
+def test_bottlenecks_follow_the_papers_ratio_to_each_block_width(caplog):
+    # DKA poster Table 3: bottleneck 192 for segmentation, 16 for classification, on ViT-B's 768.
+    from medadapt.models.scale import adapter_widths, reference_share
 
-    tiny = {"backbone": "timm:convnext_atto", "backbone_options": {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}}
+    with torch.device("meta"):  # ViT-B/16 without memory or weights: the papers' widths, exactly
+        vit = {"backbone": "timm:vit_base_patch16_224"}
+        seg = medadapt.create_model("segmentation", num_classes=1, multilabel=True, **vit)
+        cls = medadapt.create_model("classification", num_classes=3, **vit)
+    assert set(adapter_widths(seg)) == {(768, 192)} and set(adapter_widths(cls)) == {(768, 16)}
+    # ... which train the papers' shares of ViT-B (about 10 % and 1 %)
+    assert 9.5 < reference_share({"task": "segmentation", "num_classes": 1, "multilabel": True}) < 10.5
+    assert 0.8 < reference_share({"task": "classification", "num_classes": 3}) < 1.1
+
+    # A narrow backbone keeps the ratio, at least 8 wide, and no bottleneck is wider than its block.
+    tiny = {"backbone": "timm:convnext_atto", "backbone_options": {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 64]}}
     seg = medadapt.create_model("segmentation", num_classes=1, multilabel=True, **tiny)
     cls = medadapt.create_model("classification", num_classes=3, **tiny)
-    given = medadapt.create_model("segmentation", num_classes=1, method_options={"bottleneck": 8}, **tiny)
-    assert injection_record(seg)["options"]["bottleneck"] == 192
-    assert injection_record(cls)["options"]["bottleneck"] == 16
-    assert injection_record(given)["options"]["bottleneck"] == 8
-    houlsby = medadapt.create_model("segmentation", num_classes=1, method="adapter", **tiny)
-    assert injection_record(houlsby)["options"]["bottleneck"] == medadapt.adapters.METHODS["adapter"]().bottleneck
+    assert adapter_widths(seg) == [(8, 8), (16, 8), (24, 8), (64, 16)]
+    assert adapter_widths(cls) == [(8, 8), (16, 8), (24, 8), (64, 8)]
+    given = medadapt.create_model("segmentation", num_classes=1, method_options={"bottleneck": 20}, **tiny)
+    assert adapter_widths(given) == [(8, 8), (16, 16), (24, 20), (64, 20)]
+    assert "bottleneck 20 is wider than a block of 8 channels" in caplog.text
+    for method in ("lka", "adapter", "adaptformer", "convpass", "ciat", "aim"):
+        model = medadapt.create_model("classification", num_classes=3, method=method, **tiny)
+        assert all(b <= d for d, b in adapter_widths(model)), method
 
 
 def test_box_prompt_parts_come_from_the_backbone():

@@ -11,20 +11,15 @@ from typing import ClassVar
 
 import torch.nn as nn
 
-from medadapt.adapters.base import BlockAdapterConfig, BottleneckAdapter, TokenLayout
-
-# AIM's bottleneck ratio: the adapter's width is a quarter of the tokens' (192 in ViT-B).
-BOTTLENECK_RATIO = 0.25
-
+from medadapt.adapters.base import VIT_B_WIDTH, BlockAdapterConfig, BottleneckAdapter, TokenLayout
 
 @dataclass
 class AIMConfig(BlockAdapterConfig):
-    """AIM options: bottleneck ``BOTTLENECK_RATIO`` (0.25) of the tokens' width unless given,
-    MLP scale 0.5, GELU.
+    """AIM options: bottleneck 192 on ViT-B, MLP scale 0.5, GELU.
 
     Arguments:
-      bottleneck: width of each adapter; None uses the paper's ratio, 0.25 of the channels
-        the adapter sees (192 on a ViT-B's 768).
+      bottleneck: width of each adapter; None uses the paper's ratio ``bottleneck_ratio``, 0.25
+        of the channels the adapter sees (see `AdapterConfig.bottleneck_for`).
       mlp_scale: the factor on the adapter beside the MLP.
       activation: see :class:`BottleneckAdapter`.
     """
@@ -34,6 +29,7 @@ class AIMConfig(BlockAdapterConfig):
     size_option: ClassVar[str | None] = "bottleneck"
 
     bottleneck: int | None = None
+    bottleneck_ratio: float = 192 / VIT_B_WIDTH
     mlp_scale: float = 0.5
     activation: str = "gelu"
 
@@ -47,5 +43,4 @@ class AIMConfig(BlockAdapterConfig):
         return super().plan(placement)
 
     def build(self, dim: int, layout: TokenLayout) -> nn.Module:
-        bottleneck = max(1, round(BOTTLENECK_RATIO * dim)) if self.bottleneck is None else self.bottleneck
-        return BottleneckAdapter(dim, layout, bottleneck, self.activation)
+        return BottleneckAdapter(dim, layout, self.bottleneck_for(dim), self.activation)

@@ -13,17 +13,19 @@ from typing import ClassVar
 
 import torch.nn as nn
 
-from medadapt.adapters.base import BlockAdapterConfig, BottleneckAdapter, TokenLayout
+from medadapt.adapters.base import VIT_B_WIDTH, BlockAdapterConfig, BottleneckAdapter, TokenLayout
 
 
 @dataclass
 class CIATConfig(BlockAdapterConfig):
-    """CIAT options: bottleneck 16, parallel layer filters, an embedding filter."""
+    """CIAT options: bottleneck 16 on ViT-B (``bottleneck`` None: ``bottleneck_ratio`` of each
+    block's width), parallel layer filters, an embedding filter."""
 
     summary: ClassVar[str] = "CIAT: parallel layer-filter adapters plus an embedding-filter adapter"
     size_option: ClassVar[str | None] = "bottleneck"
 
-    bottleneck: int = 16
+    bottleneck: int | None = None
+    bottleneck_ratio: float = 16 / VIT_B_WIDTH
     activation: str = "relu"
     embedding_filter: bool = True
 
@@ -35,4 +37,4 @@ class CIATConfig(BlockAdapterConfig):
         return steps
 
     def build(self, dim: int, layout: TokenLayout) -> nn.Module:
-        return BottleneckAdapter(dim, layout, self.bottleneck, self.activation)
+        return BottleneckAdapter(dim, layout, self.bottleneck_for(dim), self.activation)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medadapt.adapters.base import AdapterConfig, TokenLayout, replace_module, site_layout
+from medadapt.adapters.base import VIT_B_WIDTH, AdapterConfig, TokenLayout, replace_module, site_layout
 from medadapt.adapters.wrappers import Adapted
 
 
@@ -119,9 +119,11 @@ class CLAdapter(nn.Module):
 
 @dataclass
 class CLAdapterConfig(AdapterConfig):
-    """CLAdapter options (paper: K = 20 centres, 256-d bottleneck, MLP ratio 4; reference code:
-    softmax temperature 1). Two training stages: 1 trains adapter and head on the frozen
-    encoder, 2 trains everything."""
+    """CLAdapter options (paper: K = 20 centres, 256-d bottleneck on ViT-B's 768 channels, MLP
+    ratio 4; reference code: softmax temperature 1). Two training stages: 1 trains adapter and
+    head on the frozen encoder, 2 trains everything. ``bottleneck`` None takes
+    ``bottleneck_ratio`` (256/768) of the encoder's output width (see
+    `AdapterConfig.bottleneck_for`)."""
 
     summary: ClassVar[str] = "CLAdapter: cluster-attention adaptation of the encoder's output tokens"
     identity_at_init: ClassVar[bool] = False
@@ -130,7 +132,8 @@ class CLAdapterConfig(AdapterConfig):
     num_stages: ClassVar[int] = 2
 
     num_clusters: int = 20
-    bottleneck: int = 256
+    bottleneck: int | None = None
+    bottleneck_ratio: float = 256 / VIT_B_WIDTH
     num_blocks: int = 1
     mlp_ratio: float = 4.0
     dropout: float = 0.0
@@ -151,7 +154,7 @@ class CLAdapterConfig(AdapterConfig):
         return stage == 1
 
     def build(self, dim: int, layout: TokenLayout) -> nn.Module:
-        return CLAdapter(dim, layout, self.num_clusters, self.bottleneck, self.num_blocks,
+        return CLAdapter(dim, layout, self.num_clusters, self.bottleneck_for(dim), self.num_blocks,
                          self.mlp_ratio, self.dropout, self.temperature)
 
     def inject(self, encoder: nn.Module, family) -> list[str]:

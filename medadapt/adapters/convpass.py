@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medadapt.adapters.base import BlockAdapterConfig, BottleneckAdapter, TokenLayout
+from medadapt.adapters.base import VIT_B_WIDTH, BlockAdapterConfig, BottleneckAdapter, TokenLayout
 
 
 class ConvBypass(BottleneckAdapter):
@@ -42,14 +42,16 @@ class ConvBypass(BottleneckAdapter):
 
 @dataclass
 class ConvpassConfig(BlockAdapterConfig):
-    """Convpass options: bottleneck 8, parallel to attention and MLP, scale 1."""
+    """Convpass options: bottleneck 8 on ViT-B (``bottleneck`` None: ``bottleneck_ratio`` of each
+    block's width), parallel to attention and MLP, scale 1."""
 
     summary: ClassVar[str] = "Convpass: 3x3 convolutional bypass beside attention and MLP"
     has_spatial_part: ClassVar[bool] = True
     size_option: ClassVar[str | None] = "bottleneck"
 
-    bottleneck: int = 8
+    bottleneck: int | None = None
+    bottleneck_ratio: float = 8 / VIT_B_WIDTH
     dropout: float = 0.1
 
     def build(self, dim: int, layout: TokenLayout) -> nn.Module:
-        return ConvBypass(dim, layout, self.bottleneck, self.dropout)
+        return ConvBypass(dim, layout, self.bottleneck_for(dim), self.dropout)

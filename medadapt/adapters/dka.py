@@ -21,7 +21,14 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from medadapt.adapters.base import BlockAdapterConfig, BottleneckAdapter, TokenLayout, as_kernel, depthwise_weight
+from medadapt.adapters.base import (
+    VIT_B_WIDTH,
+    BlockAdapterConfig,
+    BottleneckAdapter,
+    TokenLayout,
+    as_kernel,
+    depthwise_weight,
+)
 from medadapt.ops import dwconv
 from medadapt.ops.dwconv import fold_kernels
 
@@ -31,8 +38,11 @@ class DualKernelAdapter(BottleneckAdapter):
 
     Arguments:
       dim, layout, bottleneck, activation, dropout: see :class:`BottleneckAdapter`.
-      large_kernel: large kernel size (int, or a tuple per axis; 3D ints become (3, k, k)).
-      small_kernel: small kernel size, same rules.
+      large_kernel: large kernel size (int, or a tuple per axis). In 3D an int k is the paper's
+        in-plane kernel, (1, k, k).
+      small_kernel: small kernel size, same rules, except that in 3D an int k becomes
+        (3, k, k): through-slice context from the small branch is medadapt's extension (3 x 5 x 5
+        costs 50 more weights a channel than the paper's 5 x 5; pass [1, 5, 5] for the paper's).
       use_torch_conv: run the two branches as plain torch convolutions (reference path).
     """
 
@@ -52,7 +62,7 @@ class DualKernelAdapter(BottleneckAdapter):
         super().__init__(dim, layout, bottleneck, activation, dropout, bias=False,
                          zero_init=zero_init, activate_before_mix=False)
         sd = layout.spatial_dims
-        self.large = depthwise_weight(bottleneck, as_kernel(large_kernel, sd))
+        self.large = depthwise_weight(bottleneck, as_kernel(large_kernel, sd, depth=1))
         self.small = depthwise_weight(bottleneck, as_kernel(small_kernel, sd))
         self.use_torch_conv = use_torch_conv
         self.folded = False
@@ -91,9 +101,18 @@ def _torch_dwconv(m: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DKAConfig(BlockAdapterConfig):
-    """Dual-Kernel Adapter options (paper defaults: bottleneck 16 for classification, 192 for
-    segmentation; kernels 51 and 5; GELU; dropout 0.1; one adapter after each transformer
-    block, or after each residual stage of a CNN)."""
+    """Dual-Kernel Adapter options (paper defaults on ViT-B: bottleneck 16 for classification,
+    192 for segmentation; kernels 51 and 5; GELU; dropout 0.1; one adapter after each
+    transformer block, or after each residual stage of a CNN).
+
+    Arguments:
+      bottleneck: the width of every adapter; None (default) takes ``bottleneck_ratio`` of each
+        block's width (see `AdapterConfig.bottleneck_for`): 16/768 for classification and
+        192/768 for segmentation, the paper's 16 and 192 on ViT-B, and a bottleneck that stays
+        narrower than the block on narrow backbones (LiteMedSAM: 8 and 32-80).
+      large_kernel, small_kernel, activation, dropout, use_torch_conv: see
+        :class:`DualKernelAdapter`.
+    """
 
     summary: ClassVar[str] = "Dual-Kernel Adapter: parallel 51x51 and 5x5 depthwise convs in a bottleneck"
     has_spatial_part: ClassVar[bool] = True
@@ -102,9 +121,10 @@ class DKAConfig(BlockAdapterConfig):
     default_cnn_placement: ClassVar[str] = "stage"
     # DKA poster, Table 3: a wider bottleneck for dense prediction.
     task_options: ClassVar[dict[str, dict]] = {
-        task: {"bottleneck": 192} for task in ("segmentation", "segmentation3d", "box_segmentation")}
+        task: {"bottleneck_ratio": 192 / VIT_B_WIDTH} for task in ("segmentation", "segmentation3d", "box_segmentation")}
 
-    bottleneck: int = 16
+    bottleneck: int | None = None
+    bottleneck_ratio: float = 16 / VIT_B_WIDTH
     large_kernel: int | list[int] = 51
     small_kernel: int | list[int] = 5
     activation: str = "gelu"
@@ -112,5 +132,5 @@ class DKAConfig(BlockAdapterConfig):
     use_torch_conv: bool = False
 
     def build(self, dim: int, layout: TokenLayout) -> nn.Module:
-        return DualKernelAdapter(dim, layout, self.bottleneck, self.large_kernel, self.small_kernel,
+        return DualKernelAdapter(dim, layout, self.bottleneck_for(dim), self.large_kernel, self.small_kernel,
                                  self.activation, self.dropout, use_torch_conv=self.use_torch_conv)

@@ -12,7 +12,14 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from medadapt.adapters.base import BlockAdapterConfig, BottleneckAdapter, TokenLayout, as_kernel, depthwise_weight
+from medadapt.adapters.base import (
+    VIT_B_WIDTH,
+    BlockAdapterConfig,
+    BottleneckAdapter,
+    TokenLayout,
+    as_kernel,
+    depthwise_weight,
+)
 from medadapt.ops import dwconv
 
 
@@ -21,7 +28,7 @@ class LargeKernelAdapter(BottleneckAdapter):
 
     Arguments:
       dim, layout, bottleneck, activation, dropout, bias: see :class:`BottleneckAdapter`.
-      kernel_size: kernel size (int, or a tuple per axis; 3D ints become (3, k, k)).
+      kernel_size: kernel size (int, or a tuple per axis; in 3D an int k is in-plane, (1, k, k)).
       use_torch_conv: run the convolution as a plain torch convolution (reference path).
     """
 
@@ -39,7 +46,7 @@ class LargeKernelAdapter(BottleneckAdapter):
     ):
         super().__init__(dim, layout, bottleneck, activation, dropout, bias=bias,
                          zero_init=zero_init, activate_before_mix=True)
-        self.kernel = depthwise_weight(bottleneck, as_kernel(kernel_size, layout.spatial_dims))
+        self.kernel = depthwise_weight(bottleneck, as_kernel(kernel_size, layout.spatial_dims, depth=1))
         self.use_torch_conv = use_torch_conv
 
     def _conv(self, m: torch.Tensor) -> torch.Tensor:
@@ -54,18 +61,21 @@ class LargeKernelAdapter(BottleneckAdapter):
 
 @dataclass
 class LKAConfig(BlockAdapterConfig):
-    """Large Kernel Adapter options (paper: kernel 51, bottleneck 8, parallel placement)."""
+    """Large Kernel Adapter options (paper: kernel 51, bottleneck 8 on ViT-B, parallel placement;
+    ``bottleneck`` None takes ``bottleneck_ratio`` of each block's width, see
+    `AdapterConfig.bottleneck_for`)."""
 
     summary: ClassVar[str] = "Large Kernel Adapter: one large depthwise kernel in a bottleneck adapter"
     has_spatial_part: ClassVar[bool] = True
     size_option: ClassVar[str | None] = "bottleneck"
 
-    bottleneck: int = 8
+    bottleneck: int | None = None
+    bottleneck_ratio: float = 8 / VIT_B_WIDTH
     kernel_size: int | list[int] = 51
     activation: str = "gelu"
     dropout: float = 0.0
     use_torch_conv: bool = False
 
     def build(self, dim: int, layout: TokenLayout) -> nn.Module:
-        return LargeKernelAdapter(dim, layout, self.bottleneck, self.kernel_size, self.activation,
+        return LargeKernelAdapter(dim, layout, self.bottleneck_for(dim), self.kernel_size, self.activation,
                                   self.dropout, use_torch_conv=self.use_torch_conv)

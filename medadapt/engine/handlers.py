@@ -481,11 +481,9 @@ class StagedFineTuning:
         self.stage = 2
 
     def _log_counts(self) -> None:
-        from medadapt.injection import count_parameters
+        from medadapt.models.scale import scale_report
 
-        counts = count_parameters(_unwrap(self.network))
-        logger.info("stage %d of %d: %s of %s parameters trainable", self.stage, self.num_stages,
-                    f"{counts['trainable']:,}", f"{counts['total']:,}")
+        logger.info("stage %d of %d: %s", self.stage, self.num_stages, scale_report(_unwrap(self.network)))
 
     def state_dict(self) -> dict:
         return {"stage": self.stage}
