@@ -295,3 +295,15 @@ def test_the_whole_pool_in_every_fold_is_not_a_repeat_worth_a_warning(tmp_path, 
     splits = make_splits(datalist, [1.0], folds=5, seed=0, label_key="class", val_fraction=0)
     assert splits["fractions"][0]["repeats"] is None
     assert "disjoint training subsets" not in caplog.text
+
+
+def test_validation_is_never_larger_than_the_training_subset():
+    from medadapt.engine.data import limit_validation
+
+    val = [{"image": f"v{i}.png"} for i in range(40)]
+    assert limit_validation(val, 3, "train") == val[:3]  # 3 training images: 3 to choose the checkpoint
+    assert limit_validation(val, 0, "train") == val[:1]  # at least one
+    assert limit_validation(val, 100, "train") == val  # never more than there are
+    assert limit_validation(val, 3, 10) == val[:10] and limit_validation(val, 3, None) == val
+    with pytest.raises(ValueError, match="val_limit"):
+        limit_validation(val, 3, "many")

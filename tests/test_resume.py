@@ -121,7 +121,8 @@ def test_cladapter_stages_run_in_the_bundle_and_resume_in_stage_two(tmp_path):
     log = (straight / "train.log").read_text(encoding="utf-8")
     stage1 = next(line for line in log.splitlines() if "stage 1 of 2" in line)
     stage2 = next(line for line in log.splitlines() if "stage 2 of 2" in line)
-    assert "epoch 2: stage 2 of staged fine-tuning, learning rates x 0.1" in log
+    # Stage 2 restarts from the best stage-1 checkpoint at lr / 10, with its own warm-up and cosine.
+    assert "epoch 2: stage 2 of staged fine-tuning from the best stage-1 checkpoint (epoch 1), learning rates x 0.1, a new warm-up and cosine over" in log
     count = lambda line: int(line.split(":")[-1].split(" of ")[0].replace(",", "").strip())  # noqa: E731
     assert count(stage2) > count(stage1)  # the encoder trains in stage 2
     assert read_adapter_config(straight / "models" / "adapters")["stage"] == 2
@@ -129,10 +130,34 @@ def test_cladapter_stages_run_in_the_bundle_and_resume_in_stage_two(tmp_path):
     # Killed after epoch 2 (in stage 2), then resumed: the same run as the straight one.
     resumed = tmp_path / "resumed"
     run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "2", "--output_dir", str(resumed),
-               "--lr_scheduler#T_max", f"$3 * len(@train#dataloader)")
+               "--total_steps", "$3 * len(@train#dataloader)")
     run_bundle(f"bundles/{BUNDLE}/train.json", *args, "--max_epochs", "3", "--output_dir", str(resumed),
                "--resume", "True")
     expected, got = _adapters(straight), _adapters(resumed)
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_stage_two_restarts_the_warmup_cosine_schedule_at_a_tenth():
+    import torch.nn as nn
+    from monai.optimizers import WarmupCosineSchedule
+
+    from medadapt.engine.handlers import restart_schedule
+
+    layer = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW([{"params": [layer.weight], "lr": 1e-3}, {"params": [layer.bias], "lr": 1e-4}])
+    schedule = WarmupCosineSchedule(optimizer, warmup_steps=10, t_total=100)
+    for _ in range(60):
+        optimizer.step()
+        schedule.step()
+    for group in optimizer.param_groups:
+        group["initial_lr"] *= 0.1
+    schedule.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    restart_schedule(schedule, 40)
+    assert (schedule.t_total, schedule.warmup_steps, schedule.last_epoch) == (40, 4, 0)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]  # warming up from zero again
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+    assert [round(g["lr"], 9) for g in optimizer.param_groups] == [1e-4, 1e-5]  # the peak is lr / 10

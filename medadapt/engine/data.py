@@ -58,6 +58,7 @@ def prepare_data(
     splits_file: str | None = None,
     test_fraction: float = 0.2,
     val_fraction: float = 0.1,
+    val_limit: int | str | None = "train",
     demo_options: dict | None = None,
     demo_dir: str | None = None,
     reader_options: dict | None = None,
@@ -69,6 +70,11 @@ def prepare_data(
     fixed test set, a validation set for choosing checkpoints, stratified and grouped training
     subsets of the rest) is written to ``output_dir/splits.json`` unless ``splits_file`` names
     one made by ``medadapt split`` for the same dataset folder.
+
+    ``val_limit``: how many of the validation samples choose the checkpoint: "train" (default)
+    at most as many as the training subset has, since someone with 5 labelled images does not
+    have 50 more to validate on (the first ones of the split's validation list, so a smaller
+    fraction's are a subset of a larger one's); a number; None for all of them.
 
     ``check``: "full" reads every voxel of every file the split names (finds truncated files
     and NaNs), "headers" opens them, "none" skips the check (for a caller that checked already).
@@ -115,6 +121,7 @@ def prepare_data(
     if not val:
         raise ValueError(f"the split of {root} has no validation samples: there is nothing to choose a checkpoint "
                          "on; give more data or a larger val_fraction")
+    val = limit_validation(val, len(train), val_limit)
     # Every file any part names is checked, the test set included, before training starts.
     if check != "none":
         preset.validate(train + val + test, task, root=root, read_data=check == "full", **options)
@@ -125,6 +132,21 @@ def prepare_data(
     logger.info("data: %d training / %d validation / %d test %s (fraction %.4g, fold %d), split in %s",
                 len(train), len(val), len(test), preset.unit, fraction, fold, splits_path)
     return {"train": train, "val": val, "test": test, "root": str(root), "counts": counts, "demo": demo}
+
+
+def limit_validation(val: list[dict], train_count: int, limit: int | str | None) -> list[dict]:
+    """The first ``limit`` of ``val`` ("train": ``train_count``; None: all), at least one."""
+    if limit is None:
+        return val
+    if limit == "train":
+        count = train_count
+    else:
+        count = check_index(limit, "val_limit", low=1)
+    count = max(1, count)
+    if count < len(val):
+        logger.info("validation: the first %d of the split's %d validation samples choose the checkpoint "
+                    "(val_limit=%r)", count, len(val), limit)
+    return val[:count]
 
 
 def read_splits_file(path: str, dataset: str, task: str, root: str, datalist: list[dict]) -> dict:

@@ -416,8 +416,10 @@ class MetricsWriter:
 
 class StagedFineTuning:
     """Staged fine-tuning (CLAdapter): from epoch ``stage2_epoch`` on, the method's second
-    stage, in which the whole encoder trains too, with every learning rate scaled by
-    ``lr_scale`` (the paper: lr / 10). Does nothing for methods with one stage.
+    stage, in which the whole encoder trains too. Stage 2 starts from the best stage-1
+    checkpoint (``best_model``'s adapters and head), with every learning rate scaled by
+    ``lr_scale`` (the paper: lr / 10) and a schedule of its own: the scheduler's warm-up and
+    cosine restart over the remaining iterations. Does nothing for methods with one stage.
 
     Logs the trainable parameter counts of each stage. Its state (the stage) is saved with a
     training state and restored before the optimizer on resume, since stage 2 adds the
@@ -428,11 +430,14 @@ class StagedFineTuning:
       optimizer, lr_scheduler: the trainer's optimizer and (optional) scheduler.
       stage2_epoch: first epoch of stage 2 (1-based); None never enters it.
       lr_scale: factor on every learning rate from stage 2 on.
+      best_model: the evaluator's `BestModelSaver`, whose best adapters stage 2 starts from;
+        None continues from the last stage-1 weights.
     """
 
     def __init__(self, network: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler=None,
-                 stage2_epoch: int | None = None, lr_scale: float = 0.1):
+                 stage2_epoch: int | None = None, lr_scale: float = 0.1, best_model=None):
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.best_model = best_model
         self.stage2_epoch = None if stage2_epoch is None else int(stage2_epoch)
         self.lr_scale = float(lr_scale)
         self.stage = 1
@@ -453,12 +458,31 @@ class StagedFineTuning:
     def __call__(self, engine) -> None:
         if (self.stage == 1 and self.stage2_epoch is not None and engine.state.epoch >= self.stage2_epoch
                 and self.num_stages >= 2):
-            self.enter_stage_two()
-            logger.info("epoch %d: stage 2 of staged fine-tuning, learning rates x %g", engine.state.epoch,
-                        self.lr_scale)
+            start = self._restore_best_stage_one()
+            # What is left of the training's schedule (its length, not the engine's, so that a run
+            # stopped early and resumed restarts the same schedule as an uninterrupted one).
+            total = getattr(self.lr_scheduler, "t_total", engine.state.max_epochs * (engine.state.epoch_length or 1))
+            remaining = max(1, int(total) - engine.state.iteration)
+            self.enter_stage_two(remaining_iterations=remaining)
+            logger.info("epoch %d: stage 2 of staged fine-tuning from %s, learning rates x %g, a new warm-up and "
+                        "cosine over %d iterations", engine.state.epoch, start, self.lr_scale, remaining)
             self._log_counts()
 
-    def enter_stage_two(self) -> None:
+    def _restore_best_stage_one(self) -> str:
+        """Load the best stage-1 adapters and head; say what stage 2 starts from."""
+        from medadapt.checkpoint import load_adapters
+
+        best = self.best_model
+        if best is None or best.best_epoch < 0:
+            logger.warning("stage 2: no stage-1 validation has run yet (val_interval), so it starts from the last "
+                           "stage-1 weights instead of the best")
+            return "the last stage-1 weights"
+        load_adapters(_unwrap(self.network), best.save_dir / "best_adapters")
+        return f"the best stage-1 checkpoint (epoch {best.best_epoch})"
+
+    def enter_stage_two(self, remaining_iterations: int | None = None) -> None:
+        """Train the encoder too, every learning rate x ``lr_scale``; with ``remaining_iterations``
+        the schedule restarts over them (None: a resumed run, whose saved schedule follows)."""
         from medadapt.injection import set_stage
 
         if self.network is not _unwrap(self.network):
@@ -478,6 +502,11 @@ class StagedFineTuning:
                                             "weight_decay": head.get("weight_decay", 0.0), "name": "encoder"})
         if self.lr_scheduler is not None:
             self.lr_scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+            lambdas = getattr(self.lr_scheduler, "lr_lambdas", None)
+            if lambdas is not None:  # a LambdaLR has one factor per group: the new group follows the first's
+                lambdas.extend(lambdas[:1] * (len(self.optimizer.param_groups) - len(lambdas)))
+            if remaining_iterations:
+                restart_schedule(self.lr_scheduler, remaining_iterations)
         self.stage = 2
 
     def _log_counts(self) -> None:
@@ -491,6 +520,20 @@ class StagedFineTuning:
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("stage", 1)) == 2 and self.stage == 1:
             self.enter_stage_two()
+
+
+def restart_schedule(scheduler, iterations: int) -> None:
+    """Start a warm-up-and-cosine schedule (MONAI's ``WarmupCosineSchedule``: ``warmup_steps``,
+    ``t_total``) again from its first step over ``iterations``, the same share warming up;
+    other schedules go on from where they are, at their new base rates."""
+    if not all(hasattr(scheduler, a) for a in ("warmup_steps", "t_total", "lr_lambdas")):
+        return
+    share = scheduler.warmup_steps / max(1, scheduler.t_total)
+    scheduler.t_total = int(iterations)
+    scheduler.warmup_steps = int(share * iterations)
+    scheduler.last_epoch = 0
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(0)
 
 
 def _jsonable(value):

@@ -114,6 +114,23 @@ def check_arguments(dataset: str, task: str | None, methods, fractions, folds, e
     return preset, task, methods, checked
 
 
+def resolved_size(model, option: str | None):
+    """The size a built model has: its ``option`` when set, else its bottleneck widths (one
+    number when every adapter has the same, else "lowest-highest")."""
+    from medadapt.injection import injection_record
+    from medadapt.models.scale import adapter_widths
+
+    if option is None:
+        return None
+    given = injection_record(model)["options"].get(option)
+    if given is not None or option != "bottleneck":
+        return given
+    widths = sorted({b for _, b in adapter_widths(model)})
+    if not widths:
+        return None
+    return widths[0] if len(widths) == 1 else f"{widths[0]}-{widths[-1]}"
+
+
 def size_option(method: str) -> str | None:
     """The option that sets ``method``'s size (bottleneck, rank, num_tokens), or None."""
     from medadapt.adapters import METHODS
@@ -389,7 +406,7 @@ def run_protocol(
         common["image_size"] = int(image_size)
     if steps:
         half = math.ceil(int(steps) / 2)
-        common.update({"max_epochs": 2, "train#trainer#epoch_length": half, "lr_scheduler#T_max": 2 * half,
+        common.update({"max_epochs": 2, "train#trainer#epoch_length": half, "total_steps": 2 * half,
                        "val_interval": 1, "stage2_epoch": 2})
     else:
         common.update({"max_epochs": int(epochs), "val_interval": 1})
@@ -408,7 +425,7 @@ def run_protocol(
         counts = count_parameters(model)
         full = injection_record(model)["options"]
         method_info[method] = {"options": options, "resolved_options": full, "size_option": option,
-                               "size": full.get(option) if option else None, "trainable": counts["trainable"],
+                               "size": resolved_size(model, option), "trainable": counts["trainable"],
                                "total": counts["total"]}
         if iso_params is not None:
             note = f"{option} {full[option]}" if option else "no size option, left as is"
