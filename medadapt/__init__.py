@@ -29,7 +29,7 @@ _EXPORTS = {
     "method_summaries": "medadapt.adapters",
     "inject": "medadapt.injection",
     "count_parameters": "medadapt.injection",
-    "print_trainable_parameters": "medadapt.injection",
+    "print_trainable_parameters": "medadapt.models.scale",
     "trainable_summary": "medadapt.injection",
     "param_groups": "medadapt.injection",
     "disable_adapters": "medadapt.injection",

@@ -15,6 +15,7 @@ import sys
 _SUBCOMMANDS = [
     "medadapt.adapters.cli",
     "medadapt.data.cli",
+    "medadapt.engine.cli",
     "medadapt.analysis.cli",
     "medadapt.monailabel.cli",
     "medadapt.protocol.cli",

@@ -112,18 +112,6 @@ def trainable_summary(model: nn.Module) -> str:
     return f"{method}trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || trainable%: {share:.4f}"
 
 
-def print_trainable_parameters(model: nn.Module) -> None:
-    """peft's line, and for a ``create_model`` model what the same method trains at the papers'
-    scale (ViT-B/16) and the adapters' bottleneck widths."""
-    from medadapt.checkpoint import build_record
-
-    print(trainable_summary(model))
-    if build_record(model):
-        from medadapt.models.scale import scale_report
-
-        print(scale_report(model))
-
-
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the injected method trains inside the encoder (its adapters, BitFit's
     biases); for a model without a record, those of any adapter modules it holds."""
@@ -226,6 +214,6 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["inject", "count_parameters", "trainable_summary", "print_trainable_parameters", "adapter_parameters",
+__all__ = ["inject", "count_parameters", "trainable_summary", "adapter_parameters",
            "param_groups", "set_stage", "encoder_output_fixed", "disable_adapters", "merge_adapters",
            "injection_record", "method_config", "replace_module", "AdapterModule"]

@@ -125,9 +125,9 @@ def _write_config(root: Path, runs: Path) -> Path:
     tiny = {"backbone": "timm:convnext_atto", "backbone_checkpoint": str(checkpoint),
             "backbone_options": TINY_CONVNEXT, "method": "dka", "method_options": {"bottleneck": 4}}
     # Trained adapters for one classifier, and adapters from another base for a second one.
-    _save_trained_classifier(checkpoint, runs / "cls_tiny" / "models" / "best_adapters")
-    _save_trained_classifier(other_base, runs / "cls_wrong_base" / "models" / "best_adapters")
-    _save_trained_segmenter(checkpoint, runs / "seg_trained" / "models" / "best_adapters")
+    _save_trained_classifier(checkpoint, runs / "cls_tiny" / "adapters")
+    _save_trained_classifier(other_base, runs / "cls_wrong_base" / "adapters")
+    _save_trained_segmenter(checkpoint, runs / "seg_trained" / "adapters")
     small = {**tiny, "image_size": 64}
     config = {
         "models": {

@@ -15,7 +15,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.bundle import ConfigWorkflow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "train.json").is_file())
@@ -32,14 +31,6 @@ SMALL_DEMO = {
 }
 # The BraTS demo validates only at its last epoch by default; these runs have one epoch.
 EXTRA = {"dka_brats": ["--roi_size", "[32,32,4]", "--val_interval", "1"]}
-
-
-def test_configs_are_the_build_of_their_recipes():
-    # Shared pieces are written once (bundles/recipes/); the configs users run are built from
-    # them and must not drift: python bundles/build.py rewrites them.
-    result = subprocess.run([sys.executable, str(REPO / "bundles" / "build.py"), "--check"], capture_output=True,
-                            text=True, encoding="utf-8", errors="replace")
-    assert result.returncode == 0, result.stderr
 
 
 def run_bundle(config: str | list[str], *args: str, check: bool = True,
@@ -67,7 +58,7 @@ def monai_bundle(*command: str, check: bool = True, new_process: bool = False) -
     return result
 
 
-def _run_in_this_process(command: list[str]) -> subprocess.CompletedProcess:
+def _run_in_this_process(command: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
     import contextlib
     import io
     import logging
@@ -81,7 +72,7 @@ def _run_in_this_process(command: list[str]) -> subprocess.CompletedProcess:
     commands = {name: getattr(entry_point, name) for name in dir(entry_point) if not name.startswith("_")
                 and callable(getattr(entry_point, name))}
     stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.chdir(REPO), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             fire.Fire(commands, command=command, name="monai.bundle")
             code = 0
@@ -120,27 +111,51 @@ def test_bundles_run_one_after_another_in_a_process_keep_their_logs_apart(tmp_pa
     assert (third / "metrics.json").is_file()
 
 
+def _as_a_user_edits_it(folder: Path, bundle: str) -> None:
+    """Set the tiny backbone and a small demo in an exported bundle's own configs (and its
+    metadata's input size), as a user edits a bundle by hand: no command-line override."""
+    for name in ("train.json", "inference.json"):
+        path = folder / "configs" / name
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config.update({"backbone": "timm:convnext_atto", "backbone_options": TINY_OPTIONS,
+                       "demo_options": json.loads(SMALL_DEMO[bundle].replace("'", '"'))})
+        if "image_size" in config:
+            config["image_size"] = 64
+        if "roi_size" in config:
+            config["roi_size"] = [32, 32, 4]
+        path.write_text(json.dumps(config, indent=4), encoding="utf-8")
+    meta = folder / "configs" / "metadata.json"
+    metadata = json.loads(meta.read_text(encoding="utf-8"))
+    for part in ("inputs", "outputs"):
+        tensor = next(iter(metadata["network_data_format"][part].values()))
+        tensor["spatial_shape"] = [32, 32, 4] if len(tensor["spatial_shape"]) == 3 else [64, 64]
+    meta.write_text(json.dumps(metadata, indent=4), encoding="utf-8")
+
+
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_configs_pass_monai_property_checks(bundle, tmp_path):
-    folder = REPO / "bundles" / bundle
-    for name, kind in (("train.json", "train"), ("inference.json", "infer")):
-        # The check instantiates the required components: keep their files in tmp_path and
-        # build the inference network without trained adapters.
-        overrides = {"output_dir": str(tmp_path / name), "demo_dir": str(tmp_path / "demo"),
-                     "demo_options": json.loads(SMALL_DEMO[bundle].replace("'", '"'))}
-        if kind == "infer":
-            overrides["network_def#adapter_checkpoint"] = None
-        # init_id names no config item: the check needs parsed ids, not a prepared run.
-        workflow = ConfigWorkflow(config_file=str(folder / name), workflow_type=kind, init_id="no_initialize",
-                                  meta_file=str(folder / "metadata.json"), logging_file=str(folder / "logging.conf"),
-                                  **overrides)
-        workflow.initialize()
-        missing = workflow.check_properties()
-        assert not missing, f"{bundle}/{name} lacks required properties {missing}"
-    metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
-    assert set(metadata["network_data_format"]) == {"inputs", "outputs"}
-    for name in ("evaluate.json", "multi_gpu_train.json", "logging.conf", "docs/README.md"):
-        assert (folder / name).is_file(), f"{bundle} lacks {name}"
+def test_exported_bundle_passes_the_model_zoo_checks_outside_the_repository(bundle, tmp_path):
+    import torch
+
+    from medadapt.engine.bundle import export_bundle, parsed, verify_bundle
+
+    # A model.pt of the tiny network, as training would publish it.
+    overrides = {"backbone": "timm:convnext_atto", "backbone_options": TINY_OPTIONS, "image_size": 64,
+                 "roi_size": [32, 32, 4]}
+    network = parsed(REPO / "bundles" / bundle / "inference.json", "network_def",
+                     **{k: v for k, v in overrides.items() if k != "roi_size" or bundle.endswith(("brats", "3d"))})
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    copy = export_bundle(bundle, tmp_path / "zoo" / bundle, model=tmp_path / "model.pt")
+    assert sorted(p.name for p in (copy / "configs").iterdir()) == sorted(
+        ["metadata.json", "train.json", "inference.json", "evaluate.json", "multi_gpu_train.json", "logging.conf"])
+    assert (copy / "LICENSE").is_file() and (copy / "docs" / "README.md").is_file()
+    # The configs are the repository's, byte for byte: one source for both layouts.
+    for name in ("train.json", "inference.json", "evaluate.json", "metadata.json"):
+        assert (copy / "configs" / name).read_bytes() == (REPO / "bundles" / bundle / name).read_bytes()
+    _as_a_user_edits_it(copy, bundle)
+    passed = verify_bundle(copy)
+    assert passed == ["verify_metadata", "verify_net_in_out", "ckpt_export", "train properties", "infer properties"]
+    # It read and wrote nothing outside itself: its run went into the copy.
+    assert list((copy / "runs").iterdir())
 
 
 @pytest.mark.slow
@@ -170,12 +185,14 @@ def test_bundle_trains_one_epoch_and_predicts(bundle, tmp_path):
 
     predictions = tmp_path / "predictions"
     run_bundle(f"bundles/{bundle}/inference.json", *TINY, *demo, *EXTRA.get(bundle, []), "--image_size", "64",
-               "--ckpt_dir", str(models), "--output_dir", str(predictions), "--demo_dir", str(out / "demo_data"))
+               "--model_file", str(models / "model.pt"), "--output_dir", str(predictions),
+               "--demo_dir", str(tmp_path / "demo_data"))
     written = sorted(p.name for p in predictions.iterdir() if not p.name.startswith("."))
     if "cls" in bundle:
         rows = (predictions / "predictions.csv").read_text(encoding="utf-8").strip().splitlines()
-        assert len(rows) - 1 == len(list((out / "demo_data").rglob("*.png")) + list((out / "demo_data").rglob("*.jpg"))) \
-            - len(list((out / "demo_data").rglob("*_mask*.png")))
+        demo_data = tmp_path / "demo_data"  # beside the run folder
+        assert len(rows) - 1 == len(list(demo_data.rglob("*.png")) + list(demo_data.rglob("*.jpg"))) \
+            - len(list(demo_data.rglob("*_mask*.png")))
     else:
         assert written and all(n.endswith(("_pred.nii.gz", "_pred.png")) for n in written)
 
@@ -203,7 +220,7 @@ def test_brats_predictions_keep_the_input_grid(tmp_path):
     affine = _lps_case(data, "BraTS2021_01234")
     predictions = tmp_path / "pred"
     run_bundle("bundles/dka_brats/inference.json", *TINY, "--roi_size", "[32,32,4]", "--dataset_dir", str(data),
-               "--ckpt_dir", str(train_out / "models"), "--output_dir", str(predictions))
+               "--model_file", str(train_out / "models" / "model.pt"), "--output_dir", str(predictions))
     image = nib.load(str(data / "BraTS2021_01234" / "BraTS2021_01234_t1.nii.gz"))
     prediction = nib.load(str(predictions / "BraTS2021_01234_pred.nii.gz"))
     assert prediction.shape == image.shape
@@ -285,13 +302,48 @@ def test_a_bundle_trains_with_amp_on_the_cpu(tmp_path):
     assert result.returncode != 0 and "'amp'" in result.stderr and not (tmp_path / "bad" / "splits.json").exists()
 
 
-def test_every_transform_of_the_recipe_is_config_a_user_can_override():
+def test_every_transform_of_the_recipe_is_config_a_user_can_override_by_name():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles/dka_busi_seg/train.json"))
-    steps = parser["train#preprocessing#transforms"]
-    index = next(i for i, s in enumerate(steps) if s["_target_"] == "RandAdjustContrastd")
-    parser.update({f"train#preprocessing#transforms#{index}#prob": 0.2, "image_size": 32})
-    transform = parser.get_parsed_content("train#preprocessing").transforms[index]
-    assert type(transform).__name__ == "RandAdjustContrastd" and transform.prob == 0.2
+    parser.update({"train#transforms#contrast#prob": 0.2, "train#transforms#flip_axis1#_disabled_": True,
+                   "image_size": 32})
+    steps = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+    assert "RandFlipd" not in steps  # switched off by name
+    contrast = parser.get_parsed_content("train#preprocessing").transforms[steps.index("RandAdjustContrastd")]
+    assert contrast.prob == 0.2
+    # validation shares the training's deterministic steps (a MONAI macro), not the augmentations
+    validate = [type(t).__name__ for t in parser.get_parsed_content("validate#preprocessing").transforms]
+    assert validate == ["LoadImaged", "LoadImaged", "MergeMasksd", "Resized", "ScaleIntensityd", "EnsureTyped"]
+
+
+def test_the_users_command_keeps_every_run_in_a_folder_of_its_own_and_publishes_the_best(tmp_path):
+    # The design card's command, from a checkout's root, on a copy of the bundle folder.
+    import shutil
+
+    shutil.copytree(REPO / "bundles" / "dka_busi_cls", tmp_path / "bundles" / "dka_busi_cls")
+    args = ["--config_file", "bundles/dka_busi_cls/train.json", *TINY, "--demo_options", SMALL_DEMO["dka_busi_cls"],
+            "--image_size", "64", "--max_epochs", "1", "--progress", "False"]
+    first, second = (_run_in_this_process(["run", *args, "--fraction", f], cwd=tmp_path) for f in ("1.0", "0.5"))
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-3000:]
+    runs = tmp_path / "bundles" / "dka_busi_cls" / "runs"
+    names = sorted(p.name for p in runs.iterdir() if p.name != "demo_data")
+    assert names == ["dka_convnext_atto_f0.5_fold0_seed0", "dka_convnext_atto_f1_fold0_seed0"]
+    for name in names:
+        (run,) = (p for p in (runs / name).iterdir() if p.name != "demo_data")  # the demo lies beside the runs
+        assert (run / "metrics.json").is_file() and (run / "models" / "best_adapters").is_dir()
+    models = tmp_path / "bundles" / "dka_busi_cls" / "models"
+    assert (models / "model.pt").is_file() and (models / "adapters").is_dir()
+    assert json.loads((models / "run.json").read_text(encoding="utf-8"))["run"].startswith(str(runs / names[0]))
+    # inference reads the bundle's own published model
+    done = _run_in_this_process(["run", "--config_file", "bundles/dka_busi_cls/inference.json", *TINY,
+                                 "--image_size", "64", "--progress", "False"], cwd=tmp_path)
+    assert done.returncode == 0 and "Restored all variables from" in done.stdout + done.stderr
+    assert (tmp_path / "bundles" / "dka_busi_cls" / "predictions" / "predictions.csv").is_file()
+
+
+def test_a_bundle_root_that_is_not_the_bundle_is_refused_before_any_work(tmp_path):
+    result = run_bundle("bundles/dka_busi_cls/train.json", *TINY, "--bundle_root", str(tmp_path), check=False)
+    assert result.returncode != 0 and "is not the folder of bundle 'dka_busi_cls'" in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -90,16 +90,18 @@ def export(command: str, bundle: str, models: Path, out: Path, values: dict, *ex
     """``python -m monai.bundle COMMAND`` (ckpt_export, onnx_export) on the bundle's inference.json."""
     monai_bundle(command, "--net_id", "network_def", "--filepath", str(out), "--ckpt_file", str(models / "model.pt"),
                  "--meta_file", f"bundles/{bundle}/metadata.json", "--config_file", f"bundles/{bundle}/inference.json",
-                 "--ckpt_dir", str(models), *cli(values), *extra)
+                 *cli(values), *extra)
     assert out.is_file()
 
 
 def eager_network_and_image(bundle: str, values: dict, models: Path, tmp: Path):
-    """The network inference.json builds (adapters loaded strictly from ``models``) and the
-    first demo case through its preprocessing, as the network receives it (3D: one ROI patch)."""
-    values = dict(values, ckpt_dir=str(models), demo_dir=str(tmp / "demo"), output_dir=str(tmp / "predictions"))
+    """The network inference.json builds, with ``models/model.pt`` loaded strictly (as its
+    evaluator's CheckpointLoader loads it), and the first demo case through its preprocessing,
+    as the network receives it (3D: one ROI patch)."""
+    values = dict(values, demo_dir=str(tmp / "demo"), output_dir=str(tmp / "predictions"))
     config = REPO / "bundles" / bundle / "inference.json"
     network = parsed(config, "network_def", **values).eval()
+    network.load_state_dict(torch.load(models / "model.pt", map_location="cpu", weights_only=True))
     image = parsed(config, "dataset", **values)[0]["image"]
     x = image.as_tensor()[None] if hasattr(image, "as_tensor") else torch.as_tensor(image)[None]
     if "roi_size" in values:

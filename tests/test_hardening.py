@@ -49,7 +49,7 @@ def test_nan_voxels_are_refused_at_inference_naming_the_file(trained_brats, tmp_
     nib.save(nib.Nifti1Image(data, image.affine), str(flair))
     out = tmp_path / "pred"
     result = run_bundle("bundles/dka_brats/inference.json", *BRATS, "--dataset_dir", str(tmp_path / "cases"),
-                        "--ckpt_dir", str(trained_brats), "--output_dir", str(out), check=False)
+                        "--model_file", str(trained_brats / "model.pt"), "--output_dir", str(out), check=False)
     assert result.returncode != 0
     assert flair.name in result.stderr and ("NaN" in result.stderr or "non-finite" in result.stderr)
     assert not list(out.glob("*_pred.nii.gz"))
@@ -61,16 +61,16 @@ def test_predictions_of_plain_files_and_separate_sequences_keep_their_names(trai
     case = _case(tmp_path / "loose", "patient_17")
     (case / "patient_17_seg.nii.gz").unlink()
     out = tmp_path / "pred"
-    run_bundle("bundles/dka_brats/inference.json", *BRATS, "--dataset_dir", str(case), "--ckpt_dir",
-               str(trained_brats), "--output_dir", str(out))
+    run_bundle("bundles/dka_brats/inference.json", *BRATS, "--dataset_dir", str(case), "--model_file",
+               str(trained_brats / "model.pt"), "--output_dir", str(out))
     assert [p.name for p in out.glob("*.nii.gz")] == ["patient_17_pred.nii.gz"]
     # A truncated file is named, not predicted.
     broken = tmp_path / "broken"
     shutil.copytree(case, broken)
     t1 = broken / "patient_17_t1.nii.gz"
     t1.write_bytes(t1.read_bytes()[: len(t1.read_bytes()) // 2])
-    result = run_bundle("bundles/dka_brats/inference.json", *BRATS, "--dataset_dir", str(broken), "--ckpt_dir",
-                        str(trained_brats), "--output_dir", str(tmp_path / "pred2"), check=False)
+    result = run_bundle("bundles/dka_brats/inference.json", *BRATS, "--dataset_dir", str(broken), "--model_file",
+                        str(trained_brats / "model.pt"), "--output_dir", str(tmp_path / "pred2"), check=False)
     assert result.returncode != 0 and "patient_17_t1.nii.gz" in result.stderr
 
 
@@ -116,21 +116,24 @@ def test_a_splits_file_of_another_folder_or_dataset_is_refused(tmp_path):
     assert json.loads(splits.read_text(encoding="utf-8"))["dataset"] == "busi"
 
 
-def test_configs_run_from_any_working_directory(tmp_path):
+def test_configs_run_from_any_working_directory_given_their_bundle_root(tmp_path):
     import subprocess
     import sys
 
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/dka_busi_cls/train.json"),
-            *TINY, "--demo_options", SMALL_DEMO["dka_busi_cls"], "--max_epochs", "1", "--image_size", "64",
-            "--output_dir", str(out)]
-    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "metrics.json").is_file()
-    # The bundle's own default output folder follows the bundle, not the working directory.
-    from monai.bundle import ConfigParser
+    def run(*extra):
+        args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                str(REPO / "bundles/dka_busi_cls/train.json"), *TINY, "--demo_options", SMALL_DEMO["dka_busi_cls"],
+                "--max_epochs", "1", "--image_size", "64", "--progress", "False", *extra]
+        return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                              timeout=600)
 
-    parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles/dka_busi_cls/train.json"))
-    parser["bundle_root"] = str(REPO / "bundles/dka_busi_cls")
-    assert Path(parser.get_parsed_content("output_dir")) == REPO / "runs" / "dka_busi_cls"
+    # From elsewhere, as for any model-zoo bundle: say where the bundle is (here, a copy of it).
+    copy = tmp_path / "dka_busi_cls"
+    shutil.copytree(REPO / "bundles/dka_busi_cls", copy)
+    result = run("--bundle_root", str(copy))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_name,) = [p for p in (copy / "runs").iterdir() if p.name != "demo_data"]
+    assert [p for p in run_name.iterdir() if (p / "metrics.json").is_file()]
+    # Without it, the working directory is not the bundle: refused before any work, saying how to fix it.
+    result = run()
+    assert result.returncode != 0 and "--bundle_root" in result.stderr and not (tmp_path / "runs").exists()

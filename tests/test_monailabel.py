@@ -65,7 +65,7 @@ def test_info_lists_models_and_says_what_is_trained(server):
         assert "No trained adapters yet" in models[name]["description"]
     assert "pretrained litemedsam" in models["litemedsam_box"]["description"]
     assert models["cls_tiny"]["trained"] is True
-    assert models["cls_tiny"]["adapters"].endswith("cls_tiny/models/best_adapters")
+    assert models["cls_tiny"]["adapters"].endswith("cls_tiny/adapters")
     # Classification labels cannot come from a label-image datastore: no trainer for it.
     assert set(info["trainers"]) == {"brats_tiny", "seg_tiny", "seg_trained", "litemedsam_box"}
 
@@ -268,7 +268,9 @@ def test_bundles_become_served_models():
     assert models["dka_busi_seg"].label_values == {"lesion": 1}
     assert models["dka_mni152_tissue"].label_values == {"grey matter": 1, "white matter": 2}
     for model in models.values():
-        assert model.adapters == str(Path("runs") / model.name / "models" / "best_adapters")
+        # served as they are: the adapters each bundle's train.json published into its own folder
+        assert model.adapters == str(REPO / "bundles" / model.name / "models" / "adapters")
+        assert model.label_adapters == str(Path("runs") / model.name / "monailabel_adapters")
         assert model.pretrained  # the bundles default to LiteMedSAM, whose weights ship with its package
 
 
@@ -300,10 +302,13 @@ def test_served_label_is_the_bundles_own_prediction(server, tmp_path):
     args = []
     for key, value in overrides.items():
         args += [f"--{key}", repr(value) if isinstance(value, (dict, list)) else str(value)]
+    # The same adapters as the whole model's weights, which inference.json loads (models/model.pt).
+    model = medadapt.load_model(server.runs / "seg_trained" / "adapters", backbone_checkpoint=overrides["backbone_checkpoint"])
+    torch.save(model.state_dict(), tmp_path / "model.pt")
     out = tmp_path / "predictions"
     subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
                     str(REPO / "bundles" / "dka_busi_seg" / "inference.json"), *args, "--dataset_dir", str(images),
-                    "--ckpt_dir", str(server.runs / "seg_trained" / "models"), "--output_dir", str(out)],
+                    "--model_file", str(tmp_path / "model.pt"), "--output_dir", str(out)],
                    check=True, capture_output=True, timeout=300)
     predicted = np.asarray(Image.open(out / "mni_slice_pred.png")) > 0
     assert served.shape == predicted.shape == server.facts["slice_shape"]

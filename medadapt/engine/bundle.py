@@ -53,14 +53,22 @@ def _files(config_file: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return [str(f) for f in files]
 
 
+def root_of(config_file: str | os.PathLike) -> str:
+    """The bundle folder of a config file: its folder, or the parent of ``configs/``."""
+    folder = Path(config_file).resolve().parent
+    return str(folder.parent if folder.name == "configs" else folder)
+
+
 def workflow(config_file, workflow_type: str = "train", **overrides: Any):
     """A MONAI ``ConfigWorkflow`` of the bundle's config file(s) (merged in order) with
-    ``overrides``, its metadata and logging config taken from the first file's folder."""
+    ``overrides``, its metadata and logging config taken from the first file's folder and its
+    ``bundle_root`` that folder's bundle (unless ``overrides`` say otherwise)."""
     from monai.bundle import ConfigWorkflow
 
     files = _files(config_file)
     folder = Path(files[0]).parent
     logging_file = folder / "logging.conf"
+    overrides.setdefault("bundle_root", root_of(files[0]))
     return ConfigWorkflow(config_file=files if len(files) > 1 else files[0], meta_file=str(folder / "metadata.json"),
                           logging_file=str(logging_file) if logging_file.is_file() else False,
                           workflow_type=workflow_type, **overrides)
@@ -81,7 +89,126 @@ def parsed(config_file, key: str, **overrides: Any):
     but without initialising or running the workflow."""
     from monai.bundle import ConfigParser
 
+    files = _files(config_file)
     parser = ConfigParser()
-    parser.read_config(_files(config_file))
-    parser.update(dict(overrides))
+    parser.read_config(files)
+    parser.update({"bundle_root": root_of(files[0]), **overrides})
     return parser.get_parsed_content(key)
+
+
+# ---------------------------------------------------------------------------- the model-zoo layout
+CONFIG_FILES = ("metadata.json", "train.json", "inference.json", "evaluate.json", "multi_gpu_train.json",
+                "logging.conf")
+LARGE_FILE_BYTES = 25 * 2 ** 20  # the model zoo's limit for a committed file
+SCHEMA = Path(__file__).resolve().parents[1] / "resources" / "meta_schema_20240725.json"
+
+
+def bundle_folder(bundle: str | os.PathLike) -> Path:
+    """A bundle folder: one of medadapt's by name, or a folder (the flat layout, or the zoo
+    layout with ``configs/``)."""
+    folder = Path(bundle)
+    if folder.is_dir():
+        return folder
+    from medadapt import bundles
+
+    return bundles.path(str(bundle))
+
+
+def config_dir(folder: str | os.PathLike) -> Path:
+    """Where a bundle's configs are: ``configs/`` in the zoo layout, else the folder itself."""
+    folder = Path(folder)
+    return folder / "configs" if (folder / "configs" / "metadata.json").is_file() else folder
+
+
+def export_bundle(bundle: str | os.PathLike, dest: str | os.PathLike, model: str | os.PathLike | None = None,
+                  untrained: bool = False, url: str = "") -> Path:
+    """Write ``bundle`` (a name or a folder) into ``dest`` in the MONAI model-zoo layout.
+
+    ``configs/`` gets the bundle's configs as they are (their ``bundle_root`` is the folder they
+    are run from, or the one passed with ``--bundle_root``), ``models/model.pt`` the trained model
+    (``model``, else the bundle's own ``models/model.pt`` with its adapter folder; ``untrained``
+    writes the network as built, its adapters and head untrained, for checking the layout), then
+    ``docs/`` and ``LICENSE``. A model over 25 MB is listed in ``large_files.yml`` with its SHA-256
+    and ``url`` (fill it in where the file is published), as the model zoo requires.
+    """
+    import hashlib
+    import shutil
+
+    source, dest = bundle_folder(bundle), Path(dest)
+    configs = config_dir(source)
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} exists and is not empty; export into a new folder")
+    missing = [name for name in CONFIG_FILES if not (configs / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{source} is not a complete bundle: it lacks {missing}")
+    trained = Path(model) if model else source / "models" / "model.pt"
+    if not trained.is_file() and not untrained:
+        raise FileNotFoundError(f"no trained model at {trained}: train the bundle first (python -m monai.bundle run "
+                                f"--config_file {configs / 'train.json'}), give a model file (--model FILE), or "
+                                "export it untrained (--untrained)")
+    (dest / "configs").mkdir(parents=True, exist_ok=True)
+    for name in CONFIG_FILES:
+        shutil.copyfile(configs / name, dest / "configs" / name)
+    (dest / "models").mkdir()
+    if trained.is_file():
+        shutil.copyfile(trained, dest / "models" / "model.pt")
+        if not model and (source / "models" / "adapters").is_dir():
+            shutil.copytree(source / "models" / "adapters", dest / "models" / "adapters")
+    else:
+        import torch
+
+        network = parsed(dest / "configs" / "inference.json", "network_def", bundle_root=str(dest))
+        torch.save(network.state_dict(), dest / "models" / "model.pt")
+    if (source / "docs").is_dir():
+        shutil.copytree(source / "docs", dest / "docs")
+    shutil.copyfile(source / "LICENSE", dest / "LICENSE")
+    weights = dest / "models" / "model.pt"
+    if weights.stat().st_size > LARGE_FILE_BYTES:
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        (dest / "large_files.yml").write_text(
+            "# Files over 25 MB are not committed to the model zoo: publish models/model.pt and put its URL here.\n"
+            f'large_files:\n  - path: "models/model.pt"\n    url: "{url}"\n    hash_val: "{digest}"\n'
+            '    hash_type: "sha256"\n', encoding="utf-8")
+    return dest
+
+
+def verify_bundle(folder: str | os.PathLike, device: str = "cpu") -> list[str]:
+    """What the MONAI model zoo's CI runs on a submitted bundle, with ``bundle_root`` the
+    folder and no other override: ``verify_metadata`` (against the schema the metadata names,
+    a copy shipped with medadapt), ``verify_net_in_out``, ``ckpt_export``, and the train and
+    inference property checks. Returns the checks passed; raises at the first failure."""
+    import json
+    import tempfile
+
+    from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+
+    folder = Path(folder).resolve()
+    configs = folder / "configs"
+    meta = configs / "metadata.json"
+    named = json.loads(meta.read_text(encoding="utf-8")).get("schema", "")
+    if not named.endswith(SCHEMA.name):
+        raise ValueError(f"{meta} names the schema {named}; medadapt checks against {SCHEMA.name} only")
+    passed = []
+    with tempfile.TemporaryDirectory() as scratch:
+        schema = Path(scratch) / SCHEMA.name
+        schema.write_bytes(SCHEMA.read_bytes())  # verify_metadata reads the schema from here, not the web
+        verify_metadata(meta_file=str(meta), filepath=str(schema))
+        passed.append("verify_metadata")
+        verify_net_in_out(net_id="network_def", meta_file=str(meta), config_file=str(configs / "inference.json"),
+                          device=device, bundle_root=str(folder))
+        passed.append("verify_net_in_out")
+        ckpt_export(net_id="network_def", filepath=str(Path(scratch) / "model.ts"),
+                    ckpt_file=str(folder / "models" / "model.pt"), meta_file=str(meta),
+                    config_file=str(configs / "inference.json"), bundle_root=str(folder))
+        passed.append("ckpt_export")
+    for name, kind in (("train.json", "train"), ("inference.json", "infer")):
+        # The properties are parsed config items: parse, but run none of the config's initialize steps.
+        flow = ConfigWorkflow(config_file=str(configs / name), meta_file=str(meta), workflow_type=kind,
+                              logging_file=str(configs / "logging.conf"), init_id="no_initialize",
+                              bundle_root=str(folder))
+        flow.initialize()
+        missing = flow.check_properties()
+        if missing:
+            raise ValueError(f"{configs / name} lacks the required {kind} properties {missing}")
+        passed.append(f"{kind} properties")
+    return passed

@@ -249,5 +249,13 @@ def existing_folder(path: str, what: str = "trained adapters") -> str:
     """``path`` if it is a folder, else a clear error saying how to produce it."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"no {what} at {path}: run the bundle's train.json first, or point the "
-                                f"config at another folder (e.g. --adapter_dir DIR)")
+                                f"config at another run (--output_dir DIR)")
+    return str(path)
+
+
+def existing_file(path: str, what: str = "trained model") -> str:
+    """``path`` if it is a file, else a clear error saying how to produce it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no {what} at {path}: run the bundle's train.json first (it publishes its best "
+                                f"model there), or pass --model_file FILE")
     return str(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -537,11 +538,17 @@ def restart_schedule(scheduler, iterations: int) -> None:
 
 
 def _jsonable(value):
+    """A metric as JSON data; a metric undefined on this set (NaN: the false-positive rate on
+    normal images of a set without any) becomes null, which every JSON reader accepts."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
-        return value.item() if value.numel() == 1 else value.tolist()
+        value = value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, (np.floating, np.integer)):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
     return value
 
 

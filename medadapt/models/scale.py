@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from medadapt.adapters.base import adapter_modules
 from medadapt.checkpoint import build_record
-from medadapt.injection import count_parameters, injection_record
+from medadapt.injection import count_parameters, injection_record, trainable_summary
 
 REFERENCE_BACKBONE = "timm:vit_base_patch16_224"
 REFERENCE_NAME = "ViT-B/16"
@@ -66,6 +66,14 @@ def reference_share(arguments: dict[str, Any]) -> float | None:
         return _reference_share(json.dumps({**recipe, "backbone": REFERENCE_BACKBONE}, sort_keys=True))
     except Exception:  # noqa: BLE001 - a reference that cannot be built is left out, not an error
         return None
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """peft's line, and for a ``create_model`` model what the same method trains at the papers'
+    scale (ViT-B/16) and the adapters' bottleneck widths."""
+    print(trainable_summary(model))
+    if build_record(model):
+        print(scale_report(model))
 
 
 def scale_report(model: nn.Module) -> str:

@@ -69,7 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--bundle-root", default="bundles",
                         help="folder of medadapt bundles to serve (default bundles)")
     parser.add_argument("--runs", default="runs",
-                        help="training outputs: <runs>/<bundle>/models/best_adapters (default runs)")
+                        help="this server's training outputs: <runs>/<model>/monailabel_adapters (default runs)")
     parser.add_argument("--config", default=None,
                         help="JSON model config replacing the default models (see medadapt.monailabel.specs)")
     parser.add_argument("--app-dir", default=None,

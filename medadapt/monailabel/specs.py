@@ -10,8 +10,8 @@ by a box on an image; `Box3DModel` carries it through a volume slice by slice.
 
 Two adapter folders are looked at, the newest complete one wins:
 
-- ``<runs>/<name>/models/best_adapters``: what the bundle's ``train.json`` wrote;
-- ``<runs>/<name>/models/monailabel_adapters``: what this app's training task wrote.
+- ``<bundle>/models/adapters``: what the bundle's ``train.json`` published (its best model);
+- ``<runs>/<name>/monailabel_adapters``: what this app's training task wrote.
 
 A JSON config (``medadapt label --config FILE``) chooses the served models and may override
 bundle settings (for example a smaller backbone)::
@@ -62,9 +62,9 @@ class AdapterState:
     stamp: tuple[int, int, int]
 
 
-def default_adapters(name: str, runs: str | Path) -> Path:
-    """Where a bundle's training writes its best adapters: ``<runs>/<name>/models/best_adapters``."""
-    return Path(runs) / name / "models" / "best_adapters"
+def bundle_adapters(bundle: str | Path) -> Path:
+    """Where a bundle's training publishes its best adapters: ``<bundle>/models/adapters``."""
+    return Path(bundle) / "models" / "adapters"
 
 
 def newest_adapters(folders: list[str | Path]) -> AdapterState | None:
@@ -93,6 +93,7 @@ class ServedModel:
       labels: output names in channel order (classes, or segmented regions).
       label_values: MONAI Label ``labels``: {name: value written in label maps}.
       adapters: folder of trained adapters (may not exist yet).
+      runs: this server's own folder for the model: what its training task writes.
       description: shown by ``GET /info/``.
       source: where the model came from, for messages.
       sequences: the input channels' names when they are separate series of one study (BraTS:
@@ -111,6 +112,7 @@ class ServedModel:
     pretrained: bool = True
     in_channels: int = 3
     sequences: list[str] = field(default_factory=list)
+    runs: str = "runs"
 
     @property
     def dimension(self) -> int:
@@ -118,8 +120,8 @@ class ServedModel:
 
     @property
     def label_adapters(self) -> str:
-        """Where this app's training task writes adapters."""
-        return str(Path(self.adapters).parent / LABEL_ADAPTERS)
+        """Where this app's training task writes adapters: ``<runs>/<name>/monailabel_adapters``."""
+        return str(Path(self.runs) / self.name / LABEL_ADAPTERS)
 
     @property
     def trainable(self) -> bool:
@@ -154,16 +156,22 @@ class BundleModel(ServedModel):
     @classmethod
     def from_bundle(cls, folder: str | Path, runs: str | Path, name: str | None = None,
                     overrides: dict[str, Any] | None = None) -> BundleModel:
-        """The served model of the bundle in ``folder`` (named ``name``, default the folder's)."""
+        """The served model of the bundle in ``folder`` (named ``name``, default the folder's).
+
+        Its trained adapters: those the bundle published (``<bundle>/models/adapters``) when it
+        is served as it is; a model with its own name or settings has its own folder,
+        ``<runs>/<name>/adapters`` (the bundle's would not fit another backbone)."""
         from medadapt.backbones import ships_weights
         from medadapt.data import get_preset
         from medadapt.data.brats import MODALITIES
 
         folder = Path(folder).resolve()
-        name = name or folder.name
         overrides = dict(overrides or {})
-        model = cls(name=name, task="", labels=[], label_values={}, adapters=str(default_adapters(name, runs)),
-                    bundle=str(folder), overrides=overrides, source=f"bundle {folder}")
+        own = (name or folder.name) == folder.name and not overrides
+        name = name or folder.name
+        adapters = bundle_adapters(folder) if own else Path(runs) / name / "adapters"
+        model = cls(name=name, task="", labels=[], label_values={}, adapters=str(adapters),
+                    bundle=str(folder), overrides=overrides, source=f"bundle {folder}", runs=str(runs))
         parser = model.parser()
         value = parser.get_parsed_content
         model.task = value("task")
@@ -190,9 +198,8 @@ class BundleModel(ServedModel):
 
         parser = ConfigParser()
         parser.read_config(str(Path(self.bundle) / config))
-        run_dir = Path(self.adapters).parent.parent
-        parser.update({"bundle_root": self.bundle, "dataset_dir": "served studies", "run_dir": str(run_dir),
-                       "ckpt_dir": str(run_dir / "models"), "progress": False, **self.overrides, **extra})
+        parser.update({"bundle_root": self.bundle, "dataset_dir": "served studies", "progress": False,
+                       **self.overrides, **extra})
         return parser
 
     def training(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -233,7 +240,8 @@ class BoxModel(ServedModel):
     @classmethod
     def default(cls, runs: str | Path, bundle_root: str | Path = "bundles") -> BoxModel:
         return cls(name=BOX_MODEL, task="box_segmentation", labels=["object"], label_values={"object": 1},
-                   adapters=str(default_adapters(BOX_MODEL, runs)), bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
+                   adapters=str(Path(runs) / BOX_MODEL / "adapters"), runs=str(runs),
+                   bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
                    description='Box-prompted 2D segmentation (LiteMedSAM + DKA) of PNG/JPG images; send params '
                                '{"box": [x0, y0, x1, y1]} in image pixels')
 
@@ -281,7 +289,8 @@ class Box3DModel(BoxModel):
     @classmethod
     def default(cls, runs: str | Path, bundle_root: str | Path = "bundles") -> Box3DModel:
         return cls(name=BOX3D_MODEL, task="box_segmentation3d", labels=["object"], label_values={"object": 1},
-                   adapters=str(default_adapters(BOX_MODEL, runs)), bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
+                   adapters=str(Path(runs) / BOX_MODEL / "adapters"), runs=str(runs),
+                   bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
                    description='Box-prompted 3D segmentation (LiteMedSAM + DKA) of single-channel NIfTI volumes: a '
                                'box on one slice, carried slice by slice; send params {"box": [x0, y0, x1, y1], '
                                '"slice": k, "axis": a} in voxel indices (or a 3D "roi", or "foreground" points)')

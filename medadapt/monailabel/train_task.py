@@ -5,7 +5,7 @@ schedule and checkpoint choice as ``python -m monai.bundle run``) on the labelle
 datastore (a data fraction of them; a tenth, at least one, held out to choose the checkpoint):
 a bundle model its own bundle, the box-prompted LiteMedSAM the 2D segmentation recipe with box
 prompts drawn around the labels (`specs.BoxModel.training`). The result is published as a
-complete adapter folder (``monailabel_adapters`` beside the bundle's ``best_adapters``), which
+complete adapter folder (``<runs>/<model>/monailabel_adapters``), which
 the infer task picks up at its next request. Classification models do not train here: a MONAI
 Label datastore holds label images, not classes.
 """
@@ -170,6 +170,7 @@ class AdapterTrainTask(TrainTask):
             "output_dir": str(run_dir), "max_epochs": options["max_epochs"], "batch_size": options["batch_size"],
             "lr_adapter": options["lr_adapter"], "lr_head": options["lr_head"], "seed": options["seed"],
             "method": options["method"], "val_interval": 1, "progress": False, "export_full_model": False,
+            "publish": False,
             "device": f"$torch.device({str(device)!r})", "network_def#adapter_checkpoint": start_from,
         }
         if options["method_options"]:

@@ -142,9 +142,9 @@ def size_option(method: str) -> str | None:
 
 def find_bundle(dataset: str, task: str, bundles: str | Path | None = None) -> Path:
     """The bundle folder whose ``train.json`` trains ``dataset`` for ``task``."""
-    from medadapt.engine.paths import repository_bundles
+    from medadapt import bundles as shipped
 
-    root = Path(bundles) if bundles else repository_bundles()
+    root = Path(bundles) if bundles else shipped.ROOT
     found = []
     for train in sorted(root.glob("*/train.json")):
         try:
@@ -394,7 +394,7 @@ def run_protocol(
     common = {"dataset_dir": data_root, "splits_file": str((out / "splits.json").resolve()), "seed": int(seed),
               "folds": folds, "batch_size": int(batch_size), "lr_adapter": float(lr_adapter),
               "lr_head": float(lr_head), "weight_decay": float(weight_decay), "num_workers": int(num_workers),
-              "progress": False, "export_full_model": False, "data_check": "headers"}
+              "progress": False, "export_full_model": False, "publish": False, "data_check": "headers"}
     if backbone is not None:
         common["backbone"] = backbone
         common["backbone_options"] = backbone_options
