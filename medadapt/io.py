@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import secrets
@@ -12,7 +13,7 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 # A temporary file older than this is abandoned whoever wrote it: no save takes a day, and
 # the age rule covers what the pid rule cannot (reused pids, writers on other hosts).
@@ -106,3 +107,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy ``source`` over ``target`` through `atomic_path`: ``target`` is the old file or the
+    new one at every moment. A link at ``target`` is replaced by the file, never written through."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def parse_json(text: str, where: str) -> Any:
+    """The JSON value in ``text``; ValueError naming ``where`` (a file, an option) for text
+    that is not JSON or nests too deeply for the parser (a RecursionError otherwise)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in the file ``path``; ValueError naming the file when it is not UTF-8
+    JSON (see `parse_json`)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from None
+    return parse_json(text, str(path))

@@ -161,6 +161,10 @@ CORRUPTIONS = {
                       ["different architecture"]),
     "other bottleneck": (lambda f: _rewrite_config(f, lambda c: c["options"].update(bottleneck=8)),
                          ["shape mismatch"]),
+    # Matching it against a block name would never finish (Python's re cannot be interrupted).
+    "catastrophic targets pattern": (lambda f: _rewrite_config(f, lambda c: c["options"].update(
+        targets="(.*.*.*.*.*)*X")), ["'targets'", "repetition inside a repetition"]),
+    "config nested too deeply": (lambda f: (f / CONFIG_NAME).write_text("[" * 100_000), ["nested too deeply"]),
 }
 
 

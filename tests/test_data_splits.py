@@ -307,3 +307,35 @@ def test_validation_is_never_larger_than_the_training_subset():
     assert limit_validation(val, 3, 10) == val[:10] and limit_validation(val, 3, None) == val
     with pytest.raises(ValueError, match="val_limit"):
         limit_validation(val, 3, "many")
+
+
+def _split_under_file_size_limit(root: Path, out: Path, limit: int):
+    """``medadapt split`` in a process that cannot write files past ``limit`` bytes: the
+    writes fail as on a full disk (Python ignores SIGXFSZ, so they raise EFBIG)."""
+    import resource
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "medadapt", "split", "--dataset", "busi", "--root", str(root),
+               "--fractions", "1.0", "--folds", "1", "--check", "none", "--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+
+def test_a_full_disk_leaves_the_previous_splits_file(tmp_path):
+    make_busi(tmp_path / "busi", per_class=3)
+    out = tmp_path / "splits.json"
+    out.write_text('{"previous": true}', encoding="utf-8")
+    result = _split_under_file_size_limit(tmp_path / "busi", out, 256)  # the new file is ~2 KB
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot write the splits file" in result.stderr and str(out) in result.stderr
+    assert json.loads(out.read_text(encoding="utf-8")) == {"previous": True}  # not a 0-byte or torn file
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_a_splits_file_that_is_not_json_or_nests_too_deep_is_named(tmp_path):
+    for text in ("[" * 100_000, "[1, 2]", "{nope"):
+        path = tmp_path / "splits.json"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match="splits.json"):
+            load_split(path, part="test")

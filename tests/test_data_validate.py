@@ -142,3 +142,37 @@ def test_entries_without_labels(brats):
 def test_unknown_task(brats):
     with pytest.raises(ValueError, match="task"):
         validate_datalist(brats, "detection")
+
+
+@pytest.mark.parametrize("values", [(0, 7), (0, 128), (0, 1, 255)])
+def test_binary_masks_hold_0_1_or_0_255(tmp_path, values):
+    """Values a binary mask cannot hold (7, 128, or both conventions mixed) stop the run naming
+    the mask; the transforms would otherwise count every non-zero pixel as lesion."""
+    from medadapt.data import get_preset
+
+    make_busi(tmp_path, per_class=2)
+    datalist = busi_datalist(tmp_path, task="segmentation")
+    mask = np.zeros((20, 30), np.uint8)
+    for n, value in enumerate(values):
+        mask[2 + 4 * n: 6 + 4 * n, 3:9] = value
+    bad = Path(datalist[1]["label"][0] if isinstance(datalist[1]["label"], list) else datalist[1]["label"])
+    write_png(bad, mask)
+    with pytest.raises(DatasetError) as error:
+        get_preset("busi").validate(datalist, "segmentation")
+    assert bad.name in str(error.value) and str(sorted(values)) in str(error.value) and "0/255" in str(error.value)
+    write_png(bad, (mask > 0).astype(np.uint8))  # 0/1 is fine, as is 0/255
+    get_preset("busi").validate(datalist, "segmentation")
+
+
+@pytest.mark.parametrize("affine, problem", [(np.zeros((4, 4)), "all zero"), (np.ones((4, 4)), "singular"),
+                                             (np.full((4, 4), np.nan), "NaN")])
+def test_volumes_whose_affine_cannot_place_them_are_named(brats, affine, problem):
+    path = brats[2]["image"][3]
+    image = nib.load(path)
+    header = image.header.copy()
+    header.set_sform(affine, code=1)
+    header.set_qform(None, code=0)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), None, header), path)
+    with pytest.raises(DatasetError) as error:
+        validate_datalist(brats, "brats")
+    assert os.path.basename(path) in str(error.value) and problem in str(error.value), str(error.value)

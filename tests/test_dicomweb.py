@@ -158,14 +158,19 @@ def _upload_studies(folder: Path, http, base: str) -> dict[str, list[Path]]:
 
 
 # ---------------------------------------------------------------------------- the server
+def tiny_brats(root: Path) -> dict:
+    """dka_brats overrides for a tiny ConvNeXt-atto (its fixed weights written into ``root``)."""
+    checkpoint = _tiny_backbone_checkpoint(root / "convnext_atto_tiny.safetensors", seed=0)
+    return {"backbone": "timm:convnext_atto", "backbone_checkpoint": str(checkpoint),
+            "backbone_options": TINY_CONVNEXT, "method": "dka", "method_options": {"bottleneck": 4},
+            "roi_size": [32, 32, 4], "pixdim": [5.0, 5.0, 5.0], "release": "2021", "sw_batch_size": 4}
+
+
 @pytest.fixture(scope="module")
 def server(orthanc, tmp_path_factory):
     _require_monailabel()
     root = tmp_path_factory.mktemp("dicomweb_server")
-    checkpoint = _tiny_backbone_checkpoint(root / "convnext_atto_tiny.safetensors", seed=0)
-    tiny = {"backbone": "timm:convnext_atto", "backbone_checkpoint": str(checkpoint),
-            "backbone_options": TINY_CONVNEXT, "method": "dka", "method_options": {"bottleneck": 4},
-            "roi_size": [32, 32, 4], "pixdim": [5.0, 5.0, 5.0], "release": "2021", "sw_batch_size": 4}
+    tiny = tiny_brats(root)
     config = {"models": {
         # A T1 series is one channel: dka_brats with one input channel copied to the backbone's three.
         "brats_t1": {"bundle": "dka_brats", "overrides": {**tiny, "network_def#in_channels": 1,
@@ -419,3 +424,77 @@ def test_separate_sequence_files_are_put_on_the_first_ones_grid(tmp_path, caplog
     assert isinstance(refused.value.__cause__, DatasetError)
     assert re.search(r"flair \(.*_flair.nii.gz\) does not overlap the grid of t1 \(.*_t1.nii.gz\)",
                      str(refused.value.__cause__))
+
+
+# ---------------------------------------------------------------------------- damaged series
+DAMAGED_STUDY = f"{ROOT_UID}.3"
+DAMAGED_SERIES = {"uneven": f"{DAMAGED_STUDY}.1", "no_position": f"{DAMAGED_STUDY}.2",
+                  "no_birth_date": f"{DAMAGED_STUDY}.3"}
+
+
+def _damage(files: list[Path], kind: str) -> None:
+    """Edit written instances: one slice moved halfway to the next (uneven), one slice without
+    Image Position (Patient), or every instance without Patient's Birth Date."""
+    import pydicom
+
+    datasets = [pydicom.dcmread(str(path)) for path in files]
+    if kind == "uneven":
+        here, there = (np.asarray(ds.ImagePositionPatient, dtype=float) for ds in datasets[3:5])
+        datasets[3].ImagePositionPatient = [f"{v:.6f}" for v in (here + there) / 2]
+    elif kind == "no_position":
+        del datasets[2].ImagePositionPatient
+    else:
+        for ds in datasets:
+            del ds.PatientBirthDate
+    for ds, path in zip(datasets, files):
+        ds.save_as(str(path))
+
+
+@pytest.fixture(scope="module")
+def damaged(orthanc, tmp_path_factory):
+    """Series of `DAMAGED_SERIES` stored on Orthanc (8 slices of the MNI template each)."""
+    folder = tmp_path_factory.mktemp("damaged")
+    t1, affine = mni152(4)
+    for n, (kind, uid) in enumerate(DAMAGED_SERIES.items(), start=1):
+        files = write_dicom_series(t1[:, :, 16:24], affine, folder / kind, DAMAGED_STUDY, uid, "T1", n)
+        _damage(files, kind)
+        for path in files:
+            response = orthanc["http"].post(f"{orthanc['base']}/instances", data=path.read_bytes(), timeout=30)
+            assert response.status_code == 200, response.text
+    return DAMAGED_SERIES
+
+
+@pytest.mark.parametrize("kind, problem", [("uneven", "not evenly spaced"),
+                                           ("no_position", "no usable ImagePositionPatient")])
+def test_a_series_whose_geometry_cannot_be_trusted_is_refused_at_inference(server, damaged, kind, problem):
+    """SimpleITK reads such a series with a guessed spacing, and the model would run on it;
+    refused with a 422 naming the series and what is wrong, before any model sees it."""
+    uid = damaged[kind]
+    answer = server.post("/infer/brats_t1", params={"image": uid, "output": "image"})
+    assert answer.status_code == 422, answer.text[:300]
+    detail = answer.json()["detail"]
+    assert uid in detail and problem in detail and "geometry cannot be trusted" in detail, detail
+    assert not list((server.app_dir / "dicomweb").rglob(f"{uid}*"))  # nothing of it stays in the cache
+    answer = server.get("/datastore/image", params={"image": uid})
+    assert answer.status_code == 422 and problem in answer.json()["detail"]
+
+
+def test_a_source_series_without_birth_date_gets_its_seg(server, orthanc, damaged, tmp_path):
+    """Patient's Birth Date is type 2 (it may be empty, not absent), yet some series lack it;
+    highdicom failed on it (a 500). The SEG carries it empty."""
+    import nibabel as nib
+    import pydicom
+
+    uid = damaged["no_birth_date"]
+    answer = server.post("/infer/brats_t1", params={"image": uid, "output": "dicom_seg"})
+    assert answer.status_code == 200, answer.text[:300]
+    seg = pydicom.dcmread(io.BytesIO(answer.content))
+    assert seg.Modality == "SEG" and seg.PatientBirthDate == ""
+    image = _nifti(server.get("/datastore/image", params={"image": uid}).content, tmp_path, "image.nii.gz")
+    label = (np.asarray(image.dataobj) > 300).astype(np.uint8)
+    nib.save(nib.Nifti1Image(label, image.affine), tmp_path / "label.nii.gz")
+    before = len(_segs(orthanc))
+    answer = server.put("/datastore/label", params={"image": uid, "tag": "final"},
+                        files={"label": ("label.nii.gz", (tmp_path / "label.nii.gz").read_bytes())})
+    assert answer.status_code == 200, answer.text[:300]
+    assert len(_segs(orthanc)) == before + 1

@@ -360,3 +360,27 @@ def _png_input(path, size):
     with Image.open(path) as image:
         array = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def test_cli_input_errors_are_one_line_naming_the_input(png_folder, tmp_path, capsys):
+    """Unreadable images, option JSON nested too deeply, options the model does not take and
+    sizes it cannot run on: each an error line naming it, never a traceback."""
+    images = tmp_path / "with_broken"
+    images.mkdir()
+    for path in sorted(png_folder.iterdir())[:1]:
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "zz_broken.png").write_bytes(b"\x89PNG not really")
+    common = ["--method", "dka", "--out", str(tmp_path / "erf.png"), "--num-images", "2"]
+    cases = [
+        (["--images", str(images), "--size", "32"], "zz_broken.png"),
+        (["--images", str(png_folder), "--backbone-option", "dims=" + "[" * 100_000], "nested too deeply"),
+        (["--images", str(png_folder), "--backbone-option", "no_such_option=3"], "no_such_option"),
+        (["--images", str(png_folder), "--size", "1"], "--size"),
+        (["--images", str(png_folder), "--batch-size", "0"], "--batch-size"),
+    ]
+    for arguments, named in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code = main(["erf", *CLI_MODEL, *common, *arguments])
+        error = capsys.readouterr().err
+        assert code == 2 and named in error and "Traceback" not in error, (arguments[-1][:40], error[-500:])

@@ -317,3 +317,11 @@ def test_box_prompts_from_labels_bound_each_mask_and_refuse_bad_jitter():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="box_jitter"):
             BoxPromptsFromLabels(jitter=bad)
+
+
+@pytest.mark.parametrize("num_classes", [10 ** 9, 0, -3, 2.5, True, "3"])
+def test_num_classes_is_checked_before_anything_is_built(num_classes):
+    # 10**9 classes: a head of gigabytes, allocated (or failing to be) before any check once.
+    with pytest.raises(ValueError, match="num_classes must be"):
+        medadapt.create_model("classification", backbone="timm:convnext_atto", num_classes=num_classes,
+                              backbone_options={"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]})

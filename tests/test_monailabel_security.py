@@ -42,9 +42,20 @@ pytestmark = pytest.mark.xdist_group("monailabel_security")  # one server for th
 CONFIG_SYNTAX_NAMES = ("$HOME", "@seed", "%seed::x")
 
 
+# Volumes whose header cannot place or scale their voxels: name -> (how, what the answer says).
+BAD_HEADERS = {
+    "nan_affine": ("affine", "NaN or infinite"),
+    "inf_affine": ("affine", "NaN or infinite"),
+    "zero_affine": ("affine", "all zero"),
+    "rank1_affine": ("affine", "singular (rank 1"),
+    "huge_slope": ("scaling", "scl_slope"),
+}
+
+
 def _add_bad_studies(studies: Path, facts: dict) -> None:
-    """A 4-channel volume with a few NaN voxels, and slices named in config syntax, beside the
-    good studies."""
+    """A 4-channel volume with a few NaN voxels, slices named in config syntax, volumes with
+    bad headers (`BAD_HEADERS`), a volume of huge voxels, and operator links leading inside and
+    outside the studies folder, beside the good studies."""
     import nibabel as nib
 
     volume = facts["volume"].copy()
@@ -52,6 +63,33 @@ def _add_bad_studies(studies: Path, facts: dict) -> None:
     nib.save(nib.Nifti1Image(volume, facts["volume_affine"]), studies / "nan_volume.nii.gz")
     for name in CONFIG_SYNTAX_NAMES:
         (studies / f"{name}.png").write_bytes((studies / "mni_slice.png").read_bytes())
+    small = np.ascontiguousarray(facts["volume"][::4, ::4, ::4]).astype(np.float32)
+    affines = {"nan_affine": np.full((4, 4), np.nan), "inf_affine": np.diag([np.inf, 1.0, 1.0, 1.0]),
+               "zero_affine": np.zeros((4, 4)), "rank1_affine": np.ones((4, 4))}
+    for name, affine in affines.items():
+        header = nib.Nifti1Header()
+        header.set_sform(affine, code=1)
+        nib.save(nib.Nifti1Image(small, None, header), studies / f"{name}.nii.gz")
+    scaled = nib.Nifti1Image(1000 * small, facts["volume_affine"])
+    scaled.header.set_slope_inter(1e38, 0.0)  # 1000 * 1e38 is beyond float32: infinite voxels
+    nib.save(scaled, studies / "huge_slope.nii.gz")
+    # 8 x 8 x 8 voxels of 200 mm: at brats_tiny's 5 mm, 320^3 x 4 channels = 131 M voxels.
+    nib.save(nib.Nifti1Image(small[:8, :8, :8], np.diag([200.0, 200.0, 200.0, 1.0])), studies / "huge_voxels.nii.gz")
+    _add_operator_links(studies)
+
+
+def _add_operator_links(studies: Path) -> None:
+    """Links an operator might put into the studies folder: to a study outside it (a file and a
+    whole folder, named like images), to an image inside it, and a label folder outside it."""
+    outside = studies.parent / "outside_tree"
+    (outside / "labels").mkdir(parents=True)
+    (outside / "scan.png").write_bytes((studies / "mni_slice.png").read_bytes())
+    (outside / "keep.txt").write_text("not the server's to delete", encoding="utf-8")
+    (studies / "outside_link.png").symlink_to(outside / "scan.png")
+    (studies / "folder_link.nii.gz").symlink_to(outside, target_is_directory=True)
+    (studies / "inside_link.png").symlink_to("mni_slice.png")
+    (studies / "labels").mkdir()
+    (studies / "labels" / "linked").symlink_to(outside / "labels", target_is_directory=True)
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +341,69 @@ def test_volumes_with_nan_voxels_are_refused_naming_the_file(server):
     assert response.status_code == 422 and "NaN" in _detail(response), response.text
 
 
+@pytest.mark.parametrize("name", sorted(BAD_HEADERS))
+def test_volumes_whose_header_cannot_place_or_scale_their_voxels_get_a_4xx_naming_the_file(server, name):
+    """NaN, infinite, all-zero and rank-1 affines, and a scl_slope that makes voxels infinite:
+    refused at inference (stored or uploaded) and on upload, instead of a 500 from the model."""
+    how, problem = BAD_HEADERS[name]
+    blob = (server.studies / f"{name}.nii.gz").read_bytes()
+    stored = server.post("/infer/brats_tiny", params={"image": name, "output": "image"})
+    uploaded = server.post("/infer/brats_tiny", params={"output": "image"}, files={"file": ("scan.nii.gz", blob)})
+    added = server.put("/datastore/image", params={"image": f"{name}_copy"}, files={"file": ("v.nii.gz", blob)})
+    for response, named in ((stored, f"{name}.nii.gz"), (uploaded, "uploaded file"), (added, f"{name}_copy")):
+        assert response.status_code == 422, (name, response.status_code, response.text[:300])
+        assert named in _detail(response) and problem in _detail(response) and how in _detail(response), \
+            response.text
+    assert not (server.studies / f"{name}_copy.nii.gz").exists()
+
+
+def test_limits_hold_after_the_models_resampling(server):
+    """8^3 voxels of 200 mm pass the header's voxel limit, but brats_tiny resamples to 5 mm:
+    320^3 x 4 channels = 131 M voxels, twice the limit. Refused before any resampling."""
+    pid = _server_pid(server)
+    peak_before = _peak_rss_mb(pid)
+    response = server.post("/infer/brats_tiny", params={"image": "huge_voxels", "output": "image"})
+    assert response.status_code == 413, response.text[:300]
+    detail = _detail(response)
+    assert "huge_voxels.nii.gz" in detail and "[320, 320, 320] x 4" in detail and "[5.0, 5.0, 5.0] mm" in detail
+    assert _peak_rss_mb(pid) - peak_before < 200  # 131 M float32 voxels would be 500 MB
+    assert server.post("/infer/brats_tiny", params={"image": "mni_volume", "output": "json"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------- links in the studies folder
+def test_links_leading_outside_the_studies_folder_are_not_served_and_never_deleted(server):
+    """An operator's link to a study outside (a file, or a whole folder named like an image) is
+    not listed, read, written through or deleted; upstream's DELETE removed a link's target,
+    for a folder link the whole tree. A link that stays inside is served, and DELETE removes
+    the link, not the image it leads to."""
+    outside = server.studies.parent / "outside_tree"
+    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    listed = server.get("/datastore/", params={"output": "all"}).json()["objects"]
+    assert "outside_link" not in listed and "folder_link" not in listed and "inside_link" in listed
+    for image in ("outside_link", "folder_link"):
+        cases = [
+            (server.http.delete(server.url + "/datastore/image", params={"id": image}), 404),
+            (server.post("/infer/seg_tiny", params={"image": image, "output": "json"}), 404),
+            (server.get("/datastore/image", params={"image": image}), 404),
+            (server.put("/datastore/label", params={"image": image, "tag": "final"},
+                        files={"label": ("l.png", _label_png(server))}), 404),
+        ]
+        for response, status in cases:
+            assert response.status_code == status, (image, response.request.method, response.text[:300])
+    # A label folder that leads outside: nothing is written there.
+    response = server.put("/datastore/label", params={"image": "mni_slice", "tag": "linked"},
+                          files={"label": ("mni_slice.png", _label_png(server))})
+    assert response.status_code == 409 and "leads outside" in _detail(response), response.text
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+    # A link inside: served, and only the link is deleted.
+    assert server.post("/infer/seg_tiny", params={"image": "inside_link", "output": "json"}).status_code == 200
+    response = server.http.delete(server.url + "/datastore/image", params={"id": "inside_link"})
+    assert response.status_code == 200, response.text
+    assert not os.path.lexists(server.studies / "inside_link.png")
+    assert (server.studies / "mni_slice.png").read_bytes() == _png_bytes(server.facts["slice"])
+    assert "mni_slice" in server.get("/datastore/", params={"output": "all"}).json()["objects"]
+
+
 # ---------------------------------------------------------------------------- refusals of upstream routes
 def test_upstream_routes_that_act_on_client_paths_are_refused(server):
     cases = [
@@ -382,6 +483,17 @@ def test_no_training_option_is_ever_read_as_code(server, tmp_path):
     assert "seg_tiny" in server.get("/info/").json()["models"]
 
 
+def test_a_targets_pattern_that_would_never_finish_matching_is_refused(server):
+    """``(.*.*.*.*.*)*X`` against a block name never finishes (Python's re cannot be
+    interrupted): the training job would hang, holding the server's one training slot."""
+    for options in ({"targets": "(.*.*.*.*.*)*X"}, {"targets": "(a|aa)*b"}):
+        started = time.monotonic()
+        response = server.post("/train/seg_tiny", params={"run_sync": "true"}, json={"method_options": options})
+        assert response.status_code == 400, response.text[:300]
+        assert "targets" in _detail(response) and "inside a repetition" in _detail(response)
+        assert time.monotonic() - started < 30
+
+
 def test_studies_named_in_config_syntax_train_as_data(server):
     """A study called "$HOME" is a file name: training reads it (a 500 when the name was Python)."""
     for name in CONFIG_SYNTAX_NAMES:
@@ -428,6 +540,52 @@ def test_a_mix_of_good_and_bad_requests_at_once_is_all_answered(server):
         assert response.status_code == status, f"{name}: {response.status_code} {response.text[:300]}"
     assert server.post("/infer/seg_tiny", params={"image": "mni_slice", "output": "json"}).status_code == 200
     assert not _files_in(server.app_dir / "uploads")
+
+
+# ---------------------------------------------------------------------------- torn labels
+_OVERWRITE_LABEL = """
+import resource, sys
+from medadapt.monailabel.datastore import CheckedDatastore
+from medadapt.monailabel.imagefiles import DATASTORE_PATTERNS
+
+studies, label, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = CheckedDatastore(studies, extensions=DATASTORE_PATTERNS)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # from here on the disk is full past `limit` bytes
+try:
+    store.save_label("scan", label, "final", {})
+except Exception as error:
+    print("refused:", getattr(error, "status_code", None), getattr(error, "detail", error))
+"""
+
+
+def test_a_full_disk_while_a_final_label_is_overwritten_leaves_the_old_label(tmp_path):
+    """The datastore the server runs, overwriting a final label when the disk fills up (a file
+    size limit: Python ignores SIGXFSZ, so writes past it fail with EFBIG, as with ENOSPC).
+    Upstream truncated the old label and left a partial file, served afterwards and failing
+    training with a 500; here the write goes to a temporary file, renamed only when complete."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    noise = np.random.default_rng(0).integers(0, 2, (512, 512), dtype=np.uint8)
+    Image.fromarray(255 * noise).save(studies / "scan.png")
+    old = _png_bytes(np.zeros((512, 512), np.uint8))
+    (studies / "labels" / "final" / "scan.png").write_bytes(old)
+    new = tmp_path / "new_label.png"
+    new.write_bytes(_png_bytes(noise))  # incompressible: ~35 KB, past the limit below
+    assert len(new.read_bytes()) > 4 * 8192
+    result = subprocess.run([sys.executable, "-c", _OVERWRITE_LABEL, str(studies), str(new), "8192"],
+                            capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = studies / "labels" / "final"
+    assert (final / "scan.png").read_bytes() == old  # never truncated or half written
+    assert "refused: 507" in result.stdout and "unchanged" in result.stdout, result.stdout
+    assert sorted(p.name for p in final.iterdir()) == ["scan.png"]  # no temporary left behind
+    record = json.loads((studies / "datastore_v2.json").read_text(encoding="utf-8"))
+    assert "final" in record["objects"]["scan"]["labels"]
 
 
 # ---------------------------------------------------------------------------- fuzzing

@@ -110,6 +110,8 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
         return key.strip(), value
+    except RecursionError:  # not a ValueError: it would reach the user as a traceback
+        raise ValueError(f"option {key.strip()!r}: JSON nested too deeply to read") from None
 
 
 def network_settings(args: argparse.Namespace) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
@@ -144,7 +146,10 @@ def build_model(settings: dict[str, Any], method: str, options: dict[str, Any],
         options = config["options"]
     # The same seed for every method: a random backbone is then the same backbone in each model.
     torch.manual_seed(seed)
-    model = create_model(method=method, method_options=options, **settings)
+    try:
+        model = create_model(method=method, method_options=options, **settings)
+    except TypeError as error:  # an option the backbone or model does not take
+        raise ValueError(f"cannot build the {method!r} model with these options: {error}") from None
     if folder is not None:
         if config.get("stage", 1) != 1:
             set_stage(model, config["stage"])
@@ -178,8 +183,11 @@ def load_images(folder: str | Path, size: int, limit: int, channels: int = 3) ->
     mode = "L" if channels == 1 else "RGB"
     images = []
     for path in _files(folder, IMAGE_SUFFIXES, limit):
-        with Image.open(path) as image:
-            array = np.asarray(image.convert(mode).resize((size, size), Image.BILINEAR), dtype=np.float32)
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert(mode).resize((size, size), Image.BILINEAR), dtype=np.float32)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for unreadable files
+            raise ValueError(f"{path} is not a readable image: {error}") from None
         images.append(torch.from_numpy(array / 255.0).reshape(size, size, channels).permute(2, 0, 1))
     return torch.stack(images)
 
@@ -207,7 +215,11 @@ def load_volumes(folder: str | Path, size: int, limit: int, num_slices: int, sli
 
     patches = []
     for path in _files(folder, VOLUME_SUFFIXES, limit):
-        patch = _volume_patch(nib.load(str(path)).get_fdata(), num_slices, slice_axis, size)
+        try:
+            data = nib.load(str(path)).get_fdata()
+        except Exception as error:  # nibabel, gzip and zlib raise many types for bad files
+            raise ValueError(f"{path} is not a readable NIfTI volume ({type(error).__name__}: {error})") from None
+        patch = _volume_patch(data, num_slices, slice_axis, size)
         if patch.shape[0] != channels:
             if patch.shape[0] != 1:
                 raise ValueError(f"{path} has {patch.shape[0]} channels; the model takes {channels}")
@@ -233,12 +245,18 @@ def run(args: argparse.Namespace) -> int:
     methods = args.method or ([bundle_method] if bundle_method else [])
     if not methods:
         raise ValueError("give at least one --method (or a bundle whose network_def names one)")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    for option in ("num_images", "batch_size", "size", "num_slices"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     models = {m: build_model(settings, m, bundle_options if m == bundle_method else {}, args.checkpoint_dir, args.seed)
               for m in dict.fromkeys(methods)}
     images = load_inputs(next(iter(models.values())), args)
-    erfs, profiles = measure_erfs(models, images, args.batch_size)
+    try:
+        erfs, profiles = measure_erfs(models, images, args.batch_size)
+    except RuntimeError as error:  # torch's error for inputs the network cannot take
+        raise ValueError(f"the model cannot run on inputs of shape {tuple(images.shape[1:])} (--size): "
+                         f"{str(error).splitlines()[0]}") from None
     ratios = {m: high_contribution_area_ratio(scaled_for_ratio(erf, args.ratio_scale)) for m, erf in erfs.items()}
     path = plot_erfs(erfs, args.out, ratios, profiles or None)
     if not args.checkpoint_dir:

@@ -68,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset,
     )
     splits["task"] = task
-    path = save_splits(splits, args.out)
+    try:
+        path = save_splits(splits, args.out)
+    except OSError as error:  # a full disk, a read-only folder
+        raise ValueError(f"--out {args.out}: cannot write the splits file ({error.strerror or error}); "
+                         "a file already there is unchanged") from None
     print(split_summary(splits))
     print(f"wrote {path}")
     return 0

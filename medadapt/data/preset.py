@@ -88,7 +88,9 @@ class DatasetPreset:
 
         kind = "classification" if task == "classification" else "segmentation"
         num_classes = len(self.classes) if task == "classification" and self.classes else None
-        validate_datalist(datalist, kind, num_classes=num_classes, read_data=read_data, require_labels=require_labels)
+        binary = kind == "segmentation" and self.multilabel(task) and len(self.output_names(task)) == 1
+        validate_datalist(datalist, kind, num_classes=num_classes, read_data=read_data, require_labels=require_labels,
+                          binary_masks=binary)
 
     def make_demo(self, folder: str | os.PathLike, **options) -> str:
         """Build the embedded demo in ``folder`` (idempotent) and return the dataset root."""

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from medadapt.data.errors import DatasetError
+from medadapt.io import atomic_write_text, read_json
 
 logger = logging.getLogger("medadapt")
 
@@ -157,8 +158,8 @@ def make_splits(
 def save_splits(splits: dict, path: str | os.PathLike) -> Path:
     """Write ``splits`` as indented JSON to ``path`` (folders created); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(splits, indent=1), encoding="utf-8")
+    # Through a temporary file: a full disk or a kill leaves the previous file, never a torn one.
+    atomic_write_text(path, json.dumps(splits, indent=1))
     return path
 
 
@@ -182,7 +183,10 @@ def load_split(
             written (default: the JSON's "root").
     """
     if not isinstance(splits, dict):
-        splits = json.loads(Path(splits).read_text(encoding="utf-8"))
+        path = splits
+        splits = read_json(path)
+        if not isinstance(splits, dict):
+            raise ValueError(f"{path} is not a medadapt splits file (a JSON {type(splits).__name__}, not an object)")
     if splits.get("format") != FORMAT:
         raise ValueError(f"not a medadapt splits file (format {splits.get('format')!r}, expected {FORMAT!r})")
     base = Path(root) if root is not None else Path(splits["root"])

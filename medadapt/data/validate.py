@@ -18,6 +18,33 @@ from medadapt.data.errors import DatasetError, MissingFileError, format_problems
 
 TASKS = ("brats", "segmentation", "classification")
 _NIFTI = (".nii", ".nii.gz")
+# The two ways binary masks are stored; any other value (7, 128) is more likely a label map
+# or a damaged file than a lesion, and the transforms would count it as lesion all the same.
+BINARY_MASK_VALUES = ({0, 1}, {0, 255})
+
+
+def affine_problem(affine) -> str | None:
+    """Why a volume's voxel-to-world matrix cannot place its voxels, or None: NaN or infinite
+    entries, or a singular matrix (an all-zero one included), which resampling and
+    reorientation divide by."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        return "its affine (voxel-to-world matrix) holds NaN or infinite values"
+    rank = int(np.linalg.matrix_rank(affine[:3, :3]))
+    if rank < 3:
+        return (f"its affine (voxel-to-world matrix) is singular (rank {rank} of 3"
+                f"{': all zero' if not affine[:3, :3].any() else ''}); fix the header's sform/qform or pixdim")
+    return None
+
+
+def mask_values_problem(values) -> str | None:
+    """Why the distinct ``values`` of a binary mask are not 0/1 or 0/255, or None."""
+    found = {int(v) if float(v).is_integer() else float(v) for v in values}
+    if any(found <= allowed for allowed in BINARY_MASK_VALUES):
+        return None
+    shown = sorted(found)[:8]
+    return (f"holds values {shown}{' ...' if len(found) > 8 else ''}; a binary mask must hold 0/1 or 0/255 "
+            "(threshold or relabel it first)")
 
 
 def validate_datalist(
@@ -28,6 +55,7 @@ def validate_datalist(
     read_data: bool = True,
     max_errors: int = 20,
     require_labels: bool = True,
+    binary_masks: bool = False,
 ) -> None:
     """Raise a `DatasetError` listing every unusable entry of ``datalist``.
 
@@ -48,6 +76,8 @@ def validate_datalist(
         max_errors: how many problems to list in the error.
         require_labels: False for inference data; entries without "label" are then checked
             for their images only.
+        binary_masks: "segmentation" masks are binary (lesion / background): with
+            ``read_data``, each must hold only 0/1 or only 0/255.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -58,7 +88,7 @@ def validate_datalist(
     missing = 0
     for index, entry in enumerate(datalist):
         case = entry.get("case", f"entry {index}")
-        found = _check_entry(entry, case, task, release, num_classes, read_data, require_labels)
+        found = _check_entry(entry, case, task, release, num_classes, read_data, require_labels, binary_masks)
         missing += sum("does not exist" in p for p in found)
         problems += found
     if problems:
@@ -68,7 +98,8 @@ def validate_datalist(
 
 
 def _check_entry(
-    entry: dict, case: str, task: str, release: str | None, num_classes: int | None, read: bool, require_labels: bool
+    entry: dict, case: str, task: str, release: str | None, num_classes: int | None, read: bool, require_labels: bool,
+    binary_masks: bool = False,
 ) -> list[str]:
     if "image" not in entry:
         return [f"case {case}: no 'image' key (keys: {sorted(entry)})"]
@@ -107,7 +138,8 @@ def _check_entry(
             problems.append(f"case {case}: label {label} is outside 0..{(num_classes or 1) - 1}")
         return problems
     for mask in _as_list(entry["label"]):
-        shape, error = _open(mask, read, label_release=release if task == "brats" else None, case=case)
+        shape, error = _open(mask, read, label_release=release if task == "brats" else None, case=case,
+                             binary=binary_masks and task == "segmentation")
         if error:
             problems.append(f"case {case}: {error}")
             continue
@@ -126,14 +158,19 @@ def _is_nifti(path: str) -> bool:
     return path.lower().endswith(_NIFTI)
 
 
-def _open(path: str, read: bool, label_release: str | None = None, case: str | None = None) -> tuple[tuple, str | None]:
-    """Shape of the image at ``path`` (numpy order) and an error text if it cannot be used."""
+def _open(path: str, read: bool, label_release: str | None = None, case: str | None = None,
+          binary: bool = False) -> tuple[tuple, str | None]:
+    """Shape of the image at ``path`` (numpy order) and an error text if it cannot be used;
+    ``binary``: a binary mask, whose values are checked when ``read``."""
     if not os.path.isfile(path):
         return (), f"file {path!r} does not exist"
     try:
         if _is_nifti(path):
             image = nib.load(path)
             shape = tuple(int(s) for s in image.shape)
+            placement = affine_problem(image.affine)
+            if placement:
+                return shape, f"file {path!r}: {placement}"
             if read:
                 data = np.asanyarray(image.dataobj)
                 if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
@@ -141,11 +178,17 @@ def _open(path: str, read: bool, label_release: str | None = None, case: str | N
                     return shape, f"file {path!r} holds {bad} NaN or infinite voxel(s)"
                 if label_release:
                     check_label_values(np.unique(data).tolist(), label_release, case, path)
+                values = mask_values_problem(np.unique(data)) if binary else None
+                if values:
+                    return shape, f"mask {path!r} {values}"
             return shape, None
         with Image.open(path) as image:
             size = image.size
             if read:
                 image.load()  # decodes every pixel: a truncated file fails here, not at open
+                values = mask_values_problem(np.unique(np.asarray(image))) if binary else None
+                if values:
+                    return (size[1], size[0]), f"mask {path!r} {values}"
         return (size[1], size[0]), None
     except DatasetError as error:
         return (), str(error)

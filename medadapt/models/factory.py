@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch.nn as nn
 
 from medadapt.adapters import METHODS
@@ -25,6 +26,9 @@ from medadapt.models.stem import InputMapping
 from medadapt.models.volume import VolumeSegmenter, stack_adapter_options
 
 TASKS = ("classification", "segmentation", "segmentation3d", "box_segmentation")
+# More classes than any dataset has (ImageNet-21k: 21,843): a head for 10**9 would allocate
+# gigabytes before anything else could object.
+MAX_NUM_CLASSES = 100_000
 
 
 def method_defaults(method: str, task: str) -> dict[str, Any]:
@@ -34,6 +38,15 @@ def method_defaults(method: str, task: str) -> dict[str, Any]:
 
         raise ValueError(f"unknown adapter method {method!r}; choose one of {list_methods()}")
     return dict(getattr(METHODS[method], "task_options", {}).get(task, {}))
+
+
+def _check_num_classes(num_classes: Any) -> None:
+    """ValueError unless ``num_classes`` is a whole number in 1..MAX_NUM_CLASSES (checked before
+    the backbone is built, so a bad value costs nothing)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise ValueError(f"num_classes must be a whole number, got {num_classes!r}")
+    if not 1 <= num_classes <= MAX_NUM_CLASSES:
+        raise ValueError(f"num_classes must be from 1 to {MAX_NUM_CLASSES:,}, got {num_classes}")
 
 
 def create_model(
@@ -86,6 +99,7 @@ def create_model(
     build_arguments = dict(locals())
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    _check_num_classes(num_classes)
     options = dict(method_options or {})
     backbone_options = dict(backbone_options or {})
     options = {**method_defaults(method, task), **options}

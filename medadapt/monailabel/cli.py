@@ -14,7 +14,8 @@ two-line ``main.py`` that imports `medadapt.monailabel.main.MedAdaptApp`: MONAI 
 model/, lib/, logs/ and bin/ folders and its log inside the app folder, and the server keeps its
 uploads (uploads/) and temporary files (tmp/) there, none of which must land in the installed
 package. Every request is bounded: ``--max-request-mb`` (body size), ``--upload-timeout`` (time
-to send it), ``--infer-timeout`` (one inference); at most MAX_CONNECTIONS at once.
+to send it), ``--infer-timeout`` (one inference, fetching its series included); at most
+MAX_CONNECTIONS at once; ``--dicomweb-timeout`` bounds each request to a DICOMweb server.
 ``--studies`` may name a DICOMweb server instead of a folder (`medadapt.monailabel.dicomweb`):
 its series are the images, and final labels go back to it as DICOM SEG series.
 Needs the ``[label]`` extra: ``pip install -e '.[label]'``.
@@ -30,6 +31,8 @@ import sys
 from pathlib import Path
 
 from medadapt.monailabel.limits import (
+    DICOMWEB_TIMEOUT,
+    DICOMWEB_TIMEOUT_ENV,
     INFER_TIMEOUT,
     MAX_REQUEST_BYTES,
     MAX_REQUEST_BYTES_ENV,
@@ -81,6 +84,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--infer-timeout", type=int, default=int(INFER_TIMEOUT),
                         help=f"seconds one inference may take before it is answered with 504 (default "
                              f"{INFER_TIMEOUT:g})")
+    parser.add_argument("--dicomweb-timeout", type=float, default=DICOMWEB_TIMEOUT,
+                        help=f"with a DICOMweb --studies: seconds one request to it may take, its answer read in "
+                             f"full (default {DICOMWEB_TIMEOUT:g})")
     parser.add_argument("--dry-run", action="store_true", help="print the server command and exit")
     parser.set_defaults(func=run)
     return parser
@@ -145,6 +151,7 @@ def server_environment(args: argparse.Namespace) -> dict[str, str]:
     env[MAX_REQUEST_BYTES_ENV] = str(int(args.max_request_mb * 2 ** 20))
     env[UPLOAD_TIMEOUT_ENV] = str(args.upload_timeout)
     env["MONAI_LABEL_INFER_TIMEOUT"] = str(args.infer_timeout)  # MONAI Label's own setting
+    env[DICOMWEB_TIMEOUT_ENV] = str(getattr(args, "dicomweb_timeout", DICOMWEB_TIMEOUT))
     if getattr(args, "dicomweb_filter", None):
         env[SEARCH_FILTER_ENV] = args.dicomweb_filter
     return env
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"model config {args.config} does not exist")
     if not (0 < args.port < 65536):
         raise ValueError(f"port must be in 1..65535, got {args.port}")
-    for option in ("max_request_mb", "upload_timeout", "infer_timeout"):
+    for option in ("max_request_mb", "upload_timeout", "infer_timeout", "dicomweb_timeout"):
         if not (0 < getattr(args, option) < float("inf")):
             raise ValueError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
     app_dir = write_app_dir(args.app_dir or Path(args.runs) / "monailabel_app")

@@ -31,6 +31,10 @@ logger = logging.getLogger("medadapt.monailabel")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 VALUE_SCHEME = "99MEDADAPT"  # a private coding scheme ("99" prefix): label values of segments
 GRID_TOLERANCE = 1e-2  # voxels: a source pixel centre must lie this close to a label voxel centre
+# Patient and study attributes a SEG must carry (DICOM type 2: present, possibly empty), which
+# highdicom copies from the source instances and fails on (AttributeError) when one is missing.
+TYPE2_SOURCE_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                           "StudyID", "AccessionNumber", "ReferringPhysicianName")
 
 
 class SegGeometryError(ValueError):
@@ -50,6 +54,78 @@ def read_series(series_dir: str | Path):
     if not datasets:
         raise SegGeometryError(f"series folder {series_dir} holds no DICOM images")
     return datasets
+
+
+def series_geometry_problem(series_dir: str | Path) -> str | None:
+    """Why the DICOM series in ``series_dir`` cannot be read as a volume with trustworthy
+    geometry, or None. A reader that stacks slices (SimpleITK, GDCM) guesses where the
+    geometry is missing or irregular: a spacing of 1 mm without Image Position (Patient), one
+    averaged spacing over slices that are not evenly spaced. Refused here: instances without
+    Image Position / Orientation (Patient) or Pixel Spacing, or of other orientations,
+    spacings or sizes; multi-frame instances (their per-frame geometry is not read); slices
+    that share a position, or lie more than a tenth of a voxel off an even stack along the
+    slice normal, or shifted within their plane (a tilted gantry)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = sorted(p for p in Path(series_dir).iterdir() if p.is_file())
+    geometry = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as error:
+            return f"its file {path.name} is not readable DICOM ({type(error).__name__})"
+        name = f"instance {getattr(ds, 'SOPInstanceUID', path.name)}"
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            return f"{name} holds several frames, whose per-frame geometry this server does not read"
+        values = {}
+        for keyword, count in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
+            try:
+                values[keyword] = np.asarray([float(v) for v in ds[keyword].value], dtype=np.float64)
+            except (KeyError, TypeError, ValueError):
+                return f"{name} has no usable {keyword}"
+            if values[keyword].shape != (count,) or not np.isfinite(values[keyword]).all():
+                return f"{name} has a malformed {keyword} {list(values[keyword])}"
+        if (values["PixelSpacing"] <= 0).any():
+            return f"{name} has a Pixel Spacing of {list(values['PixelSpacing'])}"
+        geometry.append((values, (int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0)))))
+    if not geometry:
+        return "it holds no DICOM instances"
+    return _stack_problem(geometry)
+
+
+def _stack_problem(geometry: list) -> str | None:
+    """`series_geometry_problem` for the instances' ({keyword: values}, (rows, columns))."""
+    first, size = geometry[0]
+    for values, other_size in geometry[1:]:
+        if other_size != size:
+            return f"its instances differ in size ({size} and {other_size})"
+        for keyword in ("ImageOrientationPatient", "PixelSpacing"):
+            if not np.allclose(values[keyword], first[keyword], atol=1e-4):
+                return f"its instances differ in {keyword} ({list(first[keyword])} and {list(values[keyword])})"
+    along_row, along_column = first["ImageOrientationPatient"][:3], first["ImageOrientationPatient"][3:]
+    if (abs(np.linalg.norm(along_row) - 1) > 1e-3 or abs(np.linalg.norm(along_column) - 1) > 1e-3
+            or abs(along_row @ along_column) > 1e-3):
+        return f"its Image Orientation (Patient) {list(first['ImageOrientationPatient'])} is not two orthogonal " \
+               "unit vectors"
+    if len(geometry) == 1:
+        return None
+    normal = np.cross(along_row, along_column)
+    positions = np.stack([values["ImagePositionPatient"] for values, _ in geometry])
+    depth = np.sort(positions @ normal)
+    gaps = np.diff(depth)
+    if gaps.min() < 1e-3:
+        return "two of its instances lie at the same position (repeated slices)"
+    step = (depth[-1] - depth[0]) / (len(depth) - 1)
+    off_grid = np.abs(depth - (depth[0] + step * np.arange(len(depth)))).max()
+    if off_grid > 0.1 * step:
+        return (f"its slices are not evenly spaced: gaps from {gaps.min():.4g} to {gaps.max():.4g} mm "
+                "(a missing or misplaced slice)")
+    in_plane = positions - np.outer(positions @ normal, normal)
+    shift = np.linalg.norm(in_plane - in_plane[0], axis=1).max()
+    if shift > 0.1 * first["PixelSpacing"].min():
+        return f"its slices are shifted within their plane by up to {shift:.4g} mm (a tilted gantry or a mixed stack)"
+    return None
 
 
 def pixel_indices(dataset, affine: np.ndarray) -> np.ndarray:
@@ -113,6 +189,10 @@ def write_seg(label: np.ndarray, affine: np.ndarray, series_dir: str | Path, seg
     import medadapt
 
     datasets = read_series(series_dir)
+    for dataset in datasets:  # a source series may lack them (no PatientBirthDate): empty, as DICOM allows
+        for keyword in TYPE2_SOURCE_ATTRIBUTES:
+            if keyword not in dataset:
+                setattr(dataset, keyword, "")
     frames = label_frames(label, affine, datasets)
     values = [int(v) for v in np.unique(frames) if v != 0]
     if not values:

@@ -16,8 +16,18 @@ affine is the series' geometry in RAS), and changes what upstream cannot do here
   folder, which lies inside the app folder (``<app>/dicomweb/<hash of the URL>``) unless
   MONAI_LABEL_DICOMWEB_CACHE_PATH names another; downloaded files are named by their position,
   never by a UID the server sent;
-- a series larger than the server's voxel limit is refused before it is downloaded (from QIDO's
-  instance list), and every DICOMweb request has a timeout;
+- a series larger than the server's voxel or instance limits is refused before it is
+  downloaded (from QIDO's instance list), and its download may hold no more bytes than that list
+  announces; every DICOMweb request has a total deadline and a byte budget, checked as the answer
+  streams in (`medadapt.monailabel.pacs`); a download that fails leaves nothing in the cache;
+- an answer the server gets wrong (too slow: 504; too large, cut off, HTML or a bogus multipart
+  answer instead of DICOM, JSON that is not a list of objects: 502) is answered naming the server;
+  a failed listing keeps the last good one (or none) for /info/ and the datastore lists, so the
+  server keeps serving what it can;
+- a series whose geometry cannot be trusted (an instance without Image Position / Orientation
+  (Patient) or Pixel Spacing, slices at irregular or repeated positions, tilted or mixed
+  orientations) is refused (422 naming the series and the problem) before any model sees it,
+  instead of being read with a guessed spacing;
 - a label (``PUT /datastore/label``, or ``save_label`` at inference) must lie on the series'
   grid; a "final" label is stored on the DICOMweb server as a SEG series referencing the source
   series (STOW-RS), and kept in the cache for training; SEGs already on the server (from this
@@ -32,6 +42,7 @@ log says so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -40,7 +51,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,11 +62,27 @@ from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from medadapt.io import atomic_path
 from medadapt.monailabel.cli import SEARCH_FILTER_ENV
-from medadapt.monailabel.dicomseg import SegGeometryError, read_seg, write_seg
+from medadapt.monailabel.datastore import ConfinedFiles
+from medadapt.monailabel.dicomseg import SegGeometryError, read_seg, series_geometry_problem, write_seg
 from medadapt.monailabel.errors import InvalidInput, http_error
 from medadapt.monailabel.imagefiles import ImageFileError, discard_upload, inspect_image_file
-from medadapt.monailabel.limits import MAX_VOLUME_VOXELS, parse_json_object
+from medadapt.monailabel.limits import (
+    DICOMWEB_TIMEOUT,
+    DICOMWEB_TIMEOUT_ENV,
+    MAX_SERIES_INSTANCES,
+    MAX_VOLUME_VOXELS,
+    env_number,
+    parse_json_object,
+)
+from medadapt.monailabel.pacs import (
+    MAX_PIXEL_ANSWER_BYTES,
+    BoundedSession,
+    PACSError,
+    dicom_datasets,
+    request_bounds,
+)
 from medadapt.monailabel.paths import confined, plain_name
 
 logger = logging.getLogger("medadapt.monailabel")
@@ -65,8 +92,10 @@ UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # DICOM UIDs: digits and dots, at most 6
 NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC", "FID",
                         "ECG", "AU", "PLAN"}
 LIST_TTL = 30.0  # s: how long a QIDO listing of the server's series is reused
-TIMEOUT = (10.0, 120.0)  # s: connect, read; for every request to the DICOMweb server
 AFFINE_TOLERANCE = 1e-3  # mm: a label's affine must match its series' within this
+# What a series' download may hold beyond the pixel bytes its instance listing announces:
+# each instance's header (CT ~5 KB, MR with private tags ~30 KB) and the multipart framing.
+INSTANCE_HEADER_BYTES = 64 * 1024
 # Series Description (lower case, without spaces, '-', '_' and '.') -> the sequence it holds.
 SEQUENCE_NAMES = {
     "t1": ("t1", "t1w", "t1n", "t1native", "t1pre", "t1precontrast"),
@@ -93,38 +122,77 @@ def sequence_of(description: str) -> str | None:
     return None
 
 
-class _TimeoutSession(requests.Session):
-    """A requests session whose every request has a timeout (dicomweb-client sets none)."""
-
-    def request(self, *args, **kwargs):
-        kwargs.setdefault("timeout", TIMEOUT)
-        return super().request(*args, **kwargs)
-
-
-def dicomweb_client(url: str) -> DICOMwebClientX:
-    """MONAI Label's DICOMweb client for ``url`` with its settings (user and password,
-    QIDO/WADO/STOW prefixes), every request under `TIMEOUT`."""
-    session = _TimeoutSession()
-    session.trust_env = False  # the PACS is named by the operator; no proxy from the environment
+def dicomweb_session(url: str) -> BoundedSession:
+    """A session to the DICOMweb server at ``url`` with the server's credentials (MONAI
+    Label's settings), every request bounded (`BoundedSession`, `DICOMWEB_TIMEOUT_ENV`)."""
+    session = BoundedSession(env_number(DICOMWEB_TIMEOUT_ENV, DICOMWEB_TIMEOUT))
     user = settings.MONAI_LABEL_DICOMWEB_USERNAME or settings.MONAI_LABEL_DATASTORE_USERNAME
     password = settings.MONAI_LABEL_DICOMWEB_PASSWORD or settings.MONAI_LABEL_DATASTORE_PASSWORD
     if user and password:
         session.auth = (user, password)
-    return DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                           wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-                           stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    return session
+
+
+class CheckedDICOMwebClient(DICOMwebClientX):
+    """MONAI Label's DICOMweb client, refusing a multipart answer without the boundary it
+    announces: dicomweb-client would read the whole answer as one part, and pydicom a file
+    out of its first part, silently dropping the rest of the series."""
+
+    def _decode_multipart_message(self, response: requests.Response, stream: bool) -> Iterator[bytes]:
+        parameters = [p.strip() for p in response.headers.get("content-type", "").split(";")[1:]]
+        boundary = next((p.partition("=")[2].strip('"') for p in parameters if p.lower().startswith("boundary=")), "")
+        if boundary and b"--" + boundary.encode() not in response.content:
+            raise ValueError(f"the multipart answer does not hold the boundary {boundary[:70]!r} it announces")
+        return super()._decode_multipart_message(response, stream)
+
+
+def dicomweb_client(url: str) -> CheckedDICOMwebClient:
+    """MONAI Label's DICOMweb client for ``url`` with its settings (QIDO/WADO/STOW prefixes),
+    through `dicomweb_session`, making each request once: dicomweb-client retries any failure
+    up to 5 times with growing waits, so a request over its deadline would take five."""
+    client = CheckedDICOMwebClient(url=url, session=dicomweb_session(url),
+                                   qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                   wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                   stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _value(item: dict, tag: str, default: Any = "") -> Any:
-    """A value of a DICOM JSON item (QIDO answer)."""
-    values = (item.get(tag) or {}).get("Value") or []
-    if not values:
+    """A value of a DICOM JSON item (QIDO answer); ``default`` where it is absent or malformed."""
+    element = item.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    if not isinstance(values, list) or not values:
         return default
     value = values[0]
     return value.get("Alphabetic", default) if isinstance(value, dict) else value
 
 
-class CheckedDICOMwebDatastore(DICOMWebDatastore):
+def _reason(error: requests.RequestException) -> str:
+    """A short account of a failed request: an HTTP status, a refused connection, JSON that is not."""
+    response = getattr(error, "response", None)
+    if response is not None and response.status_code >= 400:
+        return f"HTTP {response.status_code} {response.reason or ''}".strip()
+    if isinstance(error, requests.JSONDecodeError):
+        return "its answer is not JSON"
+    if isinstance(error, requests.ConnectionError):
+        return "cannot connect"
+    return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def _count(item: dict, tag: str, default: int) -> int:
+    """A whole-number value of a QIDO item (Rows, Columns, ...); PACSError (502) if it is not one."""
+    value = _value(item, tag, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise PACSError(f"the instance listing gives {tag} = {str(value)[:40]!r}, not a whole number", 502) from None
+    if not 0 <= number <= 2 ** 31:
+        raise PACSError(f"the instance listing gives {tag} = {number}", 502)
+    return number
+
+
+class CheckedDICOMwebDatastore(ConfinedFiles, DICOMWebDatastore):
     """`DICOMWebDatastore` with checked ids, confined cache paths, highdicom SEGs and
     multi-sequence studies (see the module docstring).
 
@@ -137,6 +205,7 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
     def __init__(self, url: str, cache_dir: str, search_filter: dict[str, Any] | None = None):
         self._url = url.rstrip("/")
         self._listing: tuple[float, dict[str, dict[str, str]]] = (0.0, {})
+        self._listing_failure: InvalidInput | None = None  # why the last listing failed, if it did
         self._seg_listing: tuple[float, dict[str, tuple[str, str]]] = (0.0, {})
         self._fetch_lock = threading.Lock()
         # Upstream puts the cache in <cache_dir>/<md5 of the URL>.
@@ -159,15 +228,36 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
     def name(self) -> str:
         return self._url
 
+    @contextlib.contextmanager
+    def _asking(self, what: str) -> Iterator[None]:
+        """Run the block's requests to the DICOMweb server within one `DICOMWEB_TIMEOUT`; what
+        goes wrong with them as InvalidInput naming the server: 504 too slow, else 502."""
+        timeout = env_number(DICOMWEB_TIMEOUT_ENV, DICOMWEB_TIMEOUT)
+        try:
+            with request_bounds(deadline=time.monotonic() + timeout):
+                yield
+        except PACSError as error:
+            raise InvalidInput(f"{what}: the DICOMweb server {self._url} failed: {error}", error.status) from None
+        except requests.RequestException as error:  # refused connection, an HTTP error status, bad JSON
+            raise InvalidInput(f"{what}: the DICOMweb server {self._url} failed: {_reason(error)}", 502) from None
+
     # ------------------------------------------------------------------ what the server lists
     def series(self) -> dict[str, dict[str, str]]:
         """Series UID -> {"study", "description", "modality"} of the image series listed,
-        from one QIDO search reused for `LIST_TTL` seconds."""
+        from one QIDO search reused for `LIST_TTL` seconds. When the search fails, the last
+        good listing (or none) serves for `LIST_TTL` seconds too, and `_listed` says why."""
         listed_at, listing = self._listing
         if time.monotonic() - listed_at < LIST_TTL:
             return listing
-        found = self._client.search_for_series(search_filters=self._search_filter, get_remaining=True,
-                                               fields=["SeriesDescription", "Modality", "StudyInstanceUID"])
+        try:
+            with self._asking("listing the series"):
+                found = dicom_datasets(self._client.search_for_series(
+                    search_filters=self._search_filter, get_remaining=True,
+                    fields=["SeriesDescription", "Modality", "StudyInstanceUID"]), "QIDO series search")
+        except InvalidInput as error:
+            logger.warning("%s; serving the last listing (%d series)", error, len(listing))
+            self._listing, self._listing_failure = (time.monotonic(), listing), error
+            return listing
         listing = {}
         for item in found:
             uid, study = _value(item, "0020000E"), _value(item, "0020000D")
@@ -175,19 +265,24 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
             if not (is_uid(uid) and is_uid(study)) or modality in NON_IMAGE_MODALITIES:
                 continue
             listing[uid] = {"study": study, "description": str(_value(item, "0008103E")), "modality": modality}
-        self._listing = (time.monotonic(), listing)
+        self._listing, self._listing_failure = (time.monotonic(), listing), None
         return listing
 
     def list_images(self) -> list[str]:
         return list(self.series())
 
     def _listed(self, image_id: object) -> dict[str, str] | None:
+        """The listing of a series, None for one the server does not list; InvalidInput (502)
+        when the server could not be asked."""
         if not is_uid(image_id):
             return None
-        return self.series().get(image_id) or (self._refreshed().get(image_id))
+        listed = self.series().get(image_id) or self._refreshed().get(image_id)
+        if listed is None and self._listing_failure is not None:
+            raise self._listing_failure
+        return listed
 
     def _refreshed(self) -> dict[str, dict[str, str]]:
-        self._listing = (0.0, {})  # a series stored since the last listing is found at once
+        self._listing = (0.0, self._listing[1])  # expired: a series stored since is found at once
         return self.series()
 
     # ------------------------------------------------------------------ cache paths
@@ -214,40 +309,79 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
             return path
 
     def _fetch(self, uid: str, listed: dict[str, str]) -> None:
+        """Download the series (once) and convert it; on any failure nothing of it stays in the cache."""
         folder = self._series_dir(uid)
         if not (os.path.isdir(folder) and os.listdir(folder)):
-            self._check_size(uid, listed["study"])
-            partial = folder + ".partial"
-            shutil.rmtree(partial, ignore_errors=True)
+            self._download(uid, listed, folder)
+        try:
+            converted = _series_to_nifti(folder, uid)
+        except InvalidInput:
+            shutil.rmtree(folder, ignore_errors=True)  # refused for what it holds: fetched anew next time
+            raise
+        try:
+            self._add_image_file(uid, converted, {"SeriesInstanceUID": uid, "StudyInstanceUID": listed["study"],
+                                                  "SeriesDescription": listed["description"],
+                                                  "Modality": listed["modality"]})
+        finally:
+            os.remove(converted)
+
+    def _download(self, uid: str, listed: dict[str, str], folder: str) -> None:
+        """The series' instances into ``folder`` (through ``<folder>.partial``, renamed when complete)."""
+        with self._asking(f"series {uid}"):
+            count, budget = self._announced(uid, listed["study"])
+            with request_bounds(max_bytes=budget):
+                instances = self._retrieved(self._client.retrieve_series, listed["study"], uid)
+        if len(instances) != count:
+            raise InvalidInput(f"series {uid}: the DICOMweb server {self._url} lists {count} instances but sent "
+                               f"{len(instances)}", 502)
+        partial = folder + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
             os.makedirs(partial)
-            instances = self._client.retrieve_series(listed["study"], uid)
             for n, instance in enumerate(instances):
                 instance.save_as(os.path.join(partial, f"{n:05d}.dcm"))
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(partial, folder)
-            logger.info("DICOMweb: series %s (%s, %d instances) downloaded to %s", uid, listed["description"],
-                        len(instances), folder)
-        converted = _series_to_nifti(folder, uid)
-        try:
-            LocalDatastore.add_image(self, uid, converted, {"SeriesInstanceUID": uid,
-                                                            "StudyInstanceUID": listed["study"],
-                                                            "SeriesDescription": listed["description"],
-                                                            "Modality": listed["modality"]})
         finally:
-            os.remove(converted)
+            shutil.rmtree(partial, ignore_errors=True)
+        logger.info("DICOMweb: series %s (%s, %d instances) downloaded to %s", uid, listed["description"],
+                    len(instances), folder)
 
-    def _check_size(self, uid: str, study: str) -> None:
-        """413 for a series whose instances hold more voxels than the server decodes."""
+    def _retrieved(self, retrieve, study: str, series: str) -> list:
+        """The instances ``retrieve(study, series)`` gives (a WADO-RS series retrieval), or
+        InvalidInput (502) when the answer is not DICOM: HTML, a bogus multipart boundary,
+        truncated parts (dicomweb-client and pydicom raise these while decoding it)."""
+        from pydicom.errors import InvalidDicomError
+
         try:
-            instances = self._client.search_for_instances(study, uid, fields=["Rows", "Columns", "NumberOfFrames"],
-                                                          get_remaining=True)
-        except requests.RequestException as error:
-            raise InvalidInput(f"series {uid}: the DICOMweb server did not list its instances ({error})", 502) from None
-        voxels = sum(int(_value(i, "00280010", 0) or 0) * int(_value(i, "00280011", 0) or 0)
-                     * int(_value(i, "00280008", 1) or 1) for i in instances)
+            return list(retrieve(study, series))
+        except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError, AttributeError) as error:
+            raise InvalidInput(f"series {series}: the DICOMweb server {self._url} answered with something that is "
+                               f"not DICOM instances ({type(error).__name__}: {str(error)[:200]})", 502) from None
+
+    def _announced(self, uid: str, study: str) -> tuple[int, int]:
+        """The series' instance count and the bytes its download may hold (the pixel data its
+        instance listing announces, plus headers), from a QIDO search; 413 for a series over
+        the server's voxel or instance limits."""
+        instances = dicom_datasets(self._client.search_for_instances(
+            study, uid, fields=["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"],
+            get_remaining=True), f"QIDO instance search of series {uid}")
+        if len(instances) > MAX_SERIES_INSTANCES:
+            raise InvalidInput(f"series {uid}: {len(instances):,} instances exceed this server's limit of "
+                               f"{MAX_SERIES_INSTANCES:,}", 413)
+        voxels = pixel_bytes = 0
+        for item in instances:
+            samples = (_count(item, "00280010", 0) * _count(item, "00280011", 0)  # rows, columns
+                       * (_count(item, "00280008", 1) or 1) * (_count(item, "00280002", 1) or 1))  # frames, samples
+            voxels += samples
+            pixel_bytes += samples * (((_count(item, "00280100", 16) or 16) + 7) // 8)  # bits allocated
         if voxels > MAX_VOLUME_VOXELS:
             raise InvalidInput(f"series {uid}: {len(instances)} instances with {voxels:,} voxels exceed this "
                                f"server's limit of {MAX_VOLUME_VOXELS:,} voxels", 413)
+        if any(_value(item, tag, None) is None for item in instances for tag in ("00280010", "00280011")):
+            # A server that does not return Rows and Columns announces no size: the general bound.
+            return len(instances), MAX_PIXEL_ANSWER_BYTES
+        return len(instances), min(MAX_PIXEL_ANSWER_BYTES, pixel_bytes + len(instances) * INSTANCE_HEADER_BYTES + 2 ** 20)
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         listed = self._listed(image_id)
@@ -313,6 +447,11 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         if os.path.isfile(path):
             return path
         reference = nib.load(self.get_image_uri(image_id))
+        voxels = int(np.prod(reference.shape)) * len(sequences)
+        if voxels > MAX_VOLUME_VOXELS:
+            raise InvalidInput(f"study {listed['study']}: {len(sequences)} sequences on the grid of series {image_id} "
+                               f"{reference.shape} are {voxels:,} voxels, over this server's limit of "
+                               f"{MAX_VOLUME_VOXELS:,}", 413)
         channels = []
         for sequence in sequences:
             uid = chosen[sequence]
@@ -328,10 +467,8 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
                 image = resample_from_to(image, reference, order=1, cval=0.0)
             channels.append(np.asarray(image.get_fdata(dtype=np.float32)))
         stacked = nib.Nifti1Image(np.stack(channels, axis=-1), reference.affine)
-        handle, partial = tempfile.mkstemp(suffix=".nii.gz", dir=self._sequences_dir)
-        os.close(handle)
-        nib.save(stacked, partial)
-        os.replace(partial, path)
+        with atomic_path(path) as partial:
+            nib.save(stacked, str(partial))
         logger.info("sequences %s of study %s as channels: %s, on the grid of series %s", list(sequences),
                     listed["study"], [chosen[s] for s in sequences], image_id)
         return path
@@ -364,7 +501,7 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
             if isinstance(error, InvalidInput):
                 raise http_error(error) from None
             raise HTTPException(getattr(error, "status", 422), f"label refused: {error}") from None
-        return LocalDatastore.save_label(self, image_id, label_filename, label_tag, info)
+        return self._add_label_file(image_id, label_filename, label_tag, info)
 
     def _store_seg(self, image_id: str, label_filename: str, affine: np.ndarray, info: dict[str, Any]) -> dict:
         import nibabel as nib
@@ -379,13 +516,15 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         try:
             seg = write_seg(label, affine, self._series_dir(image_id), segment_names(info), seg_path,
                             algorithm=str(model or "medadapt label"), manual=model is None)
-            try:
-                answer = self._client.store_instances([pydicom.dcmread(seg_path)])
-            except requests.RequestException as error:
-                raise InvalidInput(f"the DICOMweb server did not store the SEG: {error}", 502) from None
+            with self._asking("storing the label as a SEG"):
+                try:
+                    answer = self._client.store_instances([pydicom.dcmread(seg_path)])
+                except (ValueError, TypeError, KeyError) as error:  # an answer dicomweb-client cannot decode
+                    raise PACSError(f"the DICOMweb server {self._url} answered with an unreadable STOW-RS "
+                                    f"response ({type(error).__name__})", 502) from None
         finally:
             os.remove(seg_path)
-        failed = answer.get("FailedSOPSequence") or []
+        failed = (answer.get("FailedSOPSequence") if hasattr(answer, "get") else None) or []
         if failed:
             reasons = [str(item.get("FailureReason", "?")) for item in failed]
             raise InvalidInput(f"the DICOMweb server refused the SEG (failure reasons {reasons})", 502)
@@ -424,26 +563,41 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
         if time.monotonic() - listed_at < LIST_TTL:
             return found
         listing = self.series()
-        found = {}
-        for item in self._client.search_for_series(search_filters={"Modality": "SEG"}, get_remaining=True):
-            study, seg_series = _value(item, "0020000D"), _value(item, "0020000E")
-            if not (is_uid(study) and is_uid(seg_series)):
-                continue
-            try:
-                meta = self._client.retrieve_series_metadata(study, seg_series)[0]
-            except (requests.RequestException, IndexError):
-                continue
-            referenced = [_value(s, "0020000E") for s in (meta.get("00081115") or {}).get("Value", [])]
-            for uid in referenced:
-                if uid in listing:
-                    found[uid] = (study, seg_series)
+        try:
+            with self._asking("listing the SEG series"):
+                searched = dicom_datasets(self._client.search_for_series(
+                    search_filters={"Modality": "SEG"}, get_remaining=True), "QIDO SEG search")
+                found = {uid: seg for item in searched for uid, seg in self._seg_references(item, listing)}
+        except InvalidInput as error:
+            logger.warning("%s; using the last SEG listing (%d labelled series)", error, len(found))
         self._seg_listing = (time.monotonic(), found)
         return found
+
+    def _seg_references(self, item: dict, listing: dict) -> list[tuple[str, tuple[str, str]]]:
+        """(listed series UID, (study, SEG series)) for each listed series the SEG of a QIDO
+        item references (from its metadata); none when the metadata cannot be read."""
+        study, seg_series = _value(item, "0020000D"), _value(item, "0020000E")
+        if not (is_uid(study) and is_uid(seg_series)):
+            return []
+        try:
+            meta = dicom_datasets(self._client.retrieve_series_metadata(study, seg_series),
+                                  f"metadata of SEG series {seg_series}")[0]
+        except PACSError as error:
+            if error.status == 504:
+                raise  # the listing's time is spent: the rest would fail alike
+            return []
+        except (requests.RequestException, IndexError):
+            return []
+        element = meta.get("00081115")  # Referenced Series Sequence
+        sequence = element.get("Value") if isinstance(element, dict) else None
+        uids = [_value(s, "0020000E") for s in sequence if isinstance(s, dict)] if isinstance(sequence, list) else []
+        return [(uid, (study, seg_series)) for uid in uids if uid in listing]
 
     def _fetch_seg(self, image_id: str, study: str, seg_series: str) -> str:
         import nibabel as nib
 
-        instances = self._client.retrieve_series(study, seg_series)
+        with self._asking(f"SEG series {seg_series}"), request_bounds(max_bytes=MAX_PIXEL_ANSWER_BYTES):
+            instances = self._retrieved(self._client.retrieve_series, study, seg_series)
         if not instances:
             return ""
         handle, seg_path = tempfile.mkstemp(suffix=".dcm", prefix="medadapt_seg_")
@@ -455,9 +609,9 @@ class CheckedDICOMwebDatastore(DICOMWebDatastore):
             image = nib.load(self.get_image_uri(image_id))
             label = read_seg(seg_path, self._series_dir(image_id), image.shape, image.affine)
             nib.save(nib.Nifti1Image(label, image.affine), label_path)
-            LocalDatastore.save_label(self, image_id, label_path, DefaultLabelTag.FINAL,
-                                      {"SeriesInstanceUID": seg_series, "StudyInstanceUID": study})
-        except SegGeometryError as error:
+            self._add_label_file(image_id, label_path, DefaultLabelTag.FINAL,
+                                 {"SeriesInstanceUID": seg_series, "StudyInstanceUID": study})
+        except (SegGeometryError, ValueError, AttributeError, KeyError) as error:  # highdicom's, for a bad SEG
             logger.warning("SEG series %s of series %s not used: %s", seg_series, image_id, error)
             return ""
         finally:
@@ -514,9 +668,14 @@ def segment_names(info: dict[str, Any]) -> dict[int, str]:
 
 
 def _series_to_nifti(folder: str, uid: str) -> str:
-    """A temporary NIfTI of the DICOM series in ``folder`` (SimpleITK, sorted by position)."""
+    """A temporary NIfTI of the DICOM series in ``folder`` (SimpleITK, sorted by position);
+    InvalidInput (422) for a series whose geometry SimpleITK would have to guess."""
     import SimpleITK as sitk
 
+    problem = series_geometry_problem(folder)
+    if problem:
+        raise InvalidInput(f"series {uid}: its geometry cannot be trusted: {problem}; this server does not guess "
+                           "positions or spacings", 422)
     reader = sitk.ImageSeriesReader()
     files = reader.GetGDCMSeriesFileNames(folder, uid)
     if not files:

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from medadapt.data.validate import affine_problem
 from medadapt.monailabel.limits import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # models read voxels as float32
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -160,18 +163,34 @@ def _inspect_3d(path: Path, name: str, read_data: bool) -> ImageFileInfo:
     if voxels > MAX_VOLUME_VOXELS:
         raise ImageFileError(f"{name}: volume of shape {shape} ({voxels:,} voxels) exceeds this server's limit "
                              f"of {MAX_VOLUME_VOXELS:,} voxels", status=413)
+    placement = affine_problem(image.affine)
+    if placement:
+        raise ImageFileError(f"{name}: {placement}")
     if read_data:
-        try:
-            # The values as stored: scaling would turn an 8-bit volume into 8 bytes per voxel.
-            data = image.dataobj.get_unscaled() if hasattr(image.dataobj, "get_unscaled") else image.get_fdata()
-        except Exception as error:
-            raise ImageFileError(f"{name}: not a readable NIfTI volume ({type(error).__name__}: {error})") from None
-        bad = int(data.size - np.count_nonzero(np.isfinite(data))) if np.issubdtype(data.dtype, np.inexact) else 0
-        if bad:
-            raise ImageFileError(f"{name}: volume holds {bad:,} NaN or infinite voxels; replace them "
-                                 "(e.g. with 0) before sending it")
+        _check_voxel_values(image, name)
     channels = shape[3] if len(shape) == 4 else 1
     return ImageFileInfo(str(path), "3d", shape[:3], channels, np.asarray(image.affine, dtype=np.float64))
+
+
+def _check_voxel_values(image, name: str) -> None:
+    """ImageFileError (422) for NaN or infinite voxels, as stored or once the header's scaling
+    (scl_slope, scl_inter) is applied in float32, as the models read them."""
+    try:
+        # The values as stored: scaling would turn an 8-bit volume into 8 bytes per voxel.
+        data = image.dataobj.get_unscaled() if hasattr(image.dataobj, "get_unscaled") else image.get_fdata()
+    except Exception as error:
+        raise ImageFileError(f"{name}: not a readable NIfTI volume ({type(error).__name__}: {error})") from None
+    bad = int(data.size - np.count_nonzero(np.isfinite(data))) if np.issubdtype(data.dtype, np.inexact) else 0
+    if bad:
+        raise ImageFileError(f"{name}: volume holds {bad:,} NaN or infinite voxels; replace them "
+                             "(e.g. with 0) before sending it")
+    slope, inter = float(getattr(image.dataobj, "slope", 1.0)), float(getattr(image.dataobj, "inter", 0.0))
+    if data.size and (slope, inter) != (1.0, 0.0):
+        extremes = np.array([data.min(), data.max()], dtype=np.float64) * slope + inter
+        if not np.isfinite(extremes).all() or np.abs(extremes).max() > FLOAT32_MAX:
+            raise ImageFileError(f"{name}: the header's scaling (scl_slope {slope:g}, scl_inter {inter:g}) makes "
+                                 f"voxels of up to {np.abs(extremes).max():.3g}, beyond float32: they would be "
+                                 "infinite; fix the scaling")
 
 
 class UploadFolder:

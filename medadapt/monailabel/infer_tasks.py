@@ -40,6 +40,7 @@ from medadapt.monailabel.imagefiles import (
     write_png_label,
 )
 from medadapt.monailabel.labelmaps import class_scores, segmentation_label_map
+from medadapt.monailabel.limits import MAX_VOLUME_VOXELS
 from medadapt.monailabel.specs import AdapterState, Box3DModel, BoxModel, BundleModel, ServedModel
 
 logger = logging.getLogger("medadapt.monailabel")
@@ -220,6 +221,9 @@ class BundleSegmentationTask(AdapterInferTask):
             layout = f"a 4D NIfTI with {expected} channels last" if expected > 1 else "a 3D NIfTI"
             raise InvalidInput(f"model {self.model.name!r} expects {layout}; "
                                f"{Path(info.path).name} has {info.channels} channel(s)", 422)
+        if self.kind == "3d":
+            parts, _ = self.parts(data.get("device") or "cpu")
+            check_resampled_size(info, resample_spacing(parts["preprocessing"]), self.model.name)
         return data
 
     def postprocess(self, data: dict) -> dict:
@@ -293,6 +297,42 @@ class BoxSegmentationTask(AdapterInferTask):
 
     def result_json(self, data: dict) -> dict[str, Any]:
         return {**super().result_json(data), "box": data["box"]}
+
+
+def resample_spacing(preprocessing: Any) -> np.ndarray | None:
+    """The voxel spacing (mm) a model's preprocessing resamples volumes to (its ``Spacingd``),
+    or None if it keeps the input's."""
+    from monai.transforms import Compose, Spacingd
+
+    pending = [preprocessing]
+    while pending:
+        transform = pending.pop()
+        if isinstance(transform, Spacingd):
+            return np.asarray(transform.spacing_transform.pixdim, dtype=np.float64)
+        if isinstance(transform, Compose):
+            pending.extend(transform.transforms)
+    return None
+
+
+def check_resampled_size(info: ImageFileInfo, spacing: np.ndarray | None, model: str) -> None:
+    """InvalidInput (413) when resampling the volume to ``spacing`` would make more voxels than
+    the server decodes: the header check bounds the file, not what a model's resampling makes
+    of it (a tiny volume of huge voxels becomes hundreds of millions)."""
+    if spacing is None or info.affine is None:
+        return
+    import nibabel as nib
+
+    spacing = np.atleast_1d(np.asarray(spacing, dtype=np.float64))
+    spacing = np.concatenate([spacing, np.repeat(spacing[-1], 3)])[:3]  # MONAI pads a short pixdim with its last
+    sizes = nib.affines.voxel_sizes(info.affine)
+    target = np.where(spacing > 0, spacing, sizes)  # MONAI keeps an axis's spacing where pixdim <= 0
+    shape = [int(math.ceil(n * size / step - 1e-6)) for n, size, step in zip(info.spatial_shape, sizes, target)]
+    voxels = math.prod(shape) * info.channels
+    if voxels > MAX_VOLUME_VOXELS:
+        raise InvalidInput(f"model {model!r} resamples to {target.round(3).tolist()} mm: {Path(info.path).name} "
+                           f"(shape {info.spatial_shape}, voxels of {sizes.round(3).tolist()} mm) would become "
+                           f"{shape} x {info.channels} channel(s) = {voxels:,} voxels, over this server's limit of "
+                           f"{MAX_VOLUME_VOXELS:,}", 413)
 
 
 def parse_box(box: Any, width: int, height: int, model: str) -> list[float]:

@@ -18,13 +18,18 @@ from typing import Any
 # Server-wide bounds, set by `medadapt label` through the environment (see medadapt.monailabel.cli).
 MAX_REQUEST_BYTES_ENV = "MEDADAPT_LABEL_MAX_REQUEST_BYTES"
 UPLOAD_TIMEOUT_ENV = "MEDADAPT_LABEL_UPLOAD_TIMEOUT"
+DICOMWEB_TIMEOUT_ENV = "MEDADAPT_LABEL_DICOMWEB_TIMEOUT"
 MAX_REQUEST_BYTES = 512 * 1024 ** 2  # an uncompressed float32 NIfTI of MAX_VOLUME_VOXELS is 256 MiB
 UPLOAD_TIMEOUT = 300.0  # s to receive a request's body
 INFER_TIMEOUT = 600.0  # s for one inference (MONAI Label's own default, MONAI_LABEL_INFER_TIMEOUT)
+DICOMWEB_TIMEOUT = 120.0  # s for one request to a DICOMweb server, answer read in full
 
 # Decoded sizes, checked from headers: a BraTS case (240 x 240 x 155 x 4) is 36 M voxels.
 MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_VOLUME_VOXELS = 2 ** 26  # all channels together: 256 MiB as float32
+# A DICOM series' instances (slices): thin-slice CT reaches ~3,000; reading each file costs time
+# that no bound on voxels limits (10,000 tiny instances took minutes).
+MAX_SERIES_INSTANCES = 4096
 
 # JSON options (infer params, label info, training options).
 MAX_JSON_DEPTH = 8

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -108,6 +109,9 @@ class MedAdaptApp(MONAILabelApp):
         # share the CPU anyway.
         self._infers_threadpool = None
         self._infer_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="INFER")
+        # Series a request needs from a DICOMweb server are fetched here, within the request's
+        # inference time (a fetch that outlasts it goes on, and is kept for the next request).
+        self._fetch_worker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="FETCH")
 
     # ------------------------------------------------------------------ MONAI Label hooks
     def init_datastore(self) -> Datastore:
@@ -148,10 +152,11 @@ class MedAdaptApp(MONAILabelApp):
         """Upstream's infer on a checked request (see `_checked_infer_request`); bad input is
         answered by 4xx, an inference over its time bound by 504."""
         uploads = [request["image"]] if is_upload(request.get("image")) else []
+        started = time.monotonic()
         try:
             store = datastore or self.datastore()
-            checked, image_id = self._checked_infer_request(request, store)
-            result = self._infer_in_time(checked, store)
+            checked, image_id = self._checked_infer_request(request, store, started)
+            result = self._infer_in_time(checked, store, started + checked["timeout"])
             if checked.get("save_label") and image_id and result.get("file"):
                 # Upstream saves only when it is given an id; it is given the checked path.
                 tag = checked.get("label_tag") or "original"
@@ -167,7 +172,8 @@ class MedAdaptApp(MONAILabelApp):
                 raise http_error(error) from error
             raise
 
-    def _checked_infer_request(self, request: dict[str, Any], store: Datastore) -> tuple[dict[str, Any], str | None]:
+    def _checked_infer_request(self, request: dict[str, Any], store: Datastore,
+                               started: float) -> tuple[dict[str, Any], str | None]:
         """The request a task may see, and the image's datastore id (None for an upload).
 
         Every path in it is one the server chose: "image" becomes the file of a datastore id
@@ -184,13 +190,15 @@ class MedAdaptApp(MONAILabelApp):
             logger.info("infer %s: ignoring request keys %s", model, dropped)
         checked = {k: v for k, v in request.items() if k in allowed}
         _check_json(checked, "infer params")
+        checked["timeout"] = self._infer_timeout(checked)
+        fetch = functools.partial(self._fetched_in_time, store, started + checked["timeout"], checked["timeout"])
 
         image = checked.get("image")
         image_id = None
         if is_upload(image):
             path, name = image, "the uploaded file"
         elif isinstance(image, str) and image:
-            path = store.get_image_uri(image)
+            path = fetch(store.get_image_uri, image)
             if not path:
                 shown = image if len(image) <= 200 else image[:197] + "..."
                 raise InvalidInput(f"unknown image {shown!r}: not in the datastore (image ids are names, not "
@@ -201,10 +209,9 @@ class MedAdaptApp(MONAILabelApp):
         sequences = self._models[model].sequences
         if sequences and image_id is not None and isinstance(store, CheckedDICOMwebDatastore):
             # A multi-sequence model on a DICOMweb study: the study's series as channels.
-            path = store.sequence_volume(image_id, sequences)
+            path = fetch(store.sequence_volume, image_id, sequences)
         checked["image"] = path
         _check_device(checked.get("device"))
-        checked["timeout"] = self._infer_timeout(checked)
         if not isinstance(checked.get("save_label", False), bool):
             raise InvalidInput(f"save_label must be true or false, got {checked['save_label']!r}", 400)
         if checked.get("save_label"):
@@ -214,8 +221,22 @@ class MedAdaptApp(MONAILabelApp):
         _check_values(path, name)
         return checked, image_id
 
-    def _infer_in_time(self, request: dict[str, Any], store: Datastore) -> dict[str, Any]:
-        """Upstream's infer of a checked request in the inference worker; 504 after its timeout
+    def _fetched_in_time(self, store: Datastore, deadline: float, limit: float, fetch, *args) -> Any:
+        """``fetch(*args)`` (an image path from ``store``); from a DICOMweb datastore, which may
+        first download the series, in the fetch worker and answered with 504 once ``deadline``
+        has passed: the series' download counts against the request's inference time."""
+        if not isinstance(store, CheckedDICOMwebDatastore):
+            return fetch(*args)
+        future = self._fetch_worker.submit(fetch, *args)
+        try:
+            return future.result(max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            raise InvalidInput(f"the series did not arrive from the DICOMweb server {store.name()} within the "
+                               f"{limit:g} s this inference may take; the download goes on (within the server's "
+                               "--dicomweb-timeout) and is kept for the next request", 504) from None
+
+    def _infer_in_time(self, request: dict[str, Any], store: Datastore, deadline: float) -> dict[str, Any]:
+        """Upstream's infer of a checked request in the inference worker; 504 at ``deadline``
         (the late inference still finishes, and its label file is then deleted)."""
         def run() -> dict[str, Any]:
             handle_torch_linalg_multithread(request)
@@ -223,7 +244,7 @@ class MedAdaptApp(MONAILabelApp):
 
         future = self._infer_worker.submit(run)
         try:
-            return future.result(request["timeout"])
+            return future.result(max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
             future.add_done_callback(_discard_late_result)
             raise HTTPException(504, f"model {request['model']!r} did not finish within {request['timeout']:g} s; "

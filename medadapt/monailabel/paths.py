@@ -6,9 +6,11 @@ not one harmless path component, and `confined` joins names under a root folder 
 that the result is still inside it, so whatever a request says, a path built from it stays in
 the studies folder or the app's own folders.
 
-The check is on the normalised path, not on one with links followed: a link the operator put
-into the studies folder (a study kept elsewhere) is served as before, and no request can make
-one (uploads are copied, never linked).
+`confined` checks the normalised path; `resolves_inside` checks it again with every link
+followed. The datastores serve a file only where both hold: a link the operator put into the
+studies folder is served when it leads to a file inside that folder, and ignored (not listed,
+read, written or deleted) when it leads outside, so no request can reach, replace or delete
+what lies beyond it. No request can make a link (uploads are copied, never linked).
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ def is_inside(path: str | Path, root: str | Path) -> bool:
     """Whether the normalised absolute ``path`` is ``root`` or lies below it."""
     path, root = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(root))
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resolves_inside(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path``, with every link on the way followed, lies inside ``root`` (its own
+    links followed too). ``path`` need not exist: its existing part is resolved."""
+    return is_inside(os.path.realpath(path), os.path.realpath(root))
 
 
 def confined(root: str | Path, *parts: str, what: str = "path") -> str:

@@ -22,6 +22,8 @@ does the unsafe thing itself:
 - every other temporary file of the server and its training jobs goes to ``<app>/tmp``.
 - ``output=dicom_seg`` at inference writes the SEG with `medadapt.monailabel.dicomseg`
   (upstream runs dcmqi's ``itkimage2segimage``, which is not installed).
+- the DICOMweb proxy's reads go through a bounded session (`medadapt.monailabel.pacs`) in a
+  worker thread: upstream read the PACS's answer whole, without a timeout, on the event loop.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.endpoints import datastore as datastore_endpoints
 from monailabel.endpoints import infer as infer_endpoints
+from monailabel.endpoints import proxy as proxy_endpoints
 from monailabel.endpoints import train as train_endpoints
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
@@ -63,6 +66,7 @@ from medadapt.monailabel.limits import (
     env_number,
     parse_json_object,
 )
+from medadapt.monailabel.pacs import bounded_proxy
 
 logger = logging.getLogger("medadapt.monailabel")
 
@@ -194,6 +198,14 @@ def guard_endpoints(uploads: UploadFolder) -> None:
     infer_endpoints.nifti_to_dicom_seg = inference_seg
     train_endpoints.run_model = _checked_training(_original(train_endpoints.run_model))
     train_endpoints.run = _checked_training_of_all(_original(train_endpoints.run))
+    proxy_endpoints.proxy_dicom = bounded_proxy(_studies_session)
+
+
+def _studies_session():
+    """A bounded session to the DICOMweb server the studies are on (for the proxy routes)."""
+    from medadapt.monailabel.dicomweb import dicomweb_session
+
+    return dicomweb_session(str(settings.MONAI_LABEL_STUDIES).strip().rstrip("/"))
 
 
 def inference_seg(series_dir: str, label: str, label_info: Any = None, use_itk: bool = True, **_) -> str:

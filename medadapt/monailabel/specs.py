@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from medadapt.checkpoint import adapter_files
+from medadapt.io import read_json
 
 logger = logging.getLogger("medadapt.monailabel")
 
@@ -326,10 +327,9 @@ def load_models(config: str | Path | None, bundle_root: str | Path, runs: str | 
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"model config {path} is not valid JSON: {error}") from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"model config {path} must hold a JSON object, got {type(data).__name__}")
     unknown = set(data) - {"models", "include_bundles", "include_box_model", "include_box3d_model"}
     if unknown:
         raise ValueError(f"model config {path}: unknown keys {sorted(unknown)}")

@@ -28,6 +28,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
 from medadapt.adapters import list_methods, make_config
+from medadapt.checkpoint import option_pattern_problems
 from medadapt.engine.bundle import Verbatim, parses_as_itself
 from medadapt.monailabel.errors import InvalidInput
 from medadapt.monailabel.limits import MAX_TRAIN_BATCH, MAX_TRAIN_EPOCHS
@@ -225,6 +226,9 @@ def _method_options(method: str, options: Any) -> dict[str, Any]:
         make_config(method, options)
     except ValueError as error:
         raise InvalidInput(f"method_options: {error}", 400) from None
+    patterns = option_pattern_problems(options)
+    if patterns:
+        raise InvalidInput(f"method_options: {patterns[0]}", 400)
 
     def texts(value):
         if isinstance(value, str):
