@@ -18,7 +18,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Iterator
 
@@ -28,11 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from medadapt.injection import inject, injection_record, set_stage
 
-try:
-    from re import _parser as _regex_parser  # Python 3.11+
-except ImportError:  # Python 3.10
-    import sre_parse as _regex_parser
 from medadapt.io import atomic_path, atomic_write_text, read_json
+from medadapt.patterns import option_pattern_problems
 
 WEIGHTS_NAME = "medadapt_adapters.safetensors"
 CONFIG_NAME = "medadapt_config.json"
@@ -43,11 +39,6 @@ FORMAT = "medadapt-adapters"
 VERSION = 1
 # create_model's arguments, recorded on the model it returns (plain JSON data).
 BUILD_ATTR = "medadapt_build"
-# Method options that are regular expressions over module names (AdapterConfig.targets, LoRA's
-# target_modules), and what keeps their matching time bounded (see `pattern_problem`).
-PATTERN_OPTIONS = ("targets", "target_modules")
-MAX_PATTERN_LENGTH = 200
-MAX_PATTERN_REPEATS = 3
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -261,60 +252,6 @@ def _config_problems(config: dict) -> list[str]:
         # Only a folder holding the whole encoder (full fine-tuning, stage 2) may have no frozen
         # base; an empty fingerprint elsewhere would let the adapters load onto any base unchecked.
         problems.append("'base_fingerprint' is empty: nothing tells which base model the adapters belong to")
-    return problems
-
-
-def pattern_problem(text: str) -> str | None:
-    """Why matching the regular expression ``text`` against module names could take unbounded
-    time, or None. Python's ``re`` backtracks and cannot be interrupted: ``(.*.*.*.*.*)*X``
-    never finishes on a 30-character name. Refused: a repetition inside a repetition, an
-    alternation inside a repetition, back-references, more than `MAX_PATTERN_REPEATS`
-    repetitions, patterns longer than `MAX_PATTERN_LENGTH`. Names of blocks and layers need
-    none of these (``blocks\\.(1|2)$``, ``stages\\.\\d+\\.blocks``, ``attn\\.qkv``)."""
-    if len(text) > MAX_PATTERN_LENGTH:
-        return f"longer than {MAX_PATTERN_LENGTH} characters"
-    try:
-        parsed = _regex_parser.parse(text)
-    except re.error as error:
-        return f"not a regular expression ({error})"
-    repeats = 0
-    # (parsed items, inside a repetition)
-    pending = [(parsed, False)]
-    while pending:
-        items, in_repeat = pending.pop()
-        for op, arg in items:
-            name = str(op)
-            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
-                if arg[1] > 1:
-                    if in_repeat:
-                        return "a repetition inside a repetition (its matching time can grow exponentially)"
-                    repeats += 1
-                pending.append((arg[2], in_repeat or arg[1] > 1))
-            elif name == "BRANCH":
-                if in_repeat:
-                    return "an alternation inside a repetition (its matching time can grow exponentially)"
-                pending.extend((branch, in_repeat) for branch in arg[1])
-            elif name in ("GROUPREF", "GROUPREF_EXISTS"):
-                return "a back-reference"
-            elif name == "SUBPATTERN":
-                pending.append((arg[3], in_repeat))
-            elif name in ("ASSERT", "ASSERT_NOT"):
-                pending.append((arg[1], in_repeat))
-            elif name == "ATOMIC_GROUP":
-                pending.append((arg, in_repeat))
-    if repeats > MAX_PATTERN_REPEATS:
-        return f"{repeats} repetitions (at most {MAX_PATTERN_REPEATS})"
-    return None
-
-
-def option_pattern_problems(options: dict) -> list[str]:
-    """One phrase per method option in ``options`` that is a regular expression `pattern_problem` refuses."""
-    problems = []
-    for key in PATTERN_OPTIONS:
-        value = options.get(key) if isinstance(options, dict) else None
-        problem = pattern_problem(value) if isinstance(value, str) else None
-        if problem:
-            problems.append(f"option {key!r} {_short(value)}: the pattern is {problem}")
     return problems
 
 

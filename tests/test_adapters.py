@@ -740,3 +740,15 @@ def test_a_new_method_is_its_config_and_a_registry_line(monkeypatch):
         medadapt.merge_adapters(model)
         torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("method, options", [("dka", {"targets": "(.*.*.*.*.*)*X"}),
+                                             ("lora", {"target_modules": "(a|aa)+b"})])
+def test_patterns_that_could_hang_are_refused_when_the_config_is_made(method, options):
+    import time
+
+    model, _ = build_task("timm_vit")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="the pattern is a"):
+        medadapt.inject(model, method, **options)
+    assert time.perf_counter() - start < 5  # refused from the pattern itself, not after matching

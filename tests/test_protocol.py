@@ -382,7 +382,7 @@ def test_a_killed_ray_worker_is_retried(tmp_path, demo_dir):
 
     out = tmp_path / "killed"
     code = ("from medadapt.protocol.runner import run_protocol; import json, sys; "
-            f"kwargs = json.loads(sys.argv[1]); run_protocol(**kwargs, echo=print)")
+            "kwargs = json.loads(sys.argv[1]); run_protocol(**kwargs, echo=print)")
     kwargs = {k: v for k, v in SMALL.items() if k != "echo"}
     kwargs.update(methods=["dka"], fractions=[1.0], folds=2, out=str(out), demo_dir=str(demo_dir), ray="local",
                   epochs=3)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 from medadapt.ops.dwconv import capturing_graph
+from medadapt.patterns import check_pattern
 
 if TYPE_CHECKING:
     from medadapt.families import Family, Site
@@ -371,6 +372,8 @@ class AdapterConfig:
                 raise ValueError("spatial_dims=3 needs num_slices (slices per volume in a batch)")
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        if isinstance(self.targets, str):
+            check_pattern("targets", self.targets)
 
     @classmethod
     def from_options(cls, options: dict, method: str | None = None) -> AdapterConfig:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from medadapt.adapters.base import AdapterConfig, AdapterModule, replace_module, select_blocks
+from medadapt.patterns import check_pattern
 
 
 class LoRALinear(AdapterModule):
@@ -68,6 +69,11 @@ class LoRAConfig(AdapterConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target_modules is not None:
+            check_pattern("target_modules", self.target_modules)
 
     @classmethod
     def supports(cls, family) -> bool:

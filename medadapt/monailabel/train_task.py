@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
 from medadapt.adapters import list_methods, make_config
-from medadapt.checkpoint import option_pattern_problems
+from medadapt.patterns import option_pattern_problems
 from medadapt.engine.bundle import Verbatim, parses_as_itself
 from medadapt.monailabel.errors import InvalidInput
 from medadapt.monailabel.limits import MAX_TRAIN_BATCH, MAX_TRAIN_EPOCHS
