@@ -26,7 +26,6 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from medadapt.injection import inject, injection_record, set_stage
-
 from medadapt.io import atomic_path, atomic_write_text, read_json
 from medadapt.patterns import option_pattern_problems
 

@@ -18,7 +18,12 @@ from typing import Iterator
 import torch.nn as nn
 
 from medadapt.adapters import make_config
-from medadapt.adapters.base import AdapterConfig, AdapterModule, adapter_modules, replace_module
+from medadapt.adapters.base import (
+    AdapterConfig,
+    AdapterModule,
+    adapter_modules,
+    replace_module,
+)
 from medadapt.adapters.wrappers import _FROZEN, frozen_batchnorm
 from medadapt.families import find_encoder
 

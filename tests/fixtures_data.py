@@ -164,3 +164,14 @@ def tiny_files_datalist(root: Path, classes: list[int], groups: list[str] | None
         entry["group"] = groups[i] if groups else f"c{i}"
         datalist.append(entry)
     return datalist
+
+
+def bundle_transforms(bundle: str, stage: str = "validate", **settings):
+    """The transform chain of one of the repository's bundles, as the bundle builds it:
+    ``stage`` "train" or "validate" (train.json's chains) or "infer" (inference.json's),
+    with bundle ``settings`` (``image_size``, ``release``, ``train#transforms#crop#num_samples``...)."""
+    from medadapt.engine.bundle import parsed
+
+    repo = Path(__file__).resolve().parents[1]
+    config, key = ("inference.json", "preprocessing") if stage == "infer" else ("train.json", f"{stage}#preprocessing")
+    return parsed(repo / "bundles" / bundle / config, key, **settings)

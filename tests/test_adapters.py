@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import ENCODERS, TinyTask, build_task
 
 import medadapt
 from medadapt.adapters import METHODS, make_config
@@ -19,8 +20,6 @@ from medadapt.adapters.cli import supported_families
 from medadapt.adapters.wrappers import Adapted
 from medadapt.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from medadapt.injection import injection_record
-
-from conftest import ENCODERS, TinyTask, build_task
 
 # TinyViT needs a 256 input; it runs the methods whose code paths differ there.
 TINYVIT_METHODS = {"dka", "lka", "lora", "cladapter", "bitfit", "adapter"}

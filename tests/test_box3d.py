@@ -226,7 +226,6 @@ def test_litemedsam_follows_the_brain_to_its_top_and_stops_there(mni, litemedsam
 @pytest.mark.slow
 def test_served_box3d_model_answers_a_label_volume_with_the_inputs_grid(mni, tmp_path):
     import nibabel as nib
-
     from monailabel_server import _require_monailabel, label_server
 
     _require_monailabel()

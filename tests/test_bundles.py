@@ -20,17 +20,22 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "train.json").is_file())
 TINY_OPTIONS = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}  # a tiny ConvNeXt: timm's real class
 TINY = ["--backbone", "timm:convnext_atto", "--backbone_options", json.dumps(TINY_OPTIONS)]
-SMALL_DEMO = {
-    "dka_brats": "{'num_cases': 4, 'size': 32}",
-    "dka_busi_seg": "{'per_class': 3}",
-    "dka_busi_cls": "{'per_class': 3}",
-    "dka_isic2018_seg": "{'n': 6}",
-    "dka_isic2019_cls": "{'n': 24}",
-    "dka_mni152_tissue": "{}",
-    "dka_mni152_tissue_3d": "{}",
-}
-# The BraTS demo validates only at its last epoch by default; these runs have one epoch.
-EXTRA = {"dka_brats": ["--roi_size", "[32,32,4]", "--val_interval", "1"]}
+
+
+def _config(bundle: str) -> dict:
+    return json.loads((REPO / "bundles" / bundle / "train.json").read_text(encoding="utf-8"))
+
+
+def _small_demo(bundle: str) -> str:
+    from medadapt.data import get_dataset
+
+    return repr(get_dataset(_config(bundle)["dataset_name"]).small_demo)
+
+
+# Each bundle's dataset says what a quick demo is, so a new bundle is tested without a line here.
+SMALL_DEMO = {bundle: _small_demo(bundle) for bundle in BUNDLES}
+# Volume bundles: small windows, and validation after a one-epoch run (the BraTS demo validates late).
+EXTRA = {bundle: ["--roi_size", "[32,32,4]", "--val_interval", "1"] for bundle in BUNDLES if "roi_size" in _config(bundle)}
 
 
 def run_bundle(config: str | list[str], *args: str, check: bool = True,

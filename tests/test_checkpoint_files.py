@@ -17,8 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import medadapt
-from medadapt.checkpoint import (CONFIG_NAME, LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME,
-                                 read_adapter_config)
+from medadapt.checkpoint import (
+    CONFIG_NAME,
+    LEGACY_CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    read_adapter_config,
+)
 from medadapt.io import atomic_path, atomic_write_text
 
 TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}

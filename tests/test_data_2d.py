@@ -9,13 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import make_busi, make_isic2018, make_isic2019, write_png
+from fixtures_data import (
+    bundle_transforms,
+    make_busi,
+    make_isic2018,
+    make_isic2019,
+    write_png,
+)
 from PIL import Image
 
-from medadapt.data.busi import BUSI_CLASSES, busi_datalist, merge_masks
 from medadapt.data.errors import DatasetError
-from medadapt.data.isic import ISIC2019_CLASSES, isic2018_datalist, isic2019_datalist
-from medadapt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, busi_transforms, image2d_transforms, isic_transforms
+from medadapt.datasets.busi import BUSI_CLASSES, busi_datalist, merge_masks
+from medadapt.datasets.isic import (
+    ISIC2019_CLASSES,
+    isic2018_datalist,
+    isic2019_datalist,
+)
 
 
 def _tree_digest(folder: Path) -> dict:
@@ -53,7 +62,7 @@ def test_busi_extra_masks_merged_by_transform_and_cache(tmp_path):
     for path in entry["label"]:
         expected |= np.asarray(Image.open(path)) > 0
 
-    out = busi_transforms(train=False, task="segmentation", size=(20, 30))(entry)
+    out = bundle_transforms("dka_busi_seg", image_size=32, **{"validate#transforms#resize": None})(entry)
     assert out["label"].shape == (1, 20, 30)
     assert np.array_equal(out["label"][0].numpy() > 0, expected)  # logical OR of all three
 
@@ -145,29 +154,17 @@ def _grey_and_mask(tmp_path: Path) -> dict:
 
 def test_2d_transforms_keep_geometry_and_channels(tmp_path):
     entry = _grey_and_mask(tmp_path)
-    out = image2d_transforms(train=False, task="segmentation", size=(10, 15), normalization="minmax")(entry)
-    assert out["image"].shape == (3, 10, 15) and out["label"].shape == (1, 10, 15)
+    out = bundle_transforms("dka_busi_seg", image_size=12)(entry)
+    assert out["image"].shape == (3, 12, 12) and out["label"].shape == (1, 12, 12)
     assert out["image"].dtype == torch.float32 and out["label"].dtype == torch.float32
     assert set(torch.unique(out["label"]).tolist()) == {0.0, 1.0}
     # The mask still covers the bright block: rows first, columns second, nothing transposed.
     bright, lesion = out["image"][0] > 0.5, out["label"][0] > 0
     assert float((bright & lesion).sum() / (bright | lesion).sum()) > 0.7
-    assert lesion[:2, :3].all() and not lesion[5:].any() and not lesion[:, 8:].any()
+    assert lesion[:3, :2].all() and not lesion[6:].any() and not lesion[:, 7:].any()
     assert float(out["image"].min()) == 0.0 and float(out["image"].max()) == 1.0
-    same = image2d_transforms(train=False, task="segmentation", size=(20, 30))(entry)
+    same = bundle_transforms("dka_busi_seg", image_size=32, **{"validate#transforms#resize": None})(entry)
     assert torch.equal(same["image"][0] > 0.5, same["label"][0] > 0)
-
-
-def test_2d_normalizations(tmp_path):
-    entry = _grey_and_mask(tmp_path)
-    raw = np.asarray(Image.open(entry["image"]).convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    net = image2d_transforms(False, "segmentation", size=(20, 30), normalization="imagenet")(entry)["image"]
-    expected = (raw / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    assert np.allclose(net.numpy(), expected.transpose(2, 0, 1), atol=1e-4)
-    lite = image2d_transforms(False, "segmentation", size=(20, 30), normalization="efficientnet_lite")(entry)["image"]
-    assert np.allclose(lite.numpy(), (raw.transpose(2, 0, 1) - 127.0) / 128.0, atol=1e-4)
-    with pytest.raises(ValueError, match="normalization"):
-        image2d_transforms(False, normalization="zscore")
 
 
 def test_2d_training_transforms_classification_and_segmentation(tmp_path):
@@ -175,27 +172,27 @@ def test_2d_training_transforms_classification_and_segmentation(tmp_path):
     make_isic2018(tmp_path / "isic", n=2)
     torch.manual_seed(0)
     for entry in busi_datalist(tmp_path / "busi"):
-        out = busi_transforms(train=True, task="classification", size=32, normalization="imagenet")(entry)
+        out = bundle_transforms("dka_busi_cls", "train", image_size=32)(entry)
         assert out["image"].shape == (3, 32, 32) and out["label"] == entry["class"]
     for entry in busi_datalist(tmp_path / "busi", task="segmentation"):
-        out = busi_transforms(train=True, task="segmentation", size=(24, 40))(entry)
-        assert out["image"].shape == (3, 24, 40) and out["label"].shape == (1, 24, 40)
+        out = bundle_transforms("dka_busi_seg", "train", image_size=24)(entry)
+        assert out["image"].shape == (3, 24, 24) and out["label"].shape == (1, 24, 24)
         assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
     for entry in isic2018_datalist(tmp_path / "isic"):
-        out = isic_transforms(train=True, size=(32, 32))(entry)
+        out = bundle_transforms("dka_isic2018_seg", "train", image_size=32)(entry)
         assert out["image"].shape == (3, 32, 32) and out["label"].shape == (1, 32, 32)
         assert out["label"].sum() > 0
 
 
-def test_isic_quarter_turns_keep_a_non_square_output_size(tmp_path):
+def test_isic_quarter_turns_come_before_the_resize(tmp_path):
     make_isic2018(tmp_path / "isic", n=1)
     entry = isic2018_datalist(tmp_path / "isic")[0]
-    transform = isic_transforms(train=True, size=(24, 40))
+    transform = bundle_transforms("dka_isic2018_seg", "train", image_size=32)
     turned = 0
     for seed in range(16):   # each seed has a 1/3 chance of an odd quarter turn
         transform.set_random_state(seed)
         out = transform(dict(entry))
-        assert out["image"].shape == (3, 24, 40) and out["label"].shape == (1, 24, 40)
+        assert out["image"].shape == (3, 32, 32) and out["label"].shape == (1, 32, 32)
         resize = next(op for op in out["image"].applied_operations if op["class"] == "Resize")
         turned += tuple(resize["orig_size"]) == (30, 20)   # the 20 x 30 image was turned
     assert 0 < turned < 16

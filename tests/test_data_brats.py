@@ -9,13 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import SHAPE3D, label_map, make_brats2021, make_brats2023, make_msd, write_nifti
+from fixtures_data import (
+    SHAPE3D,
+    bundle_transforms,
+    label_map,
+    make_brats2021,
+    make_brats2023,
+    make_msd,
+    write_nifti,
+)
 from monai.transforms import LoadImaged
 
-from medadapt.data.brats import MODALITIES, brats_datalist, detect_release
-from medadapt.data.brats_labels import RELEASES, ConvertBraTSLabels, ConvertBraTSLabelsd, canonical_release
 from medadapt.data.errors import DatasetError
-from medadapt.data.transforms import brats_transforms
+from medadapt.datasets.brats import MODALITIES, brats_datalist, detect_release
+from medadapt.datasets.brats.labels import (
+    RELEASES,
+    ConvertBraTSLabels,
+    ConvertBraTSLabelsd,
+    canonical_release,
+)
 
 # The release conventions as the BraTS organisers define them (the requirement under test).
 SPEC = {
@@ -175,7 +187,7 @@ def test_release_aliases():
 def test_transforms_validation_and_training_shapes(tmp_path):
     make_brats2021(tmp_path, cases=1, spacing=2.0)
     entry = brats_datalist(tmp_path)[0]
-    out = brats_transforms(train=False, release="2021", pixdim=(1.0, 1.0, 1.0))(entry)
+    out = bundle_transforms("dka_brats", release="2021", pixdim=[1.0, 1.0, 1.0])(entry)
     # 2 mm input resampled to 1 mm: about twice the voxels per axis.
     assert out["image"].shape[0] == 4 and out["label"].shape[0] == 3
     assert out["image"].shape[1:] == out["label"].shape[1:]
@@ -184,11 +196,12 @@ def test_transforms_validation_and_training_shapes(tmp_path):
     assert abs(float(out["image"][0][brain].mean())) < 0.05  # z-scored over brain voxels
     assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
 
-    crops = brats_transforms(train=True, roi_size=(8, 8, 8), pixdim=None, num_samples=3)(entry)
+    crops = bundle_transforms("dka_brats", "train", roi_size=[8, 8, 8], pixdim=None,
+                              **{"train#transforms#crop#num_samples": 3})(entry)
     assert len(crops) == 3
     for crop in crops:
         assert crop["image"].shape == (4, 8, 8, 8) and crop["label"].shape == (3, 8, 8, 8)
-    padded = brats_transforms(train=True, roi_size=(16, 16, 16), pixdim=None, crop="random")(entry)
+    padded = bundle_transforms("dka_brats", "train", roi_size=[16, 16, 16], pixdim=None)(entry)[0]
     assert padded["image"].shape == (4, 16, 16, 16)  # smaller volume padded up to the ROI
 
 
@@ -196,7 +209,7 @@ def test_transforms_reorder_msd_channels(tmp_path):
     make_msd(tmp_path, cases=1, channel_slabs=True)
     entry = brats_datalist(tmp_path)[0]
     for release in ("msd", "auto"):
-        out = brats_transforms(train=False, release=release, pixdim=None)(entry)
+        out = bundle_transforms("dka_brats", release=release, pixdim=None)(entry)
         # MSD stores FLAIR, T1w, t1gd, T2w; the output must be t1, t1ce, t2, flair.
         slab_of = [int(np.argwhere(out["image"][c].abs().sum((1, 2)).numpy() > 0).min() // 3) for c in range(4)]
         assert slab_of == [1, 2, 3, 0], release
@@ -209,7 +222,7 @@ def test_transforms_keep_order_of_separate_files(tmp_path):
         data = np.zeros(SHAPE3D, np.float32)
         data[3 * k : 3 * k + 3] = 1.0 + np.random.default_rng(k).random((3,) + SHAPE3D[1:])
         write_nifti(Path(path), data)
-    out = brats_transforms(train=False, release="auto", pixdim=None)(entry)
+    out = bundle_transforms("dka_brats", release="auto", pixdim=None)(entry)
     slab_of = [int(np.argwhere(out["image"][c].abs().sum((1, 2)).numpy() > 0).min() // 3) for c in range(4)]
     assert slab_of == [0, 1, 2, 3]
 
@@ -218,7 +231,7 @@ def test_transforms_stop_on_mismatched_release(tmp_path):
     make_brats2021(tmp_path, cases=1, values=(1, 2, 3))  # 2021 names, 2023 values
     entry = brats_datalist(tmp_path)[0]
     with pytest.raises(RuntimeError) as error:
-        brats_transforms(train=False, release="2021", pixdim=None)(entry)
+        bundle_transforms("dka_brats", release="2021", pixdim=None)(entry)
     cause = error.value.__cause__
     assert isinstance(cause, DatasetError) and entry["case"] in str(cause) and "[3]" in str(cause)
 

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medadapt.cli import main
-from medadapt.data.brats import brats_datalist
 from medadapt.data.errors import DatasetError
 from medadapt.data.splits import check_no_leakage, load_split, make_splits
+from medadapt.datasets.brats import brats_datalist
 
 
 def _round_half_up(x: float) -> int:

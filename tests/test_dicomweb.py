@@ -27,8 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from monailabel_server import TINY_CONVNEXT, _require_monailabel, _tiny_backbone_checkpoint, label_server
+from monailabel_server import (
+    TINY_CONVNEXT,
+    _require_monailabel,
+    _tiny_backbone_checkpoint,
+    label_server,
+)
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -383,9 +387,8 @@ def test_separate_sequence_files_are_put_on_the_first_ones_grid(tmp_path, caplog
     import nibabel as nib
     from monai.transforms import LoadImage
 
-    from medadapt.data import brats_transforms
-    from medadapt.data.brats import BRATS
     from medadapt.data.errors import DatasetError
+    from medadapt.datasets.brats import BRATS
 
     t1, affine = mni152(4)
     fine, fine_affine = mni152(2)
@@ -399,7 +402,9 @@ def test_separate_sequence_files_are_put_on_the_first_ones_grid(tmp_path, caplog
     with pytest.raises(RuntimeError, match="affine matrix of all images should be the same"):
         LoadImage(image_only=True)(entry["image"])
 
-    transforms = brats_transforms(train=False, with_label=False, pixdim=None)
+    from fixtures_data import bundle_transforms
+
+    transforms = bundle_transforms("dka_brats", "infer", pixdim=None)
     with caplog.at_level(logging.WARNING, logger="medadapt"):
         image = transforms(entry)["image"]
     assert image.shape == (4, *t1.shape)

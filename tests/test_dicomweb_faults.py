@@ -21,7 +21,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
-
 from monailabel_server import _require_monailabel, label_server
 from test_dicomweb import tiny_brats, write_dicom_series
 from test_monailabel_security import _peak_rss_mb, _server_pid

@@ -13,10 +13,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_bundles import REPO, TINY, run_bundle
 
 from medadapt.checkpoint import WEIGHTS_NAME
-
-from test_bundles import REPO, TINY, run_bundle
 
 BUNDLE = "dka_busi_cls"
 # No randomness that differs between processes: no augmentation, no dropout, fixed order.

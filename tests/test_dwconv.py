@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from medadapt.ops import dwconv_impl
-from medadapt.ops.dwconv import choose_path, clip_kernel, dwconv, dwconv_multi, fft_size, fold_kernels
+from medadapt.ops.dwconv import (
+    choose_path,
+    clip_kernel,
+    dwconv,
+    dwconv_multi,
+    fft_size,
+    fold_kernels,
+)
 
 # The float64 reference uses torch's padding="same", which warns about even kernels.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel:UserWarning")

@@ -17,24 +17,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_bundles import REPO, TINY_OPTIONS, _config, monai_bundle
+from test_bundles import SMALL_DEMO as _SMALL_DEMO
 
 from medadapt.engine.bundle import parsed
 from medadapt.engine.handlers import BestModelSaver
 from medadapt.models import create_model
 from medadapt.models.export import match_checkpointing
-from test_bundles import REPO, TINY_OPTIONS, monai_bundle
 
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "inference.json").is_file())
-SMALL_DEMO = {
-    "dka_brats": {"num_cases": 4, "size": 32},
-    "dka_busi_seg": {"per_class": 3},
-    "dka_busi_cls": {"per_class": 3},
-    "dka_isic2018_seg": {"n": 6},
-    "dka_isic2019_cls": {"n": 24},
-    "dka_mni152_tissue": {},
-    "dka_mni152_tissue_3d": {},
-}
-ROI = {"dka_brats": [32, 32, 4], "dka_mni152_tissue_3d": [64, 64, 4]}
+SMALL_DEMO = {bundle: eval(options) for bundle, options in _SMALL_DEMO.items()}  # noqa: S307 (a dict repr of ours)
+ROI = {bundle: [32, 32, 4] for bundle in BUNDLES if "roi_size" in _config(bundle)}
 RTOL = 1e-4
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from fixtures_data import bundle_transforms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from medadapt import data
 from medadapt.data.errors import DatasetError
+from medadapt.datasets.brats import BRATS, brats_datalist
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -53,7 +55,7 @@ def test_2d_segmentation_inputs_load_or_fail_clearly(image_kind, mask_kind, heig
         except DatasetError as error:
             assert "case" in str(error)
             return
-        sample = data.image2d_transforms(train=True, task="segmentation", size=32)(entry[0])
+        sample = bundle_transforms("dka_busi_seg", "train", image_size=32)(entry[0])
         assert tuple(sample["image"].shape) == (3, 32, 32) and tuple(sample["label"].shape) == (1, 32, 32)
         assert np.isfinite(np.asarray(sample["image"])).all()
         assert set(np.unique(np.asarray(sample["label"]))) <= {0.0, 1.0}
@@ -95,13 +97,13 @@ def test_brats_cases_load_or_fail_clearly(shape, dtype, poison, label_values, mo
         label = rng.choice(label_values, size=shape).astype(np.uint8)
         nib.save(nib.Nifti1Image(label, affine), str(folder / f"{case}_seg.nii.gz"))
         try:
-            datalist = data.brats_datalist(tmp, release="2021")
-            data.validate_datalist(datalist, "brats", release="2021")
+            datalist = brats_datalist(tmp, release="2021")
+            BRATS.validate(datalist, "segmentation3d", release="2021")
         except DatasetError as error:
             assert case in str(error)
             return
         assert len(shape) == 3 and set(label_values) <= {0, 1, 2, 4}
-        sample = data.brats_transforms(train=False, release="2021", pixdim=None)(datalist[0])
+        sample = bundle_transforms("dka_brats", release="2021", pixdim=None)(datalist[0])
         assert sample["image"].shape[0] == 4 and sample["label"].shape[0] == 3
         assert tuple(sample["image"].shape[1:]) == tuple(sample["label"].shape[1:])
         assert np.isfinite(np.asarray(sample["image"])).all()

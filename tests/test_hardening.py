@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from fixtures_data import make_brats2021, make_busi
-
 from test_bundles import REPO, SMALL_DEMO, TINY, run_bundle
 
 BRATS = [*TINY, "--roi_size", "[32,32,4]", "--method_options", "{'bottleneck': 4}"]

@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
+from conftest import build_task
 
 import medadapt
 from medadapt.adapters.base import TokenLayout
-
-from conftest import build_task
 
 
 def test_map_spatial_round_trips_every_layout():

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monailabel_server import REPO, _leftover_uploads, _require_monailabel, server  # noqa: F401 (a fixture)
 
 import medadapt
 from medadapt.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from monailabel_server import REPO, _leftover_uploads, _require_monailabel, server  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.xdist_group("monailabel")  # with --dist loadgroup: one server for the file
 
@@ -275,8 +275,8 @@ def test_bundles_become_served_models():
 
 
 def test_brats_regions_become_each_releases_label_values():
-    from medadapt.data import ConvertBraTSLabels
-    from medadapt.engine.transforms import regions_to_labels
+    from medadapt.datasets.brats.labels import ConvertBraTSLabels
+    from medadapt.datasets.brats.transforms import regions_to_labels
 
     for release, values in (("2021", (1, 2, 4)), ("2023", (1, 2, 3)), ("msd", (2, 1, 3))):
         core, edema, enhancing = values
@@ -318,7 +318,7 @@ def test_served_label_is_the_bundles_own_prediction(server, tmp_path):
 def test_brats_label_map_keeps_the_whole_tumour_channel_and_nests_the_others():
     """A core voxel outside the predicted whole tumour must not grow the whole tumour in the
     written label map; an enhancing voxel outside the core is dropped too."""
-    from medadapt.engine.transforms import regions_to_labels
+    from medadapt.datasets.brats.transforms import regions_to_labels
 
     tc = torch.tensor([1, 1, 0, 0, 1], dtype=torch.float32)
     wt = torch.tensor([1, 1, 1, 0, 0], dtype=torch.float32)

@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
 from monailabel_server import Server, _leftover_uploads, running_server
 
 MAX_REQUEST_MB = 8

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures_data import bundle_transforms
 
 from medadapt.protocol import runner
 from medadapt.protocol.runner import run_protocol
@@ -259,9 +260,10 @@ def test_bench_perf_hands_its_options_to_the_repository_benchmarks(tmp_path, cap
 
 
 def test_mni152_tissue_keeps_train_and_test_apart_in_z(tmp_path):
-    from medadapt.data import get_preset, mni152
+    from medadapt.data import get_dataset
+    from medadapt.datasets import mni152
 
-    preset = get_preset("mni152_tissue")
+    preset = get_dataset("mni152_tissue")
     root = preset.make_demo(tmp_path)
     datalist = preset.datalist(root)
     splits = runner.make_run_splits(preset, "segmentation", datalist, root, [0.05, 0.2], 2, 0, 0.2, 0.1)
@@ -277,7 +279,7 @@ def test_mni152_tissue_keeps_train_and_test_apart_in_z(tmp_path):
     folds = splits["fractions"][0]["folds"]
     assert {e["case"] for e in folds[0]["train"]}.isdisjoint(e["case"] for e in folds[1]["train"])
     assert not val & {e["case"] for f in folds for e in f["train"]}
-    sample = preset.transforms("validate", image_size=64)(datalist[0])
+    sample = bundle_transforms("dka_mni152_tissue", image_size=64)(datalist[0])
     assert tuple(sample["image"].shape) == (3, 64, 64) and tuple(sample["label"].shape) == (1, 64, 64)
     assert set(torch.unique(sample["label"]).tolist()) == {0.0, 1.0, 2.0}
 
@@ -294,12 +296,13 @@ def test_mni152_tissue_runs_a_cell_with_dice_per_tissue(tmp_path):
 def test_mni152_tissue_3d_stacks_are_the_slices_and_stay_apart_in_z(tmp_path):
     from PIL import Image
 
-    from medadapt.data import get_preset, mni152
+    from medadapt.data import get_dataset
+    from medadapt.datasets import mni152
 
-    preset = get_preset("mni152_tissue_3d")
+    preset = get_dataset("mni152_tissue_3d")
     root = preset.make_demo(tmp_path)
     stacks = preset.datalist(root)
-    slices = get_preset("mni152_tissue").datalist(root)
+    slices = get_dataset("mni152_tissue").datalist(root)
     zone_of = {e["z"]: e["zone"] for e in slices}
     test_z = sorted(z for z, zone in zone_of.items() if zone == "test")
     assert [e["z"] for e in stacks if e["zone"] == "test"] == test_z[::mni152.STACK_SLICES]
@@ -318,7 +321,7 @@ def test_mni152_tissue_3d_stacks_are_the_slices_and_stay_apart_in_z(tmp_path):
     for k, z in enumerate(range(first["z"], first["z"] + mni152.STACK_SLICES)):
         assert np.array_equal(volume[..., k], np.asarray(Image.open(Path(root) / "images" / f"z{z:02d}.png")))
         assert np.array_equal(labels[..., k], np.asarray(Image.open(Path(root) / "labels" / f"z{z:02d}.png")))
-    sample = preset.transforms("train", image_size=32)(stacks[0])
+    sample = bundle_transforms("dka_mni152_tissue_3d", "train", image_size=32)(stacks[0])
     assert tuple(sample["image"].shape) == (3, 32, 32, mni152.STACK_SLICES)
     assert tuple(sample["label"].shape) == (1, 32, 32, mni152.STACK_SLICES)
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_bundles import REPO, SMALL_DEMO, TINY, run_bundle
 
 from medadapt.checkpoint import WEIGHTS_NAME
-
-from test_bundles import REPO, SMALL_DEMO, TINY, run_bundle
 
 BUNDLE = "dka_busi_cls"
 ARGS = [*TINY, "--demo_options", SMALL_DEMO[BUNDLE], "--image_size", "64", "--max_epochs", "4"]

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from medadapt.adapters.adaptformer import AdaptFormerConfig
 from medadapt.adapters.aim import AIMConfig
-from medadapt.adapters.base import AdapterConfig, AdapterModule, BlockAdapterConfig, TokenLayout
+from medadapt.adapters.base import (
+    AdapterConfig,
+    AdapterModule,
+    BlockAdapterConfig,
+    TokenLayout,
+)
 from medadapt.adapters.bitfit import BitFitConfig
 from medadapt.adapters.ciat import CIATConfig
 from medadapt.adapters.cladapter import CLAdapterConfig

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
-from dataclasses import dataclass
 import numbers
+import re
 import types
 import typing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
@@ -353,9 +353,9 @@ class AdapterConfig:
     size_option: ClassVar[str | None] = None
     # Training stages: 1, or 2 for staged fine-tuning (see stage_trains).
     num_stages: ClassVar[int] = 1
-    # Options that depend on the task (create_model's task -> options), where the papers set
-    # them apart; what the caller gives wins.
-    task_options: ClassVar[dict[str, dict]] = {}
+    # Options for dense prediction (segmentation), where the papers size the method apart from
+    # classification; what the caller gives wins.
+    dense_options: ClassVar[dict] = {}
     # True when training changes the backbone's own weights (BitFit's biases, full
     # fine-tuning): there is no separate update to switch off.
     changes_base_weights: ClassVar[bool] = False

@@ -30,7 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medadapt.adapters.base import VIT_B_WIDTH, AdapterConfig, TokenLayout, replace_module, site_layout
+from medadapt.adapters.base import (
+    VIT_B_WIDTH,
+    AdapterConfig,
+    TokenLayout,
+    replace_module,
+    site_layout,
+)
 from medadapt.adapters.wrappers import Adapted
 
 

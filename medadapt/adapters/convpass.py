@@ -9,7 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medadapt.adapters.base import VIT_B_WIDTH, BlockAdapterConfig, BottleneckAdapter, TokenLayout
+from medadapt.adapters.base import (
+    VIT_B_WIDTH,
+    BlockAdapterConfig,
+    BottleneckAdapter,
+    TokenLayout,
+)
 
 
 class ConvBypass(BottleneckAdapter):

@@ -120,8 +120,7 @@ class DKAConfig(BlockAdapterConfig):
     default_placement: ClassVar[str] = "block"
     default_cnn_placement: ClassVar[str] = "stage"
     # DKA poster, Table 3: a wider bottleneck for dense prediction.
-    task_options: ClassVar[dict[str, dict]] = {
-        task: {"bottleneck_ratio": 192 / VIT_B_WIDTH} for task in ("segmentation", "segmentation3d", "box_segmentation")}
+    dense_options: ClassVar[dict] = {"bottleneck_ratio": 192 / VIT_B_WIDTH}
 
     bottleneck: int | None = None
     bottleneck_ratio: float = 16 / VIT_B_WIDTH

@@ -7,7 +7,12 @@ from typing import ClassVar
 
 import torch.nn as nn
 
-from medadapt.adapters.base import VIT_B_WIDTH, BlockAdapterConfig, BottleneckAdapter, TokenLayout
+from medadapt.adapters.base import (
+    VIT_B_WIDTH,
+    BlockAdapterConfig,
+    BottleneckAdapter,
+    TokenLayout,
+)
 
 
 @dataclass

@@ -10,7 +10,12 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from medadapt.adapters.base import AdapterConfig, AdapterModule, replace_module, select_blocks
+from medadapt.adapters.base import (
+    AdapterConfig,
+    AdapterModule,
+    replace_module,
+    select_blocks,
+)
 from medadapt.patterns import check_pattern
 
 

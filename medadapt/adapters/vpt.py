@@ -36,7 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medadapt.adapters.base import AdapterConfig, AdapterModule, replace_module, select_blocks
+from medadapt.adapters.base import (
+    AdapterConfig,
+    AdapterModule,
+    replace_module,
+    select_blocks,
+)
 from medadapt.adapters.wrappers import Adapted
 
 

@@ -16,7 +16,13 @@ import torch.nn as nn
 from medadapt.families import EFFICIENTNET_OUTPUT_TAP
 
 from .base import Backbone
-from .loading import Checkpoint, describe, load_strict, read_checkpoint, unwrap_state_dict
+from .loading import (
+    Checkpoint,
+    describe,
+    load_strict,
+    read_checkpoint,
+    unwrap_state_dict,
+)
 
 __all__ = ["EfficientNetBackbone", "build_efficientnet_lite0", "checkpoint_filter_fn", "default_checkpoint"]
 

@@ -18,7 +18,14 @@ import torch
 import torch.nn as nn
 
 from .base import Backbone
-from .loading import Checkpoint, describe, load_strict, read_checkpoint, strip_prefix, unwrap_state_dict
+from .loading import (
+    Checkpoint,
+    describe,
+    load_strict,
+    read_checkpoint,
+    strip_prefix,
+    unwrap_state_dict,
+)
 from .sam import MEDSAM_PREPROCESSING, select_image_encoder
 
 __all__ = [

@@ -18,7 +18,14 @@ import torch.nn as nn
 from torchvision.models import ResNet, resnet50
 
 from .base import Backbone, warn_not_pretrained
-from .loading import Checkpoint, describe, load_strict, read_checkpoint, strip_prefix, unwrap_state_dict
+from .loading import (
+    Checkpoint,
+    describe,
+    load_strict,
+    read_checkpoint,
+    strip_prefix,
+    unwrap_state_dict,
+)
 
 __all__ = ["ResNetBackbone", "build_radimagenet_resnet50", "checkpoint_filter_fn"]
 

@@ -13,10 +13,22 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    TwoWayTransformer,
+)
 
 from .base import Backbone, CheckpointError, warn_not_pretrained
-from .loading import Checkpoint, describe, load_strict, read_checkpoint, strip_prefix, unwrap_state_dict
+from .loading import (
+    Checkpoint,
+    describe,
+    load_strict,
+    read_checkpoint,
+    strip_prefix,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "SamBackbone",

@@ -15,7 +15,13 @@ import torch
 import torch.nn as nn
 
 from .base import Backbone, CheckpointError, warn_not_pretrained
-from .loading import Checkpoint, describe, load_strict, read_checkpoint, unwrap_state_dict
+from .loading import (
+    Checkpoint,
+    describe,
+    load_strict,
+    read_checkpoint,
+    unwrap_state_dict,
+)
 
 __all__ = ["TimmBackbone", "build_timm", "checkpoint_filter_fn"]
 

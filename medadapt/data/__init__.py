@@ -1,18 +1,19 @@
-"""Datasets: presets reading the official layouts, validation, data-fraction splits, demos.
+"""What every dataset shares: the `Dataset` base and registry, validation, data-fraction splits.
 
 ::
 
     from medadapt import data
-    datalist = data.load_datalist("busi", "/data/Dataset_BUSI_with_GT")   # or brats_datalist(...)
+    dataset = data.get_dataset("busi")                       # medadapt/datasets/busi/
+    datalist = data.load_datalist("busi", "/data/Dataset_BUSI_with_GT")
     data.validate_datalist(datalist, "classification", num_classes=3)
     splits = data.make_splits(datalist, [0.0063, 1.0], folds=5, seed=0, label_key="class")
     train = data.load_split(splits, 0.0063, fold=0, part="train")
-    transform = data.busi_transforms(train=True, task="classification", normalization="imagenet")
 
-Modules: `brats`, `busi`, `isic`, `mni152` (one per dataset: its reader and its preset),
-`preset` (`DatasetPreset`, what a dataset owns), `presets` (the registry), `brats_labels`
-(label conventions per BraTS release), `transforms` (MONAI dictionary transforms, written as
-configs), `validate`, `splits`, `demo` (embedded demo datasets), `cli` (``medadapt split``).
+Modules: `dataset` (`Dataset`, what a dataset owns, and the registry of the datasets in
+``medadapt/datasets/``), `validate`, `splits`, `layout` (reading folder layouts), `transforms`
+(MONAI transforms several datasets' bundles use), `demo` (what the embedded demos share),
+`errors`, `cli` (``medadapt split``). Each dataset's own code is in ``medadapt/datasets/<name>/``;
+the transform chains are each bundle's.
 
 Names are resolved lazily so that importing the package does not import MONAI.
 """
@@ -24,35 +25,16 @@ import importlib
 _EXPORTS = {
     "DatasetError": "medadapt.data.errors",
     "MissingFileError": "medadapt.data.errors",
-    # presets
-    "PRESETS": "medadapt.data.presets",
-    "DatasetPreset": "medadapt.data.preset",
-    "get_preset": "medadapt.data.presets",
-    "load_datalist": "medadapt.data.presets",
-    "dataset_or_demo": "medadapt.data.presets",
-    "brats_datalist": "medadapt.data.brats",
-    "detect_release": "medadapt.data.brats",
-    "busi_datalist": "medadapt.data.busi",
-    "write_merged_masks": "medadapt.data.busi",
-    "BUSI_CLASSES": "medadapt.data.busi",
-    "isic2018_datalist": "medadapt.data.isic",
-    "isic2019_datalist": "medadapt.data.isic",
-    "ISIC2019_CLASSES": "medadapt.data.isic",
-    # BraTS labels
-    "RELEASES": "medadapt.data.brats_labels",
-    "ConvertBraTSLabels": "medadapt.data.brats_labels",
-    "ConvertBraTSLabelsd": "medadapt.data.brats_labels",
-    # transforms
-    "brats_transforms": "medadapt.data.transforms",
-    "image2d_transforms": "medadapt.data.transforms",
-    "busi_transforms": "medadapt.data.transforms",
-    "isic_transforms": "medadapt.data.transforms",
+    # datasets
+    "Dataset": "medadapt.data.dataset",
+    "datasets": "medadapt.data.dataset",
+    "get_dataset": "medadapt.data.dataset",
+    "load_datalist": "medadapt.data.dataset",
+    "dataset_or_demo": "medadapt.data.dataset",
+    # transforms several bundles use
     "MergeMasksd": "medadapt.data.transforms",
     "SelectChannelsd": "medadapt.data.transforms",
-    "BraTSChannelOrderd": "medadapt.data.transforms",
-    "NORMALIZATIONS": "medadapt.data.transforms",
-    "brats_transform_config": "medadapt.data.transforms",
-    "image2d_transform_config": "medadapt.data.transforms",
+    "CheckFinited": "medadapt.data.transforms",
     # checks and splits
     "validate_datalist": "medadapt.data.validate",
     "make_splits": "medadapt.data.splits",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from medadapt.data.presets import PRESETS, get_preset, load_datalist
+from medadapt.data.dataset import datasets, get_dataset, load_datalist
 from medadapt.data.splits import make_splits, save_splits, split_summary
 
 
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dataset", required=True, choices=sorted(PRESETS), help="dataset preset")
+    parser.add_argument("--dataset", required=True, choices=sorted(datasets()), help="dataset")
     parser.add_argument("--root", required=True, help="dataset folder in the official layout")
     parser.add_argument("--task", default=None, help="task, for datasets with several (busi: classification or segmentation)")
     parser.add_argument("--release", default="auto", help="BraTS release: 2021, 2023, msd or auto (default)")
@@ -46,8 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medadapt split`` with parsed ``args``."""
-    preset = get_preset(args.dataset)
-    task = preset.check_task(args.task)
+    preset = get_dataset(args.dataset)
+    task = preset.check_task(args.task).name
     # Reader options only the datasets that have them take (the others ignore them).
     options = {"release": args.release, "mask_cache": args.mask_cache}
     datalist = load_datalist(args.dataset, args.root, task=task, **options)

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence

@@ -7,16 +7,15 @@ costs seconds to minutes and names every bad file in one error.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from medadapt.data.brats_labels import canonical_release, check_label_values
 from medadapt.data.errors import DatasetError, MissingFileError, format_problems
 
-TASKS = ("brats", "segmentation", "classification")
+KINDS = ("segmentation", "classification")
 _NIFTI = (".nii", ".nii.gz")
 # The two ways binary masks are stored; any other value (7, 128) is more likely a label map
 # or a damaged file than a lesion, and the transforms would count it as lesion all the same.
@@ -50,27 +49,25 @@ def mask_values_problem(values) -> str | None:
 def validate_datalist(
     datalist: Sequence[dict],
     task: str,
-    release: str | None = None,
     num_classes: int | None = None,
     read_data: bool = True,
     max_errors: int = 20,
     require_labels: bool = True,
     binary_masks: bool = False,
+    sequences: int | None = None,
+    check_labels: Callable[[list, str, str], None] | None = None,
 ) -> None:
     """Raise a `DatasetError` listing every unusable entry of ``datalist``.
 
     Checked: the list is not empty; each entry has its keys; every file exists and opens
-    (NIfTI with nibabel, PNG / JPG with PIL); image and mask shapes agree; BraTS entries have
-    all four modalities with equal shapes; with ``read_data`` every voxel is read, which finds
-    truncated files and NaN / infinite values, and BraTS label values are checked against
-    ``release``.
+    (NIfTI with nibabel, PNG / JPG with PIL); image and mask shapes agree; multi-sequence
+    entries have every sequence, with equal shapes; with ``read_data`` every voxel is read,
+    which finds truncated files and NaN / infinite values, and label values are checked.
 
     Arguments:
         datalist: entries with "image" (a path or list of paths) and "label" (a mask path,
             list of mask paths, or a class index for classification); "case" names the entry.
-        task: "brats" (four MR sequences + a label map), "segmentation" (2D or 3D image and
-            mask) or "classification" (image and class index).
-        release: for "brats", the label convention to check values against (None skips).
+        task: "segmentation" (2D or 3D image and mask) or "classification" (image and class index).
         num_classes: for "classification", labels must lie in ``range(num_classes)``.
         read_data: read all pixel data (slower) rather than headers only.
         max_errors: how many problems to list in the error.
@@ -78,17 +75,22 @@ def validate_datalist(
             for their images only.
         binary_masks: "segmentation" masks are binary (lesion / background): with
             ``read_data``, each must hold only 0/1 or only 0/255.
+        sequences: volumes of that many sequences: each entry's image is that many 3D files of
+            one shape, or one 4D file with that many channels last (BraTS: 4).
+        check_labels: with ``read_data``, called with each label map's values, its file and
+            case; raises `DatasetError` for values the dataset does not allow (BraTS checks
+            them against the release's convention).
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task not in KINDS:
+        raise ValueError(f"task must be one of {KINDS}, got {task!r}")
     if not datalist:
         raise DatasetError(f"{task} datalist is empty: no cases were found, so there is nothing to train on")
-    release = canonical_release(release) if release else None
     problems: list[str] = []
     missing = 0
     for index, entry in enumerate(datalist):
         case = entry.get("case", f"entry {index}")
-        found = _check_entry(entry, case, task, release, num_classes, read_data, require_labels, binary_masks)
+        found = _check_entry(entry, case, task, num_classes, read_data, require_labels, binary_masks, sequences,
+                             check_labels)
         missing += sum("does not exist" in p for p in found)
         problems += found
     if problems:
@@ -98,16 +100,17 @@ def validate_datalist(
 
 
 def _check_entry(
-    entry: dict, case: str, task: str, release: str | None, num_classes: int | None, read: bool, require_labels: bool,
-    binary_masks: bool = False,
+    entry: dict, case: str, task: str, num_classes: int | None, read: bool, require_labels: bool,
+    binary_masks: bool = False, sequences: int | None = None, check_labels: Callable | None = None,
 ) -> list[str]:
     if "image" not in entry:
         return [f"case {case}: no 'image' key (keys: {sorted(entry)})"]
     if "label" not in entry and require_labels:
         return [f"case {case}: no 'label' key (keys: {sorted(entry)})"]
     images = _as_list(entry["image"])
-    if task == "brats" and len(images) not in (1, 4):
-        return [f"case {case}: {len(images)} image file(s) given; BraTS needs t1, t1ce, t2, flair (4 files or one 4D file)"]
+    if sequences and len(images) not in (1, sequences):
+        return [f"case {case}: {len(images)} image file(s) given; it needs {sequences} sequences ({sequences} files "
+                "or one 4D file)"]
     problems, shapes = [], []
     for path in images:
         shape, error = _open(path, read)
@@ -117,11 +120,11 @@ def _check_entry(
     if problems:
         return problems
     spatial = [s[:3] if _is_nifti(p) else s for s, p in zip(shapes, images)]
-    if task == "brats":
-        if len(images) == 1 and (len(shapes[0]) != 4 or shapes[0][3] != 4):
-            problems.append(f"case {case}: 4D image {images[0]!r} has shape {shapes[0]}; expected (H, W, D, 4)")
+    if sequences:
+        if len(images) == 1 and (len(shapes[0]) != 4 or shapes[0][3] != sequences):
+            problems.append(f"case {case}: 4D image {images[0]!r} has shape {shapes[0]}; expected (H, W, D, {sequences})")
         # A 2D slice (or a 4D series) where a volume is expected would fail deep in the model.
-        flat = [(p, s) for p, s in zip(images, shapes) if len(images) == 4 and len(s) != 3]
+        flat = [(p, s) for p, s in zip(images, shapes) if len(images) == sequences and len(s) != 3]
         if flat:
             problems.append(f"case {case}: {os.path.basename(flat[0][0])!r} has shape {tuple(flat[0][1])}; "
                             "expected a 3D volume (H, W, D)")
@@ -138,7 +141,7 @@ def _check_entry(
             problems.append(f"case {case}: label {label} is outside 0..{(num_classes or 1) - 1}")
         return problems
     for mask in _as_list(entry["label"]):
-        shape, error = _open(mask, read, label_release=release if task == "brats" else None, case=case,
+        shape, error = _open(mask, read, check_labels=check_labels, case=case,
                              binary=binary_masks and task == "segmentation")
         if error:
             problems.append(f"case {case}: {error}")
@@ -158,7 +161,7 @@ def _is_nifti(path: str) -> bool:
     return path.lower().endswith(_NIFTI)
 
 
-def _open(path: str, read: bool, label_release: str | None = None, case: str | None = None,
+def _open(path: str, read: bool, check_labels: Callable | None = None, case: str | None = None,
           binary: bool = False) -> tuple[tuple, str | None]:
     """Shape of the image at ``path`` (numpy order) and an error text if it cannot be used;
     ``binary``: a binary mask, whose values are checked when ``read``."""
@@ -176,8 +179,8 @@ def _open(path: str, read: bool, label_release: str | None = None, case: str | N
                 if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
                     bad = int(np.size(data) - np.isfinite(data).sum())
                     return shape, f"file {path!r} holds {bad} NaN or infinite voxel(s)"
-                if label_release:
-                    check_label_values(np.unique(data).tolist(), label_release, case, path)
+                if check_labels:
+                    check_labels(np.unique(data).tolist(), path, case)
                 values = mask_values_problem(np.unique(data)) if binary else None
                 if values:
                     return shape, f"mask {path!r} {values}"

@@ -12,7 +12,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 # What MONAI's config parser reads in a string: "$" starts Python, "@" a reference, "%" a macro,
 # and it rewrites "::", "@#" and "%#" wherever they stand.
 _PARSED_TEXT = re.compile(r"^[$@%]|::|[@%]#")
@@ -180,7 +179,12 @@ def verify_bundle(folder: str | os.PathLike, device: str = "cpu") -> list[str]:
     import json
     import tempfile
 
-    from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+    from monai.bundle import (
+        ConfigWorkflow,
+        ckpt_export,
+        verify_metadata,
+        verify_net_in_out,
+    )
 
     folder = Path(folder).resolve()
     configs = folder / "configs"

@@ -1,6 +1,6 @@
 """What the bundles' ``data`` and ``datalist`` items call: the datasets, checked and split.
 
-Everything about a dataset comes from its preset (`medadapt.data.get_preset`); this module
+Everything about a dataset comes from its preset (`medadapt.data.get_dataset`); this module
 only orders the steps so that every check runs before any training starts.
 """
 
@@ -84,8 +84,8 @@ def prepare_data(
     """
     from medadapt import data
 
-    preset = data.get_preset(dataset)
-    task = preset.check_task(task)
+    preset = data.get_dataset(dataset)
+    task = preset.check_task(task).name
     if check not in ("full", "headers", "none"):
         raise ValueError(f"option 'data_check' must be 'full', 'headers' or 'none', got {check!r}")
     fraction = check_fraction(fraction)
@@ -218,8 +218,8 @@ def inference_datalist(dataset: str, dataset_dir: str | None, output_dir: str, t
     from medadapt import data
     from medadapt.data.errors import DatasetError
 
-    preset = data.get_preset(dataset)
-    task = preset.check_task(task)
+    preset = data.get_dataset(dataset)
+    task = preset.check_task(task).name
     if not dataset_dir:
         root = preset.make_demo(Path(demo_dir or Path(output_dir) / "demo_data") / preset.name,
                                 **(demo_options or {}))

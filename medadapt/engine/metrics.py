@@ -10,7 +10,11 @@ import torch
 from ignite.metrics import ConfusionMatrix
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
-from monai.metrics import CumulativeIterationMetric, HausdorffDistanceMetric, compute_iou
+from monai.metrics import (
+    CumulativeIterationMetric,
+    HausdorffDistanceMetric,
+    compute_iou,
+)
 from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
 

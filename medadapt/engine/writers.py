@@ -13,7 +13,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from medadapt.data.preset import case_name as file_case_name
+from medadapt.data.dataset import case_name as file_case_name
 from medadapt.io import atomic_path, atomic_write_text
 
 SUFFIX = "_pred"

@@ -18,26 +18,23 @@ from medadapt.backbones import create_backbone
 from medadapt.checkpoint import load_adapters
 from medadapt.injection import inject
 from medadapt.memory import enable_gradient_checkpointing
-from medadapt.models.box_prompt import BoxPromptSegmenter
-from medadapt.models.classifier import Classifier
 from medadapt.models.loading import record_build
-from medadapt.models.segmenter import Segmenter
 from medadapt.models.stem import InputMapping
-from medadapt.models.volume import VolumeSegmenter, stack_adapter_options
+from medadapt.tasks import Task, get_task
 
-TASKS = ("classification", "segmentation", "segmentation3d", "box_segmentation")
 # More classes than any dataset has (ImageNet-21k: 21,843): a head for 10**9 would allocate
 # gigabytes before anything else could object.
 MAX_NUM_CLASSES = 100_000
 
 
-def method_defaults(method: str, task: str) -> dict[str, Any]:
-    """The options ``method`` takes by default for ``task`` (its config's ``task_options``)."""
+def method_defaults(method: str, task: Task) -> dict[str, Any]:
+    """The options ``method`` takes by default for ``task`` (its config's ``dense_options`` for
+    dense prediction, where the papers size adapters wider)."""
     if method not in METHODS:
         from medadapt.adapters import list_methods
 
         raise ValueError(f"unknown adapter method {method!r}; choose one of {list_methods()}")
-    return dict(getattr(METHODS[method], "task_options", {}).get(task, {}))
+    return dict(METHODS[method].dense_options) if task.dense else {}
 
 
 def _check_num_classes(num_classes: Any) -> None:
@@ -50,7 +47,7 @@ def _check_num_classes(num_classes: Any) -> None:
 
 
 def create_model(
-    task: str,
+    task: str | Task,
     backbone: str = "litemedsam",
     num_classes: int = 2,
     method: str = "dka",
@@ -71,8 +68,9 @@ def create_model(
     """Build a task model around a pretrained backbone and inject ``method``.
 
     Arguments:
-      task: one of "classification", "segmentation" (2D, prompt-free), "segmentation3d"
-        (slice-stack volumes) or "box_segmentation" (MedSAM-style box prompts).
+      task: a task (`medadapt.tasks`) or its name: "classification", "segmentation" (2D,
+        prompt-free), "segmentation3d" (slice-stack volumes) or "box_segmentation" (MedSAM-style
+        box prompts).
       backbone: a name for :func:`medadapt.create_backbone`.
       num_classes: classes or label channels.
       method, method_options: the adapter method and its options; options not given take the
@@ -97,28 +95,15 @@ def create_model(
     # Every argument, taken before anything else is defined: save_adapters writes them so that
     # medadapt.load_model can rebuild this model from its adapter folder alone.
     build_arguments = dict(locals())
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    kind = get_task(task)
+    build_arguments["task"] = kind.name
     _check_num_classes(num_classes)
-    options = dict(method_options or {})
-    backbone_options = dict(backbone_options or {})
-    options = {**method_defaults(method, task), **options}
-    if task == "box_segmentation":
-        encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **backbone_options)
-        model = BoxPromptSegmenter(encoder, *encoder.build_prompt_parts(backbone_checkpoint))
-    else:
-        encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **backbone_options)
-        common = dict(in_channels=in_channels, input_mapping=input_mapping)
-        if task == "classification":
-            model = Classifier(encoder, num_classes, pool=pool, **common)
-        elif task == "segmentation":
-            model = Segmenter(encoder, num_classes, decoder_channels=decoder_channels, multilabel=multilabel, **common)
-        else:
-            if not num_slices:
-                raise ValueError("task 'segmentation3d' needs num_slices (the ROI size on the slice axis)")
-            model = VolumeSegmenter(encoder, num_classes, num_slices, decoder_channels=decoder_channels,
-                                    multilabel=multilabel, slice_axis=slice_axis, **common)
-            options = stack_adapter_options(options, num_slices)
+    options = {**method_defaults(method, kind), **dict(method_options or {})}
+    encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **dict(backbone_options or {}))
+    model = kind.build(encoder, num_classes, in_channels=in_channels, input_mapping=input_mapping, pool=pool,
+                       decoder_channels=decoder_channels, multilabel=multilabel, num_slices=num_slices,
+                       slice_axis=slice_axis, backbone_checkpoint=backbone_checkpoint)
+    options = kind.adapter_options(options, num_slices)
     inject(model, method, **options)
     if adapter_checkpoint:
         load_adapters(model, adapter_checkpoint)

@@ -19,12 +19,6 @@ from medadapt.models.export import ExportableModel
 from medadapt.models.stem import InputMapping, make_stem
 
 
-def stack_adapter_options(options: dict, num_slices: int) -> dict:
-    """``options`` with the 3D adapter variants over a stack of ``num_slices`` slices as
-    defaults: what a VolumeSegmenter's encoder is injected with unless the caller says otherwise."""
-    return {"spatial_dims": 3, "num_slices": num_slices, **options}
-
-
 class VolumeSegmenter(ExportableModel, nn.Module):
     """Logits (B, K, *spatial) for volumes (B, C, *spatial).
 

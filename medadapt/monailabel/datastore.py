@@ -37,7 +37,11 @@ from monailabel.interfaces.exception import ImageNotFoundException
 
 from medadapt.io import atomic_copy, atomic_write_text
 from medadapt.monailabel.errors import InvalidInput, http_error
-from medadapt.monailabel.imagefiles import ImageFileError, discard_upload, inspect_image_file
+from medadapt.monailabel.imagefiles import (
+    ImageFileError,
+    discard_upload,
+    inspect_image_file,
+)
 from medadapt.monailabel.paths import confined, plain_name, resolves_inside
 
 logger = logging.getLogger("medadapt.monailabel")

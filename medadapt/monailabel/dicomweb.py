@@ -65,9 +65,18 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from medadapt.io import atomic_path
 from medadapt.monailabel.cli import SEARCH_FILTER_ENV
 from medadapt.monailabel.datastore import ConfinedFiles
-from medadapt.monailabel.dicomseg import SegGeometryError, read_seg, series_geometry_problem, write_seg
+from medadapt.monailabel.dicomseg import (
+    SegGeometryError,
+    read_seg,
+    series_geometry_problem,
+    write_seg,
+)
 from medadapt.monailabel.errors import InvalidInput, http_error
-from medadapt.monailabel.imagefiles import ImageFileError, discard_upload, inspect_image_file
+from medadapt.monailabel.imagefiles import (
+    ImageFileError,
+    discard_upload,
+    inspect_image_file,
+)
 from medadapt.monailabel.limits import (
     DICOMWEB_TIMEOUT,
     DICOMWEB_TIMEOUT_ENV,

@@ -41,7 +41,13 @@ from medadapt.monailabel.imagefiles import (
 )
 from medadapt.monailabel.labelmaps import class_scores, segmentation_label_map
 from medadapt.monailabel.limits import MAX_VOLUME_VOXELS
-from medadapt.monailabel.specs import AdapterState, Box3DModel, BoxModel, BundleModel, ServedModel
+from medadapt.monailabel.specs import (
+    AdapterState,
+    Box3DModel,
+    BoxModel,
+    BundleModel,
+    ServedModel,
+)
 
 logger = logging.getLogger("medadapt.monailabel")
 
@@ -206,7 +212,7 @@ class BundleSegmentationTask(AdapterInferTask):
     argmax, inverted to the input's grid, the dataset's label values) as a PNG or NIfTI."""
 
     def __init__(self, model: BundleModel):
-        super().__init__(model, InferType.SEGMENTATION)
+        super().__init__(model, model.kind.served_as)
 
     def build(self, adapters: str | None) -> dict[str, Any]:
         parts = self.model.components(adapters)
@@ -246,7 +252,7 @@ class BundleClassificationTask(AdapterInferTask):
     score}, ...], "class": best}; the scores are softmax outputs, not calibrated."""
 
     def __init__(self, model: BundleModel):
-        super().__init__(model, InferType.CLASSIFICATION)
+        super().__init__(model, model.kind.served_as)
 
     build = BundleSegmentationTask.build
 
@@ -269,7 +275,7 @@ class BoxSegmentationTask(AdapterInferTask):
     """
 
     def __init__(self, model: BoxModel):
-        super().__init__(model, InferType.ANNOTATION)
+        super().__init__(model, model.kind.served_as)
         self._config.update({"box": None})
 
     def build(self, adapters: str | None) -> dict[str, Any]:
@@ -376,7 +382,7 @@ class BoxVolumeSegmentationTask(AdapterInferTask):
     PROMPTS = ("box", "slice", "axis", "boxes", "roi", "foreground", "background", "label")
 
     def __init__(self, model: Box3DModel):
-        super().__init__(model, InferType.DEEPGROW)  # 3D Slicer sends its points to DeepGrow models
+        super().__init__(model, model.kind.served_as)  # 3D Slicer sends its points to DeepGrow models
         self._config.update({key: None for key in self.PROMPTS})
 
     def build(self, adapters: str | None) -> dict[str, Any]:
@@ -537,4 +543,4 @@ def make_infer_task(model: ServedModel) -> AdapterInferTask:
         return BoxVolumeSegmentationTask(model)
     if isinstance(model, BoxModel):
         return BoxSegmentationTask(model)
-    return BundleClassificationTask(model) if model.task == "classification" else BundleSegmentationTask(model)
+    return BundleSegmentationTask(model) if model.kind.dense else BundleClassificationTask(model)

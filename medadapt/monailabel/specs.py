@@ -38,23 +38,6 @@ LABEL_ADAPTERS = "monailabel_adapters"
 BOX_MODEL = "litemedsam_box"
 BOX3D_MODEL = "litemedsam_box3d"
 TRAINING_BUNDLE = "dka_busi_seg"  # the box model trains through this bundle's recipe
-VOLUME_TASKS = ("segmentation3d", "box_segmentation3d")
-_TASK_TEXT = {
-    "segmentation3d": "3D segmentation of NIfTI volumes",
-    "segmentation": "2D segmentation of PNG/JPG images",
-    "classification": "Classification of PNG/JPG images",
-    "box_segmentation": "Box-prompted 2D segmentation of PNG/JPG images",
-    "box_segmentation3d": "Box-prompted 3D segmentation of NIfTI volumes, slice by slice",
-}
-_UNTRAINED = {
-    "classification": "the classification head is untrained, so its classes mean nothing until training",
-    "segmentation": "the segmentation decoder is untrained, so its masks mean nothing until training",
-    "segmentation3d": "the segmentation decoder is untrained, so its masks mean nothing until training",
-    "box_segmentation": "the SAM prompt encoder and mask decoder are the pretrained ones, so it segments as is",
-    "box_segmentation3d": "the SAM prompt encoder and mask decoder are the pretrained ones, so it segments as is",
-}
-
-
 @dataclass(frozen=True)
 class AdapterState:
     """A complete adapter folder and a stamp that changes whenever it is rewritten."""
@@ -116,8 +99,15 @@ class ServedModel:
     runs: str = "runs"
 
     @property
+    def kind(self):
+        """The task object (`medadapt.tasks`) of ``task``."""
+        from medadapt.tasks import get_task
+
+        return get_task(self.task)
+
+    @property
     def dimension(self) -> int:
-        return 3 if self.task in VOLUME_TASKS else 2
+        return self.kind.spatial_dims
 
     @property
     def label_adapters(self) -> str:
@@ -127,7 +117,7 @@ class ServedModel:
     @property
     def trainable(self) -> bool:
         """Labels in a MONAI Label datastore are images, so only segmentation models train here."""
-        return self.task != "classification"
+        return self.kind.dense
 
     def training(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """The bundle folder whose ``train.json`` trains this model, and the settings it runs
@@ -139,7 +129,7 @@ class ServedModel:
         return newest_adapters([self.adapters, self.label_adapters])
 
     def untrained_note(self) -> str:
-        return _UNTRAINED[self.task]
+        return self.kind.untrained_note
 
 
 @dataclass
@@ -163,8 +153,7 @@ class BundleModel(ServedModel):
         is served as it is; a model with its own name or settings has its own folder,
         ``<runs>/<name>/adapters`` (the bundle's would not fit another backbone)."""
         from medadapt.backbones import ships_weights
-        from medadapt.data import get_preset
-        from medadapt.data.brats import MODALITIES
+        from medadapt.data import get_dataset
 
         folder = Path(folder).resolve()
         overrides = dict(overrides or {})
@@ -177,19 +166,19 @@ class BundleModel(ServedModel):
         value = parser.get_parsed_content
         model.task = value("task")
         model.labels = list(value("class_names"))
-        preset = get_preset(value("dataset_name"))
-        settings = {key: value(key) for key in preset.settings if key in parser}
-        model.label_values = (list(model.labels) if model.task == "classification"
-                              else preset.label_values(model.task, **settings))
+        dataset = get_dataset(value("dataset_name"))
+        settings = {key: value(key) for key in dataset.label_settings if key in parser}
+        model.label_values = (list(model.labels) if model.kind.label_kind == "class"
+                              else dataset.label_values(model.task, **settings))
         network = parser["network_def"]
         model.method = value("network_def#method") if "method" in network else "dka"
         model.backbone = value("network_def#backbone")
         model.in_channels = int(value("network_def#in_channels"))
         model.pretrained = bool(value("network_def#backbone_checkpoint")) or ships_weights(model.backbone)
-        if value("dataset_name") == "brats" and model.in_channels == len(MODALITIES):
-            model.sequences = list(MODALITIES)  # served from four series of a DICOMweb study
+        if dataset.sequences and model.in_channels == len(dataset.sequences):
+            model.sequences = list(dataset.sequences)  # served from the series of a DICOMweb study
         metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8")) if (folder / "metadata.json").is_file() else {}
-        model.description = str(metadata.get("description") or f"{_TASK_TEXT[model.task]} ({name})")
+        model.description = str(metadata.get("description") or f"{model.kind.description} ({name})")
         return model
 
     def parser(self, config: str = "inference.json", **extra: Any):
@@ -275,9 +264,10 @@ class BoxModel(ServedModel):
                             adapter_checkpoint=adapters)
 
     def preprocessing(self):
-        from medadapt.data import image2d_transforms
+        """The 2D segmentation bundle's own preprocessing (inference.json's), at this model's size."""
+        from medadapt.engine.bundle import parsed
 
-        return image2d_transforms(train=False, task="segmentation", size=self.image_size, with_label=False)
+        return parsed(Path(self.bundle) / "inference.json", "preprocessing", image_size=self.image_size)
 
 
 @dataclass

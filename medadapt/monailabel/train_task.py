@@ -28,11 +28,11 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
 from medadapt.adapters import list_methods, make_config
-from medadapt.patterns import option_pattern_problems
 from medadapt.engine.bundle import Verbatim, parses_as_itself
 from medadapt.monailabel.errors import InvalidInput
 from medadapt.monailabel.limits import MAX_TRAIN_BATCH, MAX_TRAIN_EPOCHS
 from medadapt.monailabel.specs import ServedModel
+from medadapt.patterns import option_pattern_problems
 
 logger = logging.getLogger("medadapt.monailabel")
 

@@ -21,7 +21,6 @@ import time
 
 import torch
 
-
 # The package re-exports the function under the module's name, hence importlib.
 D = importlib.import_module("medadapt.ops.dwconv")
 

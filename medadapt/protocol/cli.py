@@ -110,12 +110,12 @@ def parse_method_options(items: list[str]) -> dict[str, dict]:
 
 def configure_protocol(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``medadapt bench protocol``."""
-    from medadapt.data.presets import PRESETS
+    from medadapt.data.dataset import datasets
 
     parser.description = PROTOCOL_DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="busi", help=f"dataset preset: {', '.join(PRESETS)} (default busi)")
+    data.add_argument("--dataset", default="busi", help=f"dataset: {', '.join(datasets())} (default busi)")
     data.add_argument("--task", help="classification, segmentation or segmentation3d (default: the dataset's first)")
     data.add_argument("--root", help="dataset folder in its official layout; without it the embedded demo is "
                       "used (mni152_tissue[_3d]: where to write its slices)")

@@ -7,17 +7,14 @@ import io
 import statistics
 from collections.abc import Sequence
 
-# task -> metrics in the order they are reported; the first one is the headline table.
-METRICS = {
-    "classification": ("accuracy", "balanced_accuracy"),
-    "segmentation": ("dice",),
-    "segmentation3d": ("dice",),
-}
-METRIC_TITLES = {
-    "accuracy": "Accuracy (%)",
-    "balanced_accuracy": "Balanced accuracy (%)",
-    "dice": "Dice (%)",
-}
+
+def task_metrics(task: str) -> list[tuple[str, str]]:
+    """(metric, title) of what a table reports for ``task``, headline first (the task's own)."""
+    from medadapt.tasks import get_task
+
+    return list(get_task(task).metrics)
+
+
 METHOD_TITLES = {
     "dka": "DKA",
     "lka": "LKA",
@@ -88,7 +85,7 @@ def build_rows(methods: Sequence[str], fractions: Sequence[float], folds: int, m
                 "folds_done": len(done),
                 "folds": folds,
             }
-            for metric in METRICS[task]:
+            for metric, _ in task_metrics(task):
                 values = [c["metrics"].get(metric) for c in done]
                 mean, std = mean_std(values)
                 row[metric] = mean
@@ -135,8 +132,8 @@ def markdown_table(rows: list[dict], metric: str) -> str:
 
 def markdown_report(rows: list[dict], task: str, header_lines: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
     parts = list(header_lines)
-    for metric in METRICS[task]:
-        parts += ["", f"**{METRIC_TITLES[metric]}**, mean ± std over folds", "", markdown_table(rows, metric)]
+    for metric, title in task_metrics(task):
+        parts += ["", f"**{title}**, mean ± std over folds", "", markdown_table(rows, metric)]
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
     return "\n".join(parts).strip() + "\n"
@@ -146,7 +143,7 @@ def csv_text(rows: list[dict], task: str) -> str:
     """Long format: one line per (method, fraction); metrics as fractions in [0, 1]."""
     columns = ["method", "size_option", "size", "trainable", "total", "trainable_percent", "fraction",
                "percent", "count", "train_counts", "folds_done", "folds"]
-    for metric in METRICS[task]:
+    for metric, _ in task_metrics(task):
         columns += [metric, f"{metric}_std", f"{metric}_folds"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")

@@ -75,15 +75,15 @@ def check_arguments(dataset: str, task: str | None, methods, fractions, folds, e
                     batch_size, image_size, method_options):
     """Validate everything before any data or model is touched; errors name the option."""
     from medadapt.adapters import list_methods
-    from medadapt.data import get_preset
+    from medadapt.data import get_dataset
     from medadapt.data.splits import check_fractions
 
     try:
-        preset = get_preset(dataset)
+        preset = get_dataset(dataset)
     except ValueError as error:
         raise ValueError(f"--dataset: {error}") from None
     try:
-        task = preset.check_task(task)
+        task = preset.check_task(task).name
     except ValueError as error:
         raise ValueError(f"task (--task): {error}") from None
     methods = [str(m) for m in (methods or [])]
@@ -323,7 +323,7 @@ def run_protocol(
     """Run (or resume) every (method, fraction, fold) cell and return the table rows.
 
     Arguments:
-        dataset, task: a dataset preset (`medadapt.data.PRESETS`) and one of its tasks.
+        dataset, task: a dataset (`medadapt.data.datasets()`) and one of its tasks.
         root: the dataset folder; None builds the preset's embedded demo in ``demo_dir``.
         methods, fractions, folds: the grid (fractions in (0, 1] of the training pool).
         epochs, steps: passes over each training subset, or a fixed number of optimiser steps

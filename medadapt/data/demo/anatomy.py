@@ -60,7 +60,11 @@ def mni152() -> Atlas:
             volumes[key] = data / data.max()
         affine = images["t1"].affine
     else:  # pragma: no cover - only if nilearn reorganises its package data
-        from nilearn.datasets import load_mni152_gm_template, load_mni152_template, load_mni152_wm_template
+        from nilearn.datasets import (
+            load_mni152_gm_template,
+            load_mni152_template,
+            load_mni152_wm_template,
+        )
 
         loaded = {"t1": load_mni152_template(1), "gm": load_mni152_gm_template(1), "wm": load_mni152_wm_template(1)}
         volumes = {key: np.asarray(img.get_fdata(), dtype=np.float32) for key, img in loaded.items()}

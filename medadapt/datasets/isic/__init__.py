@@ -1,4 +1,4 @@
-"""ISIC presets: ISIC 2018 Task 1 (lesion segmentation) and ISIC 2019 (classification).
+"""ISIC: ISIC 2018 Task 1 (lesion segmentation) and ISIC 2019 (classification); readers here, demos in `demo`.
 
 ISIC 2018 Task 1 layout::
 
@@ -160,41 +160,44 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict]:
         return list(reader)
 
 
-# ---------------------------------------------------------------------------- presets
-from medadapt.data.preset import DatasetPreset  # noqa: E402  (the presets build on the readers above)
+# ---------------------------------------------------------------------------- the datasets
+from medadapt.data.dataset import Dataset  # noqa: E402  (the datasets build on the readers above)
 
 
-class _ISICPreset(DatasetPreset):
-    demo_note = "real images with SYNTHETIC dermoscopy-style lesions"
-    settings = {"image_size": 256}
-
-    def transform_config(self, stage, task):
-        from medadapt.data.transforms import ISIC_AUGMENTATION, image2d_transform_config
-
-        return image2d_transform_config(stage, task, **ISIC_AUGMENTATION)
-
-
-class ISIC2018Preset(_ISICPreset):
+class ISIC2018(Dataset):
     """ISIC 2018 Task 1: dermoscopic lesion segmentation."""
 
     name = "isic2018"
     tasks = ("segmentation",)
+    demo_note = "real images with SYNTHETIC dermoscopy-style lesions"
+    small_demo = {"n": 6}
 
     def datalist(self, root, task="segmentation", require_labels=True, **_):
         return isic2018_datalist(root, require_labels=require_labels)
 
+    def make_demo(self, folder, **options):
+        from medadapt.datasets.isic.demo import make_demo_isic2018
 
-class ISIC2019Preset(_ISICPreset):
+        return make_demo_isic2018(folder, **options)
+
+
+class ISIC2019(Dataset):
     """ISIC 2019: eight diagnostic classes (UNK has no training image, so it has no output)."""
 
     name = "isic2019"
     tasks = ("classification",)
     classes = ISIC2019_CLASSES[:-1]
     stratify_key = "class"
+    demo_note = "real images with SYNTHETIC dermoscopy-style lesions"
+    small_demo = {"n": 24}
 
     def datalist(self, root, task="classification", require_labels=True, **_):
         return isic2019_datalist(root)
 
+    def make_demo(self, folder, **options):
+        from medadapt.datasets.isic.demo import make_demo_isic2019
 
-ISIC2018 = ISIC2018Preset()
-ISIC2019 = ISIC2019Preset()
+        return make_demo_isic2019(folder, **options)
+
+
+DATASETS = (ISIC2018(), ISIC2019())

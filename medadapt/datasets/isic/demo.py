@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from medadapt.data.demo._cache import clear_previous, is_current, write_marker
 from medadapt.data.demo.shapes import blob, smooth_noise
-from medadapt.data.isic import ISIC2019_CLASSES, ISIC2019_METADATA_COLUMNS
+from medadapt.datasets.isic import ISIC2019_CLASSES, ISIC2019_METADATA_COLUMNS
 
 README = """\
 medadapt demo dataset in the {layout} layout ({count} images, {height} x {width} px)

@@ -1,4 +1,4 @@
-"""BUSI preset: Breast Ultrasound Images (Al-Dhabyani et al., 2020) in the official layout.
+"""BUSI: Breast Ultrasound Images (Al-Dhabyani et al., 2020) in the official layout (reader here, demo in `demo`).
 
 Layout: ``Dataset_BUSI_with_GT/{benign,malignant,normal}/benign (1).png`` with its mask
 ``benign (1)_mask.png`` and, for images with several lesions, extra masks
@@ -47,8 +47,10 @@ def busi_datalist(
 
     Every entry also holds "class" (index), "class_name", "case" and "group".
     """
-    if task not in ("classification", "segmentation"):
-        raise ValueError(f"BUSI task must be 'classification' or 'segmentation', got {task!r}")
+    from medadapt.tasks import get_task
+
+    if get_task(task).name not in BUSI.tasks:
+        raise ValueError(f"BUSI task must be one of {BUSI.tasks}, got {task!r}")
     top = require_dir(root, "BUSI")
     data_dir = find_child(top, BUSI_FOLDER) or top
     class_dirs = {name: data_dir / name for name in BUSI_CLASSES}
@@ -66,7 +68,7 @@ def busi_datalist(
     raise_problems(problems, f"BUSI dataset {str(data_dir)!r}")
     if not datalist:
         raise DatasetError(f"BUSI dataset {str(data_dir)!r}: no images found in {list(BUSI_CLASSES)}")
-    if task == "classification":
+    if get_task(task).label_kind == "class":
         for entry in datalist:
             del entry["masks"]
             entry["label"] = entry["class"]
@@ -164,11 +166,11 @@ def write_merged_masks(datalist: list[dict], cache_dir: str | os.PathLike) -> li
     return out
 
 
-# ---------------------------------------------------------------------------- preset
-from medadapt.data.preset import DatasetPreset  # noqa: E402  (the preset builds on the reader above)
+# ---------------------------------------------------------------------------- the dataset
+from medadapt.data.dataset import Dataset  # noqa: E402  (the dataset builds on the reader above)
 
 
-class BUSIPreset(DatasetPreset):
+class BUSI(Dataset):
     """BUSI: benign / malignant / normal breast ultrasound, with lesion masks."""
 
     name = "busi"
@@ -176,15 +178,15 @@ class BUSIPreset(DatasetPreset):
     classes = BUSI_CLASSES
     stratify_key = "class"
     demo_note = "real anatomy images with SYNTHETIC breast-ultrasound-style lesions"
-    settings = {"image_size": 256}
+    small_demo = {"per_class": 3}
 
     def datalist(self, root, task="classification", require_labels=True, mask_cache=None, **_):
         return busi_datalist(root, task=task, mask_cache=mask_cache)
 
-    def transform_config(self, stage, task):
-        from medadapt.data.transforms import BUSI_AUGMENTATION, image2d_transform_config
+    def make_demo(self, folder, **options):
+        from medadapt.datasets.busi.demo import make_demo_busi
 
-        return image2d_transform_config(stage, task, **BUSI_AUGMENTATION)
+        return make_demo_busi(folder, **options)
 
 
-BUSI = BUSIPreset()
+DATASETS = (BUSI(),)

@@ -9,10 +9,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medadapt.data.busi import BUSI_CLASSES, BUSI_FOLDER
 from medadapt.data.demo._cache import clear_previous, is_current, write_marker
 from medadapt.data.demo.anatomy import mni152
 from medadapt.data.demo.shapes import blob
+from medadapt.datasets.busi import BUSI_CLASSES, BUSI_FOLDER
 
 README = """\
 medadapt demo dataset in the BUSI layout ({per_class} images per class, {height} x {width} px)

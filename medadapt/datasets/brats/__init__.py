@@ -1,4 +1,8 @@
-"""BraTS preset: read the official folder layouts into a MONAI datalist.
+"""BraTS: the brain tumour segmentation challenges' data, in their official folder layouts.
+
+This folder is the dataset: the reader and its validation (here), the label conventions of
+each release (`labels`), its own transforms (`transforms`: the sequences' order and grid,
+regions back to label values) and the embedded demo (`demo`).
 
 Layouts read exactly as distributed:
 
@@ -10,7 +14,7 @@ Layouts read exactly as distributed:
 
 Each entry is ``{"image": [t1, t1ce, t2, flair] (or the MSD 4D file), "label": seg,
 "case": id, "group": id}``. The modality order is always t1, t1ce, t2, flair; the MSD 4D file
-keeps its own order and `medadapt.data.transforms.brats_transforms` reorders its channels.
+keeps its own order and `medadapt.datasets.brats.transforms.BraTSChannelOrderd` reorders its channels.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import json
 import os
 from pathlib import Path
 
-from medadapt.data.brats_labels import canonical_release, release_from_name
 from medadapt.data.errors import DatasetError, raise_problems
 from medadapt.data.layout import require_dir, visible_entries
+from medadapt.datasets.brats.labels import canonical_release, release_from_name
 
 # Fixed modality order of every BraTS datalist entry.
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -191,11 +195,11 @@ def _msd_datalist(data_dir: Path, require_labels: bool) -> list[dict]:
     return datalist
 
 
-# ---------------------------------------------------------------------------- preset
-from medadapt.data.preset import DatasetPreset  # noqa: E402  (the preset builds on the readers above)
+# ---------------------------------------------------------------------------- the dataset
+from medadapt.data.dataset import Dataset  # noqa: E402  (the dataset builds on the readers above)
 
 
-class BraTSPreset(DatasetPreset):
+class BraTS(Dataset):
     """BraTS 2018-2021, 2023 GLI and MSD Task01: four MR sequences, TC / WT / ET regions."""
 
     name = "brats"
@@ -203,7 +207,9 @@ class BraTSPreset(DatasetPreset):
     spatial_dims = 3
     unit = "cases"
     demo_note = "real MNI152 anatomy (nilearn) with SYNTHETIC tumour lesions"
-    settings = {"release": "auto", "roi_size": [128, 128, 128], "pixdim": None}
+    sequences = MODALITIES
+    label_settings = ("release",)
+    small_demo = {"num_cases": 4, "size": 32}
     regions = ("tumour core (TC)", "whole tumour (WT)", "enhancing tumour (ET)")
 
     def datalist(self, root, task="segmentation3d", require_labels=True, release="auto", **_):
@@ -213,11 +219,14 @@ class BraTSPreset(DatasetPreset):
         # The label values are checked against the release before training starts: read
         # with the wrong convention, a release silently loses its enhancing tumour.
         from medadapt.data.validate import validate_datalist
+        from medadapt.datasets.brats.labels import check_label_values
 
         if release == "auto" and root is not None:
             release = detect_release(root)
-        validate_datalist(datalist, "brats", release=None if release == "auto" else release, read_data=read_data,
-                          require_labels=require_labels)
+        release = None if release == "auto" else canonical_release(release)
+        check = (lambda values, path, case: check_label_values(values, release, case, path)) if release else None
+        validate_datalist(datalist, "segmentation", sequences=len(MODALITIES), check_labels=check,
+                          read_data=read_data, require_labels=require_labels)
 
     def plain_datalist(self, path):
         """One case folder holding the four sequences as separate files (any release's
@@ -231,25 +240,21 @@ class BraTSPreset(DatasetPreset):
                     return [{"image": [str(files[m][0]) for m in MODALITIES], "case": folder.name}]
         return super().plain_datalist(path)
 
+    def make_demo(self, folder, **options):
+        from medadapt.datasets.brats.demo import make_demo_brats
+
+        return make_demo_brats(folder, **options)
+
     def output_names(self, task):
         return list(self.regions)
 
     def label_values(self, task, release="auto", **_):
         # Written maps hold the release's own values ("auto": BraTS 2021's), named as it names them.
-        from medadapt.data.brats_labels import RELEASES
+        from medadapt.datasets.brats.labels import RELEASES
 
         spec = RELEASES[canonical_release("2021" if release == "auto" else release)]
         return {spec.meaning[value]: value for value in sorted(spec.meaning)}
 
-    def transform_config(self, stage, task):
-        from medadapt.data.transforms import brats_transform_config
 
-        return brats_transform_config(stage)
-
-    def prediction_steps(self, task):
-        # Regions back to the release's label values ("auto": BraTS 2021's, the most common).
-        return [{"_target_": "medadapt.engine.transforms.RegionsToLabelsd", "keys": "pred",
-                 "release": "$'2021' if @release == 'auto' else @release"}]
-
-
-BRATS = BraTSPreset()
+BRATS = BraTS()
+DATASETS = (BRATS,)
