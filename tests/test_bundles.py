@@ -256,6 +256,21 @@ def test_tracking_mlflow_records_training_and_validation_metrics(tmp_path):
     assert runs and all(r.info.status == "FINISHED" for r in runs)
     logged = set().union(*(r.data.metrics for r in runs))
     assert {"train_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_auc"} <= logged
+    # what the run was: its full settings and data, learning rates by group name, its adapters
+    (run,) = [r for r in runs if r.info.run_name == "dka_convnext_atto_f1_fold0_seed0"]
+    params = run.data.params
+    assert params["method"] == "dka" and params["backbone"] == "timm:convnext_atto" and params["fraction"] == "1.0"
+    assert params["fold"] == "0" and params["seed"] == "0" and len(params["data.fingerprint"]) == 40
+    assert {"lr/adapter", "lr/head"} <= set(run.data.metrics)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"adapters", "metrics.json"}
+    record = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["run"]
+    assert record["settings"]["method"] == "dka" and record["data"]["fingerprint"] == params["data.fingerprint"]
+    # ... and in TensorBoard, with the best validation score
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    plugins = {value.metadata.plugin_data.plugin_name: value.tag for events in (out / "logs").rglob("events.out.*")
+               for event in EventFileLoader(str(events)).Load() for value in event.summary.value}
+    assert plugins["text"] == "run/settings/text_summary" and "hparams" in plugins
 
 
 def test_bad_fraction_is_named(tmp_path):
@@ -352,3 +367,21 @@ def test_a_bundle_root_that_is_not_the_bundle_is_refused_before_any_work(tmp_pat
     result = run_bundle("bundles/dka_busi_cls/train.json", *TINY, "--bundle_root", str(tmp_path), check=False)
     assert result.returncode != 0 and "is not the folder of bundle 'dka_busi_cls'" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_inference_refuses_settings_other_than_the_models_training(tmp_path):
+    out = tmp_path / "run"
+    run_bundle("bundles/dka_busi_seg/train.json", *TINY, "--demo_options", SMALL_DEMO["dka_busi_seg"],
+               "--max_epochs", "1", "--output_dir", str(out), "--image_size", "64", "--progress", "False")
+    args = ["bundles/dka_busi_seg/inference.json", *TINY, "--demo_options", SMALL_DEMO["dka_busi_seg"],
+            "--model_file", str(out / "models" / "model.pt"), "--demo_dir", str(tmp_path / "demo_data"),
+            "--progress", "False"]
+    refused = run_bundle(*args, "--image_size", "96", "--output_dir", str(tmp_path / "refused"), check=False)
+    assert refused.returncode != 0 and "trained with other settings" in refused.stderr
+    assert "input_size: trained with 64, this run 96" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    told = run_bundle(*args, "--image_size", "96", "--check_model_settings", "False", "--output_dir",
+                      str(tmp_path / "told"))
+    assert "trained with other settings" in told.stdout + told.stderr and list((tmp_path / "told").glob("*_pred.png"))
+    run_bundle(*args, "--image_size", "64", "--output_dir", str(tmp_path / "same"))
+    assert list((tmp_path / "same").glob("*_pred.png"))

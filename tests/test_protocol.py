@@ -404,3 +404,42 @@ def test_a_killed_ray_worker_is_retried(tmp_path, demo_dir):
     assert killed is not None, "no Ray worker was seen running a cell"
     assert driver.returncode == 0, output[-3000:]
     assert len(list((out / "cells").glob("*.json"))) == 2
+
+
+def test_rows_sized_to_another_and_from_scratch_with_intervals_and_paired_tests(tmp_path, demo_dir):
+    from scipy import stats
+
+    from medadapt.protocol.report import confidence_interval
+
+    out = tmp_path / "rows"
+    table = _grid(out, demo_dir, dataset="mni152_tissue", task=None, demo_options=None,
+                  methods=["dka", "lka@iso:dka", "unet"], fractions=[0.2], folds=2)
+    rows = {r["method"]: r for r in table}
+    # LKA sized to DKA: the closest trainable count there is
+    assert abs(rows["lka@iso:dka"]["trainable"] - rows["dka"]["trainable"]) < 0.05 * rows["dka"]["trainable"]
+    # a MONAI U-Net from scratch, trained by the same bundle recipe: all of it trains
+    assert rows["unet"]["trainable"] == rows["unet"]["total"] > 0
+    unet_cell = json.loads(next((out / "cells").glob("unet__*fold0.json")).read_text(encoding="utf-8"))
+    assert unet_cell["overrides"]["network_def"]["_target_"] == "monai.networks.nets.UNet"
+    assert unet_cell["adapters"] is None and (out / "cells" / "unet__0.2__fold0" / "model.pt").is_file()
+    # each fold its own seed, so repeats of the same images still differ
+    seeds = [json.loads(p.read_text(encoding="utf-8"))["overrides"]["seed"]
+             for p in sorted((out / "cells").glob("dka__*.json"))]
+    assert seeds == [0, 1]
+    # the intervals and paired tests are Student's t over folds, as scipy computes them
+    values = rows["dka"]["dice_folds"]
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert np.allclose(confidence_interval(values), (low, high)) and np.allclose(rows["dka"]["dice_ci"], (low, high))
+    other = rows["unet"]["dice_folds"]
+    p_value = stats.ttest_rel(values, other).pvalue
+    markdown = (out / "protocol.md").read_text(encoding="utf-8")
+    assert "DKA minus each method" in markdown and f"p = {p_value:.3g}" in markdown
+    assert "U-Net from scratch (MONAI)" in markdown and "as many parameters as DKA" in markdown
+    assert (out / "protocol.png").stat().st_size > 1000
+
+
+def test_unknown_rows_are_named():
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        run_protocol(**{**SMALL, "methods": ["dka", "nope"]})
+    with pytest.raises(ValueError, match="'adapter@iso:lka' is sized to 'lka', which is not another row"):
+        run_protocol(**{**SMALL, "methods": ["dka", "adapter@iso:lka"]})

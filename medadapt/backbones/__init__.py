@@ -40,6 +40,7 @@ __all__ = [
     "create_backbone",
     "list_backbones",
     "ships_weights",
+    "takes_input_size",
     "load_sam_parts",
     "read_checkpoint",
 ]
@@ -64,6 +65,14 @@ def ships_weights(name: str) -> bool:
     if builder is None:
         return False
     return bool(getattr(typing.get_type_hints(builder).get("return"), "ships_weights", False))
+
+
+def takes_input_size(name: str) -> bool:
+    """Whether backbone ``name`` is built for one input size (its builder takes ``img_size``)."""
+    import inspect
+
+    builder = BACKBONES.get(name)
+    return builder is not None and "img_size" in inspect.signature(builder).parameters
 
 
 def list_backbones() -> list[str]:

@@ -34,6 +34,12 @@ def _trainable_state(network: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _has_adapters(network: nn.Module) -> bool:
+    from medadapt.injection import injection_record
+
+    return injection_record(_unwrap(network)) is not None
+
+
 def rng_state() -> dict:
     """Global RNG states as tensors and plain numbers, so weights_only loading accepts them."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -125,7 +131,8 @@ class TrainingStateSaver:
         }
         with atomic_path(self.save_dir / STATE_NAME) as tmp:
             torch.save(state, tmp)
-        save_adapters(_unwrap(self.network), self.save_dir / "adapters")
+        if _has_adapters(self.network):
+            save_adapters(_unwrap(self.network), self.save_dir / "adapters")
 
 
 class ResumeTraining:
@@ -230,7 +237,8 @@ class BestModelSaver:
         self.best = value
         self.best_epoch = int(engine.state.epoch)
         model = _unwrap(self.network)
-        save_adapters(model, self.save_dir / "best_adapters", dtype=self.adapter_dtype)
+        if _has_adapters(model):  # a network trained from scratch has no adapter folder, only model.pt
+            save_adapters(model, self.save_dir / "best_adapters", dtype=self.adapter_dtype)
         if self.export_full_model:
             with atomic_path(self.save_dir / "model.pt") as tmp:
                 torch.save(model.state_dict(), tmp)
@@ -397,11 +405,13 @@ class MetricsWriter:
         from medadapt.io import atomic_write_text
 
         record = {}
-        if self.path.is_file() and not (self.fresh and not self._written):
+        if self.path.is_file():
             try:
                 record = json.loads(self.path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 record = {}
+            if self.fresh and not self._written:  # a new run: only its own record stays (RunRecord's)
+                record = {"run": record["run"]} if "run" in record else {}
         metrics = {self._name(k): _jsonable(v) for k, v in engine.state.metrics.items()}
         record.update(metrics)
         key = self._name(engine.state.key_metric_name or "")

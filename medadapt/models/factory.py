@@ -14,7 +14,7 @@ import numpy as np
 import torch.nn as nn
 
 from medadapt.adapters import METHODS
-from medadapt.backbones import create_backbone
+from medadapt.backbones import create_backbone, takes_input_size
 from medadapt.checkpoint import load_adapters
 from medadapt.injection import inject
 from medadapt.memory import enable_gradient_checkpointing
@@ -64,6 +64,7 @@ def create_model(
     gradient_checkpointing: bool = False,
     pool: str | None = None,
     export_input_size: list[int] | None = None,
+    input_size: int | None = None,
 ) -> nn.Module:
     """Build a task model around a pretrained backbone and inject ``method``.
 
@@ -91,6 +92,10 @@ def create_model(
         patch [X, Y, Z] for "segmentation3d"), at which ``torch.jit.script(model)`` and MONAI's
         ``ckpt_export`` trace it (see ``medadapt.models.export``); None: the fixed input size
         of the encoder (LiteMedSAM, SAM), if it has one. Nothing else depends on it.
+      input_size: the side of the square images (or slices) the data arrive at. A backbone
+        built for a fixed input size (SAM's ViTs, LiteMedSAM) is built for this one unless
+        ``backbone_options`` set ``img_size``: MedSAM's 1024 would upsample 256-pixel images
+        sixteen-fold in work and memory.
     """
     # Every argument, taken before anything else is defined: save_adapters writes them so that
     # medadapt.load_model can rebuild this model from its adapter folder alone.
@@ -99,7 +104,10 @@ def create_model(
     build_arguments["task"] = kind.name
     _check_num_classes(num_classes)
     options = {**method_defaults(method, kind), **dict(method_options or {})}
-    encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **dict(backbone_options or {}))
+    backbone_options = dict(backbone_options or {})
+    if input_size and "img_size" not in backbone_options and takes_input_size(backbone):
+        backbone_options["img_size"] = int(input_size)
+    encoder = create_backbone(backbone, checkpoint=backbone_checkpoint, **backbone_options)
     model = kind.build(encoder, num_classes, in_channels=in_channels, input_mapping=input_mapping, pool=pool,
                        decoder_channels=decoder_channels, multilabel=multilabel, num_slices=num_slices,
                        slice_axis=slice_axis, backbone_checkpoint=backbone_checkpoint)

@@ -91,3 +91,69 @@ def scale_report(model: nn.Module) -> str:
     if widths:
         text += "; bottlenecks " + ", ".join(f"{d}->{b} (x{n})" for (d, b), n in sorted(widths.items()))
     return text
+
+
+# ---------------------------------------------------------------------------- memory
+def estimated_training_bytes(model: nn.Module, batch_size: int) -> int | None:
+    """Roughly what one training step needs: the weights, plus the gradients and AdamW's two
+    moments of the trainable ones, plus what the forward pass keeps for the backward (the
+    outputs of the model's leaf modules, a rough count: it leaves out attention matrices and
+    counts outputs that share memory), for a batch at the model's input size. The pass runs
+    the model's own modules with meta-device stand-ins for every weight and the input: no
+    memory, no arithmetic. None for a model that cannot be run that way (box prompts)."""
+    from torch.func import functional_call
+
+    model = getattr(model, "module", model)  # DistributedDataParallel holds the model
+    build = build_record(model)
+    size = getattr(model, "export_input_size", None)
+    if not build or "arguments" not in build or size is None:
+        return None
+    channels = build["arguments"].get("in_channels") or 3
+    stand_ins = {name: torch.empty_like(t, device="meta")
+                 for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    kept = [0]
+
+    def count(module, inputs, output):
+        for tensor in output if isinstance(output, (tuple, list)) else [output]:
+            if isinstance(tensor, torch.Tensor):
+                kept[0] += tensor.numel() * tensor.element_size()
+
+    passes_through = (nn.Identity, nn.Dropout)
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if not list(m.children()) and not isinstance(m, passes_through)]
+    try:
+        functional_call(model, stand_ins, (torch.zeros(1, channels, *size, device="meta"),))
+    except Exception:  # noqa: BLE001 - a model this estimate cannot run is not checked
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    counts = count_parameters(model)
+    return 4 * counts["total"] + 12 * counts["trainable"] + int(batch_size) * kept[0]
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Free memory on ``device``: the GPU's, or the system's available memory for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in open("/proc/meminfo", encoding="utf-8"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(model: nn.Module, batch_size: int, device: torch.device | str = "cpu") -> None:
+    """Refuse, before any work, a model and batch whose training step cannot fit in the memory
+    ``device`` has (`estimated_training_bytes` against `available_bytes`), saying what it needs."""
+    need, have = estimated_training_bytes(model, batch_size), available_bytes(device)
+    if need is None or have is None or need <= have:
+        return
+    size = "x".join(str(s) for s in getattr(model, "export_input_size", ()))
+    raise MemoryError(f"training this model at {size} with batch_size {batch_size} needs about {need / 2**30:.1f} GiB, "
+                      f"and {torch.device(device)} has {have / 2**30:.1f} GiB free: use a smaller image_size (or the "
+                      "backbone's img_size), a smaller batch_size, or gradient_checkpointing")

@@ -1,4 +1,6 @@
-"""The paper-style table of a protocol run: rows per (method, fraction), Markdown and CSV."""
+"""The paper-style table of a protocol run: rows per (method, fraction), Markdown and CSV, with
+95 % confidence intervals over folds, paired comparisons against a reference method, and a plot
+of the headline metric against the training-set size."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ METHOD_TITLES = {
     "aim": "AIM",
     "linear": "Linear probing",
     "full": "Full fine-tuning",
+    "unet": "U-Net from scratch (MONAI)",
 }
 
 
@@ -51,6 +54,36 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The ``level`` confidence interval of the mean of ``values`` (Student's t, n - 1 degrees of
+    freedom); None for fewer than two values."""
+    from scipy import stats
+
+    values = [float(v) for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    mean, sem = statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
+    return mean - half, mean + half
+
+
+def paired_comparison(reference: Sequence[float], other: Sequence[float]) -> dict | None:
+    """Reference minus other, fold by fold (the same training subset and seed): the mean
+    difference, its 95 % confidence interval and the paired t-test's two-sided p-value."""
+    from scipy import stats
+
+    pairs = [(float(a), float(b)) for a, b in zip(reference, other) if a is not None and b is not None]
+    if len(pairs) < 2:
+        return None
+    differences = [a - b for a, b in pairs]
+    if max(differences) == min(differences):  # no spread: the t-test is undefined
+        p_value = 0.0 if differences[0] != 0 else 1.0
+    else:
+        p_value = float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
+    return {"difference": statistics.fmean(differences), "ci": confidence_interval(differences),
+            "p_value": p_value, "pairs": len(pairs)}
 
 
 def build_rows(methods: Sequence[str], fractions: Sequence[float], folds: int, method_info: dict,
@@ -90,6 +123,7 @@ def build_rows(methods: Sequence[str], fractions: Sequence[float], folds: int, m
                 mean, std = mean_std(values)
                 row[metric] = mean
                 row[f"{metric}_std"] = std
+                row[f"{metric}_ci"] = confidence_interval(values)
                 row[f"{metric}_folds"] = values
             rows.append(row)
     return rows
@@ -102,16 +136,24 @@ def _cell_text(row: dict, metric: str) -> str:
     text = f"{100 * mean:.2f}"
     if std is not None:
         text += f" ± {100 * std:.2f}"
+    interval = row.get(f"{metric}_ci")
+    if interval is not None:
+        text += f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
     if row["folds_done"] < row["folds"]:
         text += f" ({row['folds_done']}/{row['folds']} folds)"
     return text
 
 
 def method_title(row: dict) -> str:
-    title = METHOD_TITLES.get(row["method"], row["method"])
+    name = row["method"]
+    base, _, iso = name.partition("@iso:")
+    title = METHOD_TITLES.get(base, base)
+    details = []
     if row.get("size_option") and row.get("size") is not None:
-        title += f" ({row['size_option']} {row['size']})"
-    return title
+        details.append(f"{row['size_option']} {row['size']}")
+    if iso:
+        details.append(f"as many parameters as {METHOD_TITLES.get(iso.partition('@')[0], iso)}")
+    return title + (f" ({', '.join(details)})" if details else "")
 
 
 def markdown_table(rows: list[dict], metric: str) -> str:
@@ -130,10 +172,40 @@ def markdown_table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(rows: list[dict], task: str, header_lines: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
+def paired_table(rows: list[dict], metric: str, reference: str) -> str:
+    """Markdown: ``reference`` minus every other method, per fraction (paired over folds)."""
+    fractions = list(dict.fromkeys(r["fraction"] for r in rows))
+    by_key = {(r["method"], r["fraction"]): r for r in rows}
+    first = {f: next(r for r in rows if r["fraction"] == f) for f in fractions}
+    header = ["Method"] + [f"{first[f]['percent']} ({first[f]['count']})" for f in fractions]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(fractions)) + "|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        if method == reference:
+            continue
+        cells = [method_title(by_key[(method, fractions[0])])]
+        for f in fractions:
+            result = paired_comparison(by_key[(reference, f)][f"{metric}_folds"], by_key[(method, f)][f"{metric}_folds"])
+            if result is None:
+                cells.append("—")
+                continue
+            interval = result["ci"]
+            cells.append(f"{100 * result['difference']:+.2f} [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}], "
+                         f"p = {result['p_value']:.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(rows: list[dict], task: str, header_lines: Sequence[str] = (), notes: Sequence[str] = (),
+                    reference: str | None = None) -> str:
     parts = list(header_lines)
     for metric, title in task_metrics(task):
-        parts += ["", f"**{title}**, mean ± std over folds", "", markdown_table(rows, metric)]
+        parts += ["", f"**{title}**, mean ± std [95 % CI] over folds", "", markdown_table(rows, metric)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    if reference in methods and len(methods) > 1:
+        metric, title = task_metrics(task)[0]
+        parts += ["", f"**{METHOD_TITLES.get(reference, reference)} minus each method**, {title.split(' (')[0]} points: "
+                  "mean difference over folds [95 % CI], paired t-test p (each fold: the same training images and "
+                  "seed)", "", paired_table(rows, metric, reference)]
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
     return "\n".join(parts).strip() + "\n"
@@ -144,7 +216,7 @@ def csv_text(rows: list[dict], task: str) -> str:
     columns = ["method", "size_option", "size", "trainable", "total", "trainable_percent", "fraction",
                "percent", "count", "train_counts", "folds_done", "folds"]
     for metric, _ in task_metrics(task):
-        columns += [metric, f"{metric}_std", f"{metric}_folds"]
+        columns += [metric, f"{metric}_std", f"{metric}_ci", f"{metric}_folds"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -152,10 +224,42 @@ def csv_text(rows: list[dict], task: str) -> str:
         line = {}
         for key in columns:
             value = row.get(key)
-            if isinstance(value, list):
+            if isinstance(value, tuple):  # a confidence interval
+                value = ";".join(f"{v:.6g}" for v in value)
+            elif isinstance(value, list):
                 value = ";".join("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in value)
             elif isinstance(value, float):
                 value = f"{value:.6g}"
             line[key] = "" if value is None else value
         writer.writerow(line)
     return out.getvalue()
+
+
+def plot(rows: list[dict], task: str, path, title: str = "") -> None:
+    """The headline metric against the training-set size, one line per method: the mean over
+    folds and its 95 % confidence interval (error bars), the mean count of each size on x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, label = task_metrics(task)[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = [r for r in rows if r["method"] == method and r[metric] is not None]
+        if not points:
+            continue
+        x = [statistics.fmean(r["train_counts"]) for r in points]
+        y = [100 * r[metric] for r in points]
+        errors = [[100 * (r[metric] - r[f"{metric}_ci"][0]) if r[f"{metric}_ci"] else 0 for r in points],
+                  [100 * (r[f"{metric}_ci"][1] - r[metric]) if r[f"{metric}_ci"] else 0 for r in points]]
+        ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=method_title(points[0]))
+    ax.set_xscale("log")
+    ax.set_xlabel("training samples (log scale)")
+    ax.set_ylabel(label)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -39,6 +39,7 @@ from typing import Any
 
 from medadapt.io import atomic_write_text
 from medadapt.protocol import report
+from medadapt.protocol.rows import Row, parse_rows, scratch_network
 
 CELL_FORMAT = "medadapt-protocol-cell/2"
 DEFAULT_METHODS = ("dka", "lka", "adapter", "lora", "linear")
@@ -89,15 +90,10 @@ def check_arguments(dataset: str, task: str | None, methods, fractions, folds, e
     methods = [str(m) for m in (methods or [])]
     if not methods:
         raise ValueError("methods (--methods): give at least one method")
-    known = list_methods()
-    for method in methods:
-        if method not in known:
-            raise ValueError(f"methods (--methods): unknown method {method!r}; choose from {known}")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"methods (--methods): {methods} repeats a method")
+    rows = parse_rows(methods, list_methods())
     checked = check_fractions(fractions)
     for name, value, low in (("folds", folds, 1), ("epochs", epochs, 1), ("batch_size", batch_size, 1)):
-        if int(value) < low:
+        if value is not None and int(value) < low:
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least {low}, got {value}")
     if steps is not None and int(steps) < 1:
         raise ValueError(f"steps (--steps) must be at least 1, got {steps}")
@@ -105,13 +101,15 @@ def check_arguments(dataset: str, task: str | None, methods, fractions, folds, e
         raise ValueError(f"iso_params (--iso-params) must be a positive parameter count, got {iso_params}")
     if image_size is not None and int(image_size) < 8:
         raise ValueError(f"image_size (--image-size) must be at least 8 pixels, got {image_size}")
+    by_name = {row.name: row for row in rows}
     for method, options in (method_options or {}).items():
-        if method not in methods:
+        if method not in by_name or by_name[method].method is None:
             raise ValueError(f"method_options (--method-option): {method!r} is not among the methods {methods}")
-        if iso_params is not None and size_option(method) in (options or {}):
-            raise ValueError(f"method_options (--method-option): {method}:{size_option(method)} conflicts with "
-                             "--iso-params, which chooses that size; give one of them")
-    return preset, task, methods, checked
+        sized = iso_params is not None or by_name[method].iso is not None
+        if sized and size_option(by_name[method].method) in (options or {}):
+            raise ValueError(f"method_options (--method-option): {method}:{size_option(by_name[method].method)} "
+                             "conflicts with iso-parameter sizing, which chooses that size; give one of them")
+    return preset, task, rows, checked
 
 
 def resolved_size(model, option: str | None):
@@ -209,7 +207,7 @@ def iso_size(count: Callable[[dict], int], method: str, options: dict, budget: i
 # ----------------------------------------------------------------------------- one cell
 
 def cell_id(method: str, fraction: float, fold: int) -> str:
-    return f"{method}__{fraction:.10g}__fold{fold}"
+    return f"{Row(method, None).file_name}__{fraction:.10g}__fold{fold}"
 
 
 def run_cell(cell: dict) -> dict:
@@ -237,13 +235,16 @@ def run_cell(cell: dict) -> dict:
     run_workflow([bundle / "train.json", bundle / "evaluate.json"], **overrides)
     done = time.perf_counter()
     metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    (checkpoints / "best_adapters").replace(folder / "adapters")
+    if (checkpoints / "best_adapters").is_dir():
+        (checkpoints / "best_adapters").replace(folder / "adapters")
+    else:  # a network trained from scratch: its whole best model
+        (checkpoints / "model.pt").replace(folder / "model.pt")
     shutil.rmtree(checkpoints)
     record = {
         **cell["record"],
         "metrics": {**{name: metrics.get(key) for key, name in TABLE_METRICS.items() if key in metrics},
                     "bundle": metrics},
-        "adapters": str(folder / "adapters"),
+        "adapters": str(folder / "adapters") if (folder / "adapters").is_dir() else None,
         "seconds": round(done - start, 2), "train_seconds": round(trained - start, 2),
         "test_seconds": round(done - trained, 2),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -273,6 +274,40 @@ def _differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
+def describe_row(row: Row, bundle_dir: Path, common: dict, options: dict, iso_params: int | None,
+                 done: dict[str, dict], echo: Callable[[str], None]) -> dict:
+    """What a row trains: its overrides of the bundle, its options and size, its trainable and
+    total parameters (sized to ``iso_params``, or to the row it names, when it says so)."""
+    from medadapt.engine.bundle import parsed
+    from medadapt.injection import count_parameters, injection_record
+
+    if row.scratch is not None:
+        network = scratch_network(row.scratch, 3 if "roi_size" in bundle_settings(bundle_dir) else 2,
+                                  int(parsed(bundle_dir / "train.json", "network_def#in_channels", **common)),
+                                  int(parsed(bundle_dir / "train.json", "num_classes", **common)))
+        # The bundle's recipe with this network: every parameter at the head's rate (it starts from scratch).
+        overrides = {"network_def": network, "optimizer#params": "$@network.parameters()",
+                     "optimizer#lr": "@lr_head", "feature_cache": False, "export_full_model": True}
+        counts = count_parameters(parsed(bundle_dir / "train.json", "network_def", **{**common, **overrides}))
+        return {"overrides": overrides, "options": {}, "resolved_options": {}, "network": network,
+                "size_option": None, "size": None, **counts}
+    option = size_option(row.method)
+    base = {**common, "method": row.method}
+    budget = done[row.iso]["trainable"] if row.iso is not None else iso_params
+    if budget is not None and option is not None:
+        size, _ = iso_size(lambda o: trainable_counts(bundle_dir, {**base, "method_options": o})["trainable"],
+                           row.method, options, int(budget))
+        options[option] = size
+    model = build_network(bundle_dir, {**base, "method_options": options})
+    counts = count_parameters(model)
+    full = injection_record(model)["options"]
+    if budget is not None:
+        note = f"{option} {full[option]}" if option else "no size option, left as is"
+        echo(f"iso-params {int(budget):,}: {row.name} -> {note}, {counts['trainable']:,} trainable")
+    return {"overrides": {"method": row.method, "method_options": options}, "options": options,
+            "resolved_options": full, "size_option": option, "size": resolved_size(model, option), **counts}
+
+
 def make_run_splits(preset, task: str, datalist: list[dict], root: str, fractions, folds, seed, test_fraction,
                     val_fraction) -> dict:
     """make_splits once for every fraction and fold (the preset's own test set if it fixes one)."""
@@ -294,7 +329,7 @@ def run_protocol(
     methods: Sequence[str] = DEFAULT_METHODS,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     folds: int = 3,
-    epochs: int = 2,
+    epochs: int | None = None,
     steps: int | None = None,
     backbone: str | None = None,
     backbone_options: dict | None = None,
@@ -302,10 +337,10 @@ def run_protocol(
     method_options: dict[str, dict] | None = None,
     iso_params: int | None = None,
     image_size: int | None = None,
-    batch_size: int = 4,
-    lr_adapter: float = 1e-3,
-    lr_head: float = 1e-4,
-    weight_decay: float = 1e-4,
+    batch_size: int | None = None,
+    lr_adapter: float | None = None,
+    lr_head: float | None = None,
+    weight_decay: float | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
     val_fraction: float = 0.1,
@@ -325,17 +360,21 @@ def run_protocol(
     Arguments:
         dataset, task: a dataset (`medadapt.data.datasets()`) and one of its tasks.
         root: the dataset folder; None builds the preset's embedded demo in ``demo_dir``.
-        methods, fractions, folds: the grid (fractions in (0, 1] of the training pool).
-        epochs, steps: passes over each training subset, or a fixed number of optimiser steps
-            (two epochs of half the steps each, so the validation set chooses between them).
+        methods, fractions, folds: the grid (fractions in (0, 1] of the training pool); methods
+            are table rows (`medadapt.protocol.rows`): a method at its papers' size, a method
+            sized to another row (``adapter@iso:dka``), or ``unet`` trained from scratch.
+        epochs, steps: passes over each training subset (None: the bundle's ``max_epochs``),
+            or a fixed number of optimiser steps (two epochs of half the steps each, so the
+            validation set chooses between them).
         backbone, backbone_options, backbone_checkpoint: see ``medadapt.create_backbone``.
             Default: the bundle's (LiteMedSAM) on real data; on a synthetic demo a small
             random-weight ViT (``QUICK_BACKBONE``) so the demo runs in minutes.
         method_options: {method: {option: value}}.
         iso_params: fit each method's size option to this many trainable parameters.
         image_size: input size (default 64 on a synthetic demo, else the bundle's).
-        batch_size, lr_adapter, lr_head, weight_decay: the recipe's settings.
-        seed: seed of the splits and every cell.
+        batch_size, lr_adapter, lr_head, weight_decay: the recipe's settings (None: the bundle's).
+        seed: seed of the splits; fold k's cells run with seed + k, so that folds that share
+            their training images (the whole pool) still differ in initialisation and augmentation.
         test_fraction, val_fraction: shares held out as the fixed test set and as the
             validation set that chooses each cell's checkpoint.
         demo_options, demo_dir: demo generator options and folder (default ``<out>/data``).
@@ -353,11 +392,10 @@ def run_protocol(
     """
     from tqdm import tqdm
 
-    from medadapt.injection import count_parameters, injection_record
-
     echo = echo or _echo_default
-    preset, task, methods, fractions = check_arguments(dataset, task, methods, fractions, folds, epochs, steps,
-                                                       iso_params, batch_size, image_size, method_options)
+    preset, task, rows, fractions = check_arguments(dataset, task, methods, fractions, folds, epochs, steps,
+                                                    iso_params, batch_size, image_size, method_options)
+    methods = [row.name for row in rows]
     folds = int(folds)
     bundle_dir = Path(bundle) if bundle else find_bundle(preset.name, task)
     settings_known = bundle_settings(bundle_dir)
@@ -391,10 +429,16 @@ def run_protocol(
         image_size = size
         echo(f"no --backbone on the demo: using the quick {backbone} {backbone_options} with RANDOM weights; "
              "pass --backbone litemedsam for the papers' medical-pretrained encoder")
-    common = {"dataset_dir": data_root, "splits_file": str((out / "splits.json").resolve()), "seed": int(seed),
-              "folds": folds, "batch_size": int(batch_size), "lr_adapter": float(lr_adapter),
-              "lr_head": float(lr_head), "weight_decay": float(weight_decay), "num_workers": int(num_workers),
+    common = {"dataset_dir": data_root, "splits_file": str((out / "splits.json").resolve()),
+              "folds": folds, "num_workers": int(num_workers),
               "progress": False, "export_full_model": False, "publish": False, "data_check": "headers"}
+    # What the command sets; the rest is the bundle's recipe.
+    recipe = {"batch_size": batch_size, "lr_adapter": lr_adapter, "lr_head": lr_head, "weight_decay": weight_decay}
+    common.update({k: (int(v) if k == "batch_size" else float(v)) for k, v in recipe.items() if v is not None})
+    from medadapt.engine.bundle import parsed
+
+    bundle_values = {k: parsed(bundle_dir / "train.json", k) for k in (*recipe, "max_epochs", "val_limit")}
+    batch_size, lr_adapter, lr_head, weight_decay = (common.get(k, bundle_values[k]) for k in recipe)
     if backbone is not None:
         common["backbone"] = backbone
         common["backbone_options"] = backbone_options
@@ -409,32 +453,21 @@ def run_protocol(
         common.update({"max_epochs": 2, "train#trainer#epoch_length": half, "total_steps": 2 * half,
                        "val_interval": 1, "stage2_epoch": 2})
     else:
-        common.update({"max_epochs": int(epochs), "val_interval": 1})
+        epochs = int(epochs or bundle_values["max_epochs"])
+        common.update({"max_epochs": epochs, "val_interval": 1})
 
-    # Each method once: options, size, trainable parameters (and errors before any training).
+    # Each row once: options, size, trainable parameters (and errors before any training);
+    # rows sized to another row after the rows they are sized to.
     method_info: dict[str, dict] = {}
-    for method in methods:
-        options = dict((method_options or {}).get(method) or {})
-        option = size_option(method)
-        base = {**common, "method": method}
-        if iso_params is not None and option is not None:
-            size, _ = iso_size(lambda o: trainable_counts(bundle_dir, {**base, "method_options": o})["trainable"],
-                               method, options, int(iso_params))
-            options[option] = size
-        model = build_network(bundle_dir, {**base, "method_options": options})
-        counts = count_parameters(model)
-        full = injection_record(model)["options"]
-        method_info[method] = {"options": options, "resolved_options": full, "size_option": option,
-                               "size": resolved_size(model, option), "trainable": counts["trainable"],
-                               "total": counts["total"]}
-        if iso_params is not None:
-            note = f"{option} {full[option]}" if option else "no size option, left as is"
-            echo(f"iso-params {iso_params:,}: {method} -> {note}, {counts['trainable']:,} trainable")
+    for row in sorted(rows, key=lambda r: r.iso is not None):
+        method_info[row.name] = describe_row(row, bundle_dir, common, dict((method_options or {}).get(row.name) or {}),
+                                             iso_params, method_info, echo)
 
     settings = _json_ready({
         "dataset": preset.name, "task": task, "bundle": str(bundle_dir.resolve()), "backbone": backbone,
         "backbone_options": backbone_options, "backbone_checkpoint": backbone_checkpoint, "image_size": image_size,
-        "epochs": int(epochs), "steps": int(steps) if steps else None, "batch_size": int(batch_size),
+        "epochs": int(epochs) if epochs else None, "steps": int(steps) if steps else None,
+        "batch_size": int(batch_size), "seeds": "seed + fold", "val_limit": bundle_values["val_limit"],
         "lr_adapter": float(lr_adapter), "lr_head": float(lr_head), "weight_decay": float(weight_decay),
         "seed": int(seed), "test_fraction": float(test_fraction), "val_fraction": float(val_fraction),
         "demo_options": dict(demo_options or {}), "iso_params": int(iso_params) if iso_params else None,
@@ -442,7 +475,7 @@ def run_protocol(
     })
 
     files = {"markdown": out / "protocol.md", "csv": out / "protocol.csv", "json": out / "protocol.json",
-             "splits": out / "splits.json", "cells": out / "cells"}
+             "plot": out / "protocol.png", "splits": out / "splits.json", "cells": out / "cells"}
     cells: dict[tuple, dict] = {}
     header = [
         f"# medadapt bench protocol: {preset.name} {task}",
@@ -457,8 +490,12 @@ def run_protocol(
         f"{f'; input {image_size} px' if image_size else ''}; "
         f"{'steps ' + str(steps) if steps else 'epochs ' + str(epochs)}, batch {batch_size}, AdamW "
         f"(adapters {lr_adapter:g}, head {lr_head:g}, weight decay {weight_decay:g}), cosine schedule",
-        f"- folds: {folds}; ± is the sample standard deviation over folds"
+        f"- folds: {folds} (fold k: training subset k, seed {seed} + k); mean ± sample standard deviation over "
+        "folds, and the 95 % confidence interval of the mean (Student's t)"
         + (f"; iso-params budget {int(iso_params):,} trainable parameters" if iso_params else ""),
+        f"- checkpoint: the best epoch on "
+        + ("at most as many validation samples as the training subset has" if bundle_values["val_limit"] == "train"
+           else f"the validation set (val_limit {bundle_values['val_limit']})"),
     ]
 
     def write_tables() -> tuple[list[dict], str]:
@@ -471,8 +508,11 @@ def run_protocol(
                  *splits.get("notes", [])]
         if synthetic:
             notes.append(f"embedded demo ({preset.demo_note}): a smoke test of the protocol, not a result")
-        markdown = report.markdown_report(rows, task, header, notes)
+        markdown = report.markdown_report(rows, task, header, notes, reference=methods[0])
         atomic_write_text(files["markdown"], markdown)
+        if any(len(c) for c in cells.values()):
+            report.plot(rows, task, files["plot"], f"{preset.name}: {report.task_metrics(task)[0][1]} against training "
+                                                    "samples, mean and 95 % CI over folds")
         atomic_write_text(files["csv"], report.csv_text(rows, task))
         atomic_write_text(files["json"], json.dumps({"settings": settings, "methods": method_info, "rows": rows,
                                                      "command": command}, indent=1, default=str))
@@ -486,6 +526,7 @@ def run_protocol(
                 path = out / "cells" / f"{ident}.json"
                 train_rel = records[fraction]["folds"][fold]["train"]
                 cell_settings = _json_ready({**settings, "method_options": method_info[method]["resolved_options"],
+                                             "network": method_info[method].get("network"),
                                              "train_digest": _digest(train_rel)})
                 if path.is_file():
                     stored = json.loads(path.read_text(encoding="utf-8"))
@@ -500,8 +541,8 @@ def run_protocol(
                             f"out (--out): {path} holds a finished cell computed with other settings "
                             f"({', '.join(_differences(stored.get('settings', {}), cell_settings))}); use another "
                             "--out, or --overwrite to recompute such cells")
-                overrides = _json_ready({**common, "method": method, "method_options": method_info[method]["options"],
-                                         "fraction": fraction, "fold": fold})
+                overrides = _json_ready({**common, **method_info[method]["overrides"], "fraction": fraction,
+                                         "fold": fold, "seed": int(seed) + fold})
                 pending.append({
                     "key": (method, fraction, fold), "bundle": str(bundle_dir.resolve()), "overrides": overrides,
                     "folder": str((out / "cells" / ident).resolve()), "record_path": str(path.resolve()),
