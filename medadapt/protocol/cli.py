@@ -43,6 +43,8 @@ BENCH_COMMANDS: list[tuple[str, str, Callable | str]] = [
     ("protocol", "the papers' table: methods x data fractions x folds on one fixed test set",
      "medadapt.protocol.cli:configure_protocol"),
     ("perf", "speed and memory ratios (benchmarks/run.py of a source checkout)", "medadapt.protocol.perf:configure"),
+    ("evidence", "the papers' comparison on real MNI152 MRI, 2D and 3D, with statistics (docs/protocol.md)",
+     "medadapt.protocol.evidence:configure"),
 ]
 
 
@@ -129,7 +131,9 @@ def configure_protocol(parser: argparse.ArgumentParser) -> None:
                       help="share of the rest held out to choose each cell's checkpoint (default 0.1)")
     grid = parser.add_argument_group("grid")
     grid.add_argument("--methods", nargs="+", default=["dka", "lka", "adapter", "lora", "linear"],
-                      help="adapter methods (default: dka lka adapter lora linear)")
+                      help="table rows: adapter methods at their papers' size, METHOD@iso:ROW sized to another row's "
+                           "trainable parameters, 'unet' (a MONAI U-Net from scratch); the first row is the "
+                           "reference of the paired comparisons (default: dka lka adapter lora linear)")
     grid.add_argument("--fractions", nargs="+", type=float, default=[0.0063, 0.0125, 1.0],
                       help="training fractions of the pool, in (0, 1] (default 0.0063 0.0125 1.0)")
     grid.add_argument("--folds", type=int, default=3, help="training subsets per fraction (default 3)")
@@ -147,12 +151,14 @@ def configure_protocol(parser: argparse.ArgumentParser) -> None:
                        help="size each method's bottleneck / rank / prompt length to the trainable-parameter "
                        "count closest to N")
     recipe = parser.add_argument_group("training")
-    recipe.add_argument("--epochs", type=int, default=2, help="passes over each training subset (default 2)")
+    recipe.add_argument("--epochs", type=int, help="passes over each training subset (default: the bundle's max_epochs)")
     recipe.add_argument("--steps", type=int, help="fixed number of optimiser steps per cell instead of --epochs")
-    recipe.add_argument("--batch-size", type=int, default=4, help="batch size (default 4)")
-    recipe.add_argument("--lr-adapter", type=float, default=1e-3, help="adapter learning rate (default 1e-3)")
-    recipe.add_argument("--lr-head", type=float, default=1e-4, help="head learning rate (default 1e-4)")
-    recipe.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    recipe.add_argument("--batch-size", type=int, help="batch size (default: the bundle's)")
+    recipe.add_argument("--lr-adapter", type=float, help="adapter learning rate (default: the bundle's, 1e-3)")
+    recipe.add_argument("--lr-head", type=float,
+                        help="head / decoder learning rate (default: the bundle's: 1e-4 for a classification "
+                             "head, 1e-3 for a segmentation decoder that starts from scratch)")
+    recipe.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the bundle's, 1e-4)")
     recipe.add_argument("--seed", type=int, default=0, help="seed of the splits and every cell (default 0)")
     recipe.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     recipe.add_argument("--ray", metavar="ADDRESS",
