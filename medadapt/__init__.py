@@ -46,6 +46,8 @@ _EXPORTS = {
     "BoxPromptSegmenter": "medadapt.models",
     "create_model": "medadapt.models",
     "load_model": "medadapt.models",
+    # the bundles' networks outside medadapt
+    "export_network": "medadapt.engine.bundle",
     # 3D interactive segmentation with a box-prompted model
     "segment_volume_from_box": "medadapt.models.box_propagation",
     "propagate_boxes": "medadapt.models.box_propagation",
