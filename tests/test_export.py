@@ -36,19 +36,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A weights file for the tiny ConvNeXt: each process then builds the same backbone, as
-    from a pretrained file (adapter folders refuse a backbone other than their own)."""
-    import timm
-
-    path = tmp_path_factory.mktemp("backbone") / "convnext_atto_tiny.pth"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        torch.save(timm.create_model("convnext_atto", pretrained=False, num_classes=0, **TINY_OPTIONS).state_dict(), path)
-    return path
-
-
 def settings(bundle: str, **values) -> dict:
     values = {"image_size": 64, "demo_options": SMALL_DEMO[bundle], **values}
     if bundle in ROI:

@@ -83,16 +83,20 @@ def run_workflow(config_file, workflow_type: str = "train", **overrides: Any):
     return flow
 
 
-def parsed(config_file, key: str, **overrides: Any):
+def parsed(config_file, key: str | Sequence[str], **overrides: Any):
     """One component of a bundle config (for example ``network_def``), built with ``overrides``
-    but without initialising or running the workflow."""
+    but without initialising or running the workflow; for a list of keys, a list of components
+    built by one parser, so that they share what they reference (an ``Invertd`` the very
+    preprocessing it inverts)."""
     from monai.bundle import ConfigParser
 
     files = _files(config_file)
     parser = ConfigParser()
     parser.read_config(files)
     parser.update({"bundle_root": root_of(files[0]), **overrides})
-    return parser.get_parsed_content(key)
+    if isinstance(key, str):
+        return parser.get_parsed_content(key)
+    return [parser.get_parsed_content(k) for k in key]
 
 
 # ---------------------------------------------------------------------------- the model-zoo layout
@@ -111,6 +115,12 @@ def bundle_folder(bundle: str | os.PathLike) -> Path:
     from medadapt import bundles
 
     return bundles.path(str(bundle))
+
+
+def is_bundle(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a bundle (its configs at its top, or in ``configs/``)."""
+    configs = config_dir(folder)
+    return (configs / "inference.json").is_file() and (configs / "metadata.json").is_file()
 
 
 def config_dir(folder: str | os.PathLike) -> Path:
