@@ -398,3 +398,21 @@ def test_prepare_data_counts_carry_the_real_share_from_a_fresh_split_or_a_file(t
     read = prepare_data("busi", output_dir=str(tmp_path / "b"), splits_file=str(splits_file), **options)["counts"]
     assert {k: read[k] for k in fresh} == {**fresh, "same_count_as": [0.0125]}
     assert "raised to 1 image for benign, malignant, normal" in caplog.text
+
+
+def test_a_splits_file_from_before_the_real_counts_still_reads(tmp_path, caplog):
+    from medadapt.engine.data import prepare_data
+
+    make_busi(tmp_path / "busi", per_class=6)
+    splits_file = tmp_path / "s.json"
+    assert main(["split", "--dataset", "busi", "--root", str(tmp_path / "busi"), "--fractions", "0.0063",
+                 "--folds", "1", "--out", str(splits_file)]) == 0
+    splits = json.loads(splits_file.read_text(encoding="utf-8"))
+    for key in ("train_counts", "actual_fraction", "bumped_classes", "same_count_as"):
+        del splits["fractions"][0][key]
+    splits_file.write_text(json.dumps(splits), encoding="utf-8")
+    counts = prepare_data("busi", str(tmp_path / "busi"), str(tmp_path / "run"), task="classification",
+                          fraction=0.0063, folds=1, splits_file=str(splits_file), check="none")["counts"]
+    assert counts["train"] == 3 and counts["bumped_classes"] == ["benign", "malignant", "normal"]
+    assert counts["same_count_as"] == [] and "raised to 1 image for benign, malignant, normal" in caplog.text
+    assert f"trains on 3 images ({100 * 3 / counts['pool']:.3g} % of the pool's {counts['pool']})" in caplog.text

@@ -222,6 +222,9 @@ def fraction_record(splits: dict, fraction: float) -> dict:
     record = next((r for r in splits["fractions"] if math.isclose(r["fraction"], float(fraction), abs_tol=1e-9)), None)
     if record is None:
         raise KeyError(f"fraction {fraction} not in the splits file; it has {[r['fraction'] for r in splits['fractions']]}")
+    if "bumped_classes" not in record:   # a file written before the names were recorded
+        names = _class_names(splits.get("classes"))
+        record = {**record, "bumped_classes": [names.get(s, s) for s in record.get("bumped", [])]}
     return record
 
 
@@ -481,9 +484,11 @@ def percent(share: float) -> str:
 def real_count_text(record: dict, unit: str = "images") -> str:
     """What a fraction record really trains on: "3 images (10.7 % of the pool's 28)" (a
     range of counts where folds differ)."""
-    counts = record["train_counts"]
+    # Files written before these keys existed hold the per-fold counts only.
+    counts = record.get("train_counts") or [fold["count"] for fold in record["folds"]]
     count = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
-    return f"{count} {unit} ({percent(record['actual_fraction'])} of the pool's {record['pool']})"
+    share = record.get("actual_fraction", sum(counts) / len(counts) / max(record["pool"], 1))
+    return f"{count} {unit} ({percent(share)} of the pool's {record['pool']})"
 
 
 def real_count_notes(record: dict, unit: str = "images") -> list[str]:

@@ -150,7 +150,7 @@ def real_counts(record: dict, fold: int) -> dict:
     pool = record.get("pool") or 0
     count = record["folds"][fold]["count"]
     return {"pool": pool, "actual_fraction": round(count / pool, 6) if pool else 0.0,
-            "bumped_classes": list(record.get("bumped_classes", record.get("bumped", []))),
+            "bumped_classes": list(record.get("bumped_classes", [])),
             "same_count_as": list(record.get("same_count_as", []))}
 
 
