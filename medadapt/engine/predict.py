@@ -73,6 +73,7 @@ def predict(model_or_folder: nn.Module | str | os.PathLike, image: ImagePath, bu
     """
     from medadapt.engine.bundle import bundle_folder, config_dir, parsed
 
+    files = _image_files(image)   # before any model is built
     network, bundle = _network_and_bundle(model_or_folder, bundle, settings)
     config = config_dir(bundle_folder(bundle)) / "inference.json"
     if device is not None:
@@ -82,7 +83,7 @@ def predict(model_or_folder: nn.Module | str | os.PathLike, image: ImagePath, bu
     task, class_names, dataset, device, preprocessing, inferer, label_map = parsed(
         config, ["task", "class_names", "dataset_name", "device", "preprocessing", "inferer", "label_map"], **settings)
     _check_task(network, task, bundle)
-    entry = _checked_entry(image, dataset, task)
+    entry = _checked_entry(files, dataset, task)
     network = network.to(device).eval()
     output = _run(network, preprocessing, inferer, label_map, entry, device)
     if get_task(task).label_kind == "class":
@@ -161,16 +162,21 @@ def _check_task(network: nn.Module, task: str, bundle) -> None:
                          "bundle it was trained with")
 
 
-def _checked_entry(image: ImagePath, dataset: str, task: str) -> dict:
-    """``image`` as a datalist entry, checked as the bundle checks what it predicts (files
-    exist and open, finite values) before the model runs."""
+def _image_files(image: ImagePath) -> list[str]:
+    """The file(s) of ``image``, each of which must exist."""
+    files = [str(f) for f in image] if isinstance(image, (list, tuple)) else [str(image)]
+    missing = [f for f in files if not Path(f).is_file()]
+    if not files or missing:
+        raise FileNotFoundError(f"no image file {missing[0] if missing else '(an empty list)'}")
+    return files
+
+
+def _checked_entry(files: list[str], dataset: str, task: str) -> dict:
+    """The image files as a datalist entry, checked as the bundle checks what it predicts
+    (files open, finite values, the dataset's own checks) before the model runs."""
     from medadapt.data import get_dataset
     from medadapt.data.dataset import case_name
 
-    files = [str(f) for f in image] if isinstance(image, (list, tuple)) else [str(image)]
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no image file {missing[0]}")
     entry = {"image": files if len(files) > 1 else files[0], "case": case_name(files[0])}
     get_dataset(dataset).validate([entry], task, require_labels=False)
     return entry
