@@ -172,7 +172,7 @@ def _batch_of_three(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle", ["dka_busi_cls", "dka_mni152_tissue_3d"])
-def test_onnx_and_pt2_exports_take_any_batch_with_named_io_and_the_bundle_metadata(bundle, tiny_checkpoint, tmp_path):
+def test_onnx_pt2_and_ts_exports_take_any_batch_with_named_io_and_the_bundle_metadata(bundle, tiny_checkpoint, tmp_path):
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
     from test_bundles import _as_a_user_edits_it
@@ -185,7 +185,7 @@ def test_onnx_and_pt2_exports_take_any_batch_with_named_io_and_the_bundle_metada
     write_trained_files(bundle, values, models)
     zoo = export_bundle(bundle, tmp_path / "zoo", model=models / "model.pt")
     _as_a_user_edits_it(zoo, bundle)   # the tiny backbone and sizes the model was trained with
-    assert main(["bundle", "export", str(zoo), str(tmp_path / "out"), "--formats", "onnx", "pt2"]) == 0
+    assert main(["bundle", "export", str(zoo), str(tmp_path / "out"), "--formats", "onnx", "pt2", "ts"]) == 0
     network, x = eager_network_and_image(bundle, values, models, tmp_path)
     bundle_metadata = json.loads((REPO / "bundles" / bundle / "metadata.json").read_text(encoding="utf-8"))
 
@@ -207,10 +207,12 @@ def test_onnx_and_pt2_exports_take_any_batch_with_named_io_and_the_bundle_metada
     extra = {"metadata.json": ""}
     program = torch.export.load(str(tmp_path / "out" / "models" / "model.pt2"), extra_files=extra).module()
     check_metadata(extra["metadata.json"])
+    scripted = torch.jit.load(str(tmp_path / "out" / "models" / "model.ts"), _extra_files=extra)
+    check_metadata(extra["metadata.json"])
     for batch in (x, _batch_of_three(x)):
         with torch.no_grad():
             expected = network(batch)
-            assert relative_error(program(batch), expected) < RTOL
+            assert relative_error(program(batch), expected) < RTOL and relative_error(scripted(batch), expected) < RTOL
         (got,) = session.run(["pred"], {"image": batch.numpy()})
         assert got.shape == tuple(expected.shape) and relative_error(got, expected) < RTOL
 
