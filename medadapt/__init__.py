@@ -46,6 +46,9 @@ _EXPORTS = {
     "BoxPromptSegmenter": "medadapt.models",
     "create_model": "medadapt.models",
     "load_model": "medadapt.models",
+    # a bundle's inference in Python, and its networks outside medadapt
+    "predict": "medadapt.engine.predict",
+    "export_network": "medadapt.engine.bundle",
     # 3D interactive segmentation with a box-prompted model
     "segment_volume_from_box": "medadapt.models.box_propagation",
     "propagate_boxes": "medadapt.models.box_propagation",

@@ -124,3 +124,18 @@ def build_task(family: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A weights file for the bundles' tiny ConvNeXt (``test_bundles.TINY_OPTIONS``): each process
+    then builds the same backbone, as from a pretrained file (adapter folders refuse a backbone
+    other than their own)."""
+    import timm
+    from test_bundles import TINY_OPTIONS
+
+    path = tmp_path_factory.mktemp("backbone") / "convnext_atto_tiny.pth"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(timm.create_model("convnext_atto", pretrained=False, num_classes=0, **TINY_OPTIONS).state_dict(), path)
+    return path

@@ -119,7 +119,11 @@ def test_deterministic_and_seed_dependent(tmp_path):
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # input order irrelevant
     assert a["test"] != c["test"] or a["fractions"][0]["folds"] != c["fractions"][0]["folds"]
     more = make_splits(datalist, [0.05, 0.1, 1.0], folds=3, seed=0, label_key="class")
-    assert more["fractions"][1] == a["fractions"][0]  # adding a fraction leaves others alone
+    # Adding a fraction leaves the others' draws alone (it may only become their twin in count).
+    def drawn(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k != "same_count_as"}
+
+    assert drawn(more["fractions"][1]) == drawn(a["fractions"][0])
     assert more["test"] == a["test"]
 
 
@@ -339,3 +343,76 @@ def test_a_splits_file_that_is_not_json_or_nests_too_deep_is_named(tmp_path):
         path.write_text(text, encoding="utf-8")
         with pytest.raises(ValueError, match="splits.json"):
             load_split(path, part="test")
+
+
+# ---------------------------------------------------------------------------- fractions that are not what they say
+def test_fractions_that_round_alike_or_are_raised_are_announced_by_class_name(tmp_path, caplog):
+    # 15 / 10 / 5 images: a pool of 9 / 6 / 3 after the test and validation sets.
+    datalist = tiny_files_datalist(tmp_path, [0] * 15 + [1] * 10 + [2] * 5)
+    classes = ["benign", "malignant", "normal"]
+    splits = make_splits(datalist, [0.0063, 0.0125, 1.0], folds=2, seed=0, label_key="class", classes=classes)
+    tiny, small, full = splits["fractions"]
+    pool = splits["counts"]["pool"]
+    for record in (tiny, small):
+        assert record["train_counts"] == [3, 3] and record["bumped_classes"] == classes
+        assert record["actual_fraction"] == round(3 / pool, 6)
+    assert tiny["same_count_as"] == [0.0125] and small["same_count_as"] == [0.0063] and full["same_count_as"] == []
+    assert full["bumped_classes"] == [] and full["actual_fraction"] == 1.0
+    share = f"{100 * 3 / pool:.3g} %"
+    # Said on the console (as warnings) and kept in the file's notes, with names, count and share.
+    for text in (caplog.text, "\n".join(splits["notes"])):
+        assert f"fraction 0.0063 (0.63 % requested) trains on 3 images ({share} of the pool's {pool})" in text
+        assert "raised to 1 image for benign, malignant, normal" in text
+        assert "as many as fraction(s) 0.0125" in text and "as many as fraction(s) 0.0063" in text
+    assert "fraction 1 " not in "\n".join(splits["notes"])
+
+
+def test_split_command_names_raised_classes_and_the_real_share(tmp_path, capsys):
+    make_busi(tmp_path / "busi", per_class=6)
+    out = tmp_path / "splits.json"
+    assert main(["split", "--dataset", "busi", "--root", str(tmp_path / "busi"), "--fractions", "0.0063", "1.0",
+                 "--folds", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text(encoding="utf-8"))["fractions"][0]
+    assert record["bumped_classes"] == ["benign", "malignant", "normal"]
+    assert "raised to 1 image: benign, malignant, normal" in printed and "['0', '1', '2']" not in printed
+    assert f"fraction 0.0063 (actual {100 * record['actual_fraction']:.3g} % of the pool)" in printed
+
+
+def test_prepare_data_counts_carry_the_real_share_from_a_fresh_split_or_a_file(tmp_path, caplog):
+    from medadapt.engine.data import prepare_data
+
+    make_busi(tmp_path / "busi", per_class=6)
+    options = {"dataset_dir": str(tmp_path / "busi"), "task": "classification", "fraction": 0.0063, "fold": 1,
+               "folds": 2, "check": "none"}
+    fresh = prepare_data("busi", output_dir=str(tmp_path / "a"), **options)["counts"]
+    pool = fresh["pool"]
+    assert fresh["train"] == 3 and fresh["fraction"] == 0.0063
+    assert fresh["actual_fraction"] == round(3 / pool, 6) and fresh["bumped_classes"] == ["benign", "malignant", "normal"]
+    assert f"{100 * 3 / pool:.3g} % of the pool's {pool}" in caplog.text
+    # From a splits file made by `medadapt split`: the same numbers, and the same warning in this run.
+    splits_file = tmp_path / "s.json"
+    assert main(["split", "--dataset", "busi", "--root", str(tmp_path / "busi"), "--fractions", "0.0063", "0.0125",
+                 "--folds", "2", "--out", str(splits_file)]) == 0
+    caplog.clear()
+    read = prepare_data("busi", output_dir=str(tmp_path / "b"), splits_file=str(splits_file), **options)["counts"]
+    assert {k: read[k] for k in fresh} == {**fresh, "same_count_as": [0.0125]}
+    assert "raised to 1 image for benign, malignant, normal" in caplog.text
+
+
+def test_a_splits_file_from_before_the_real_counts_still_reads(tmp_path, caplog):
+    from medadapt.engine.data import prepare_data
+
+    make_busi(tmp_path / "busi", per_class=6)
+    splits_file = tmp_path / "s.json"
+    assert main(["split", "--dataset", "busi", "--root", str(tmp_path / "busi"), "--fractions", "0.0063",
+                 "--folds", "1", "--out", str(splits_file)]) == 0
+    splits = json.loads(splits_file.read_text(encoding="utf-8"))
+    for key in ("train_counts", "actual_fraction", "bumped_classes", "same_count_as"):
+        del splits["fractions"][0][key]
+    splits_file.write_text(json.dumps(splits), encoding="utf-8")
+    counts = prepare_data("busi", str(tmp_path / "busi"), str(tmp_path / "run"), task="classification",
+                          fraction=0.0063, folds=1, splits_file=str(splits_file), check="none")["counts"]
+    assert counts["train"] == 3 and counts["bumped_classes"] == ["benign", "malignant", "normal"]
+    assert counts["same_count_as"] == [] and "raised to 1 image for benign, malignant, normal" in caplog.text
+    assert f"trains on 3 images ({100 * 3 / counts['pool']:.3g} % of the pool's {counts['pool']})" in caplog.text

@@ -36,19 +36,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A weights file for the tiny ConvNeXt: each process then builds the same backbone, as
-    from a pretrained file (adapter folders refuse a backbone other than their own)."""
-    import timm
-
-    path = tmp_path_factory.mktemp("backbone") / "convnext_atto_tiny.pth"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        torch.save(timm.create_model("convnext_atto", pretrained=False, num_classes=0, **TINY_OPTIONS).state_dict(), path)
-    return path
-
-
 def settings(bundle: str, **values) -> dict:
     values = {"image_size": 64, "demo_options": SMALL_DEMO[bundle], **values}
     if bundle in ROI:
@@ -177,6 +164,73 @@ def test_onnx_export_runs_in_onnxruntime(bundle, tiny_checkpoint, tmp_path):
     with torch.no_grad():
         expected = network(x)
     assert relative_error(got, expected) < RTOL
+
+
+def _batch_of_three(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.flip(-1), 0.5 * x])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", ["dka_busi_cls", "dka_mni152_tissue_3d"])
+def test_onnx_pt2_and_ts_exports_take_any_batch_with_named_io_and_the_bundle_metadata(bundle, tiny_checkpoint, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from test_bundles import _as_a_user_edits_it
+
+    from medadapt.cli import main
+    from medadapt.engine.bundle import export_bundle
+
+    values = tiny(bundle, tiny_checkpoint)
+    models = tmp_path / "models"
+    write_trained_files(bundle, values, models)
+    zoo = export_bundle(bundle, tmp_path / "zoo", model=models / "model.pt")
+    _as_a_user_edits_it(zoo, bundle)   # the tiny backbone and sizes the model was trained with
+    assert main(["bundle", "export", str(zoo), str(tmp_path / "out"), "--formats", "onnx", "pt2", "ts"]) == 0
+    network, x = eager_network_and_image(bundle, values, models, tmp_path)
+    bundle_metadata = json.loads((REPO / "bundles" / bundle / "metadata.json").read_text(encoding="utf-8"))
+
+    def check_metadata(text: str) -> None:
+        image = json.loads(text)["network_data_format"]["inputs"]["image"]
+        expected = bundle_metadata["network_data_format"]["inputs"]["image"]
+        assert image["value_range"] == expected["value_range"] and image["channel_def"] == expected["channel_def"]
+        assert image["num_channels"] == x.shape[1] and image["spatial_shape"] == list(x.shape[2:])
+
+    model = onnx.load(str(tmp_path / "out" / "models" / "model.onnx"))
+    assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == ["pred"]
+    for value in (model.graph.input[0], model.graph.output[0]):
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    props = {p.key: p.value for p in model.metadata_props}
+    check_metadata(props["metadata.json"])
+    assert json.loads(props["inference.json"])["bundle_name"] == bundle
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "models" / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    extra = {"metadata.json": ""}
+    program = torch.export.load(str(tmp_path / "out" / "models" / "model.pt2"), extra_files=extra).module()
+    check_metadata(extra["metadata.json"])
+    scripted = torch.jit.load(str(tmp_path / "out" / "models" / "model.ts"), _extra_files=extra)
+    check_metadata(extra["metadata.json"])
+    for batch in (x, _batch_of_three(x)):
+        with torch.no_grad():
+            expected = network(batch)
+            assert relative_error(program(batch), expected) < RTOL and relative_error(scripted(batch), expected) < RTOL
+        (got,) = session.run(["pred"], {"image": batch.numpy()})
+        assert got.shape == tuple(expected.shape) and relative_error(got, expected) < RTOL
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_states_the_input_range_the_preprocessing_gives(bundle, tmp_path):
+    image = json.loads((REPO / "bundles" / bundle / "metadata.json").read_text(encoding="utf-8"))[
+        "network_data_format"]["inputs"]["image"]
+    values = dict(settings(bundle), demo_dir=str(tmp_path / "demo"), output_dir=str(tmp_path / "predictions"))
+    x = torch.as_tensor(parsed(REPO / "bundles" / bundle / "inference.json", "dataset", **values)[0]["image"]).float()
+    if image["value_range"]:
+        low, high = image["value_range"]
+        assert float(x.min()) == pytest.approx(low, abs=1e-5) and float(x.max()) == pytest.approx(high, abs=1e-5)
+    else:   # z-scores over the non-zero voxels, background 0: the metadata says so
+        assert "z-score" in image["description"]
+        for channel in x:
+            inside = channel[channel != 0].double()
+            assert float(inside.mean()) == pytest.approx(0, abs=1e-3) and float(inside.std()) == pytest.approx(1, abs=1e-2)
 
 
 # ----------------------------------------------------------------------------- in process

@@ -49,6 +49,8 @@ class Dataset:
             study (BraTS: t1, t1ce, t2, flair), else empty.
         label_settings: bundle settings its `label_values` depend on (BraTS: the release).
         small_demo: demo options for a quick check (the tests' runs): a few small cases.
+        image_channels: channels of an image as stored, where every image has the same (a
+            grey PNG: 1); None where they vary (grey or colour photographs).
     """
 
     name: str = ""
@@ -61,6 +63,7 @@ class Dataset:
     sequences: tuple[str, ...] = ()
     label_settings: tuple[str, ...] = ()
     small_demo: dict = {}
+    image_channels: int | None = None
 
     # ------------------------------------------------------------------ data
     def datalist(self, root: str | os.PathLike, task: str, require_labels: bool = True, **options) -> list[dict]:
@@ -114,6 +117,14 @@ class Dataset:
         if get_task(task).label_kind == "class":
             return list(self.classes or [])
         return ["lesion"]
+
+    def bundle_settings(self, task: str | Task, root: str | os.PathLike | None = None,
+                        demo_options: dict | None = None) -> dict:
+        """What a bundle's model takes from the data: "class_names" (its outputs, in order) and
+        "image_channels" (channels of an image as stored). ``root`` is the dataset folder, None
+        for the demo ``demo_options`` build; a dataset whose names and channels are fixed needs
+        neither. The generic segmentation bundles read their class names and input channels here."""
+        return {"class_names": self.output_names(task), "image_channels": self.image_channels}
 
     def label_values(self, task: str | Task, **settings) -> dict[str, int]:
         """{name: value} of the label maps its predictions become (MONAI Label's ``labels``):

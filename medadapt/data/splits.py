@@ -6,7 +6,12 @@ The protocol (DKA paper, below-100 % experiments):
 - one fixed validation set from the rest, for choosing checkpoints (never the test set);
 - for each fraction and fold, a training subset of the remaining pool, stratified by class
   with at least one image per class (a fraction that would give a class zero images is
-  bumped to one, and the actual counts are recorded beside the fraction);
+  bumped to one);
+- a fraction that does not train on the share it names (raised to one image for some classes,
+  or as many images as another fraction) is announced as a warning with its real count and
+  share and the classes by name; every fraction record holds what it really is:
+  ``train_counts`` (per fold), ``actual_fraction`` (mean share of the pool),
+  ``bumped_classes`` (names) and ``same_count_as`` (the fractions with the same counts);
 - sampling is by group (BraTS case, ISIC 2019 lesion, BUSI image), so no group is on both
   sides; images with identical content (by SHA-1 of the file bytes) are joined into one
   group, so a duplicated image cannot straddle train and test either;
@@ -126,8 +131,10 @@ def make_splits(
     test = [e for g in sorted(test_groups) for e in by_group[g]]
     val = [e for g in sorted(val_groups) for e in by_group[g]]
 
-    result_fractions = [_draw_fraction(f, folds, seed, pool_strata, sizes, by_group) for f in fractions]
+    names = _class_names(classes)
+    result_fractions = [_draw_fraction(f, folds, seed, pool_strata, sizes, by_group, names) for f in fractions]
     notes += [r["repeats"] for r in result_fractions if r["repeats"]]
+    notes += announce_real_counts(result_fractions)
 
     splits = {
         "format": FORMAT,
@@ -200,15 +207,25 @@ def load_split(
     elif part == "train":
         if fraction is None:
             raise ValueError("fraction is required for part='train'")
-        record = next((r for r in splits["fractions"] if math.isclose(r["fraction"], float(fraction), abs_tol=1e-9)), None)
-        if record is None:
-            raise KeyError(f"fraction {fraction} not in the splits file; it has {[r['fraction'] for r in splits['fractions']]}")
+        record = fraction_record(splits, fraction)
         if not 0 <= fold < len(record["folds"]):
             raise KeyError(f"fold {fold} not in the splits file; it has folds 0..{len(record['folds']) - 1}")
         entries = record["folds"][fold]["train"]
     else:
         raise ValueError(f"part must be 'train', 'val' or 'test', got {part!r}")
     return [_absolute(e, base) for e in entries]
+
+
+def fraction_record(splits: dict, fraction: float) -> dict:
+    """The record of ``fraction`` in a splits dict (matched within 1e-9), or a KeyError naming
+    the fractions it has."""
+    record = next((r for r in splits["fractions"] if math.isclose(r["fraction"], float(fraction), abs_tol=1e-9)), None)
+    if record is None:
+        raise KeyError(f"fraction {fraction} not in the splits file; it has {[r['fraction'] for r in splits['fractions']]}")
+    if "bumped_classes" not in record:   # a file written before the names were recorded
+        names = _class_names(splits.get("classes"))
+        record = {**record, "bumped_classes": [names.get(s, s) for s in record.get("bumped", [])]}
+    return record
 
 
 def content_hash(paths: str | Sequence[str]) -> str:
@@ -273,8 +290,11 @@ def split_summary(splits: dict) -> str:
     ]
     for record in splits["fractions"]:
         per_fold = ", ".join(str(f["count"]) for f in record["folds"])
-        bumped = f" (bumped to 1: classes {record['bumped']})" if record["bumped"] else ""
-        lines.append(f"  fraction {record['fraction']:g}: train images per fold [{per_fold}]{bumped}")
+        raised = record.get("bumped_classes", record["bumped"])
+        bumped = f" (raised to 1 image: {', '.join(map(str, raised))})" if raised else ""
+        actual = record.get("actual_fraction")
+        share = f" (actual {percent(actual)} of the pool)" if actual is not None else ""
+        lines.append(f"  fraction {record['fraction']:g}{share}: train images per fold [{per_fold}]{bumped}")
     if splits["duplicates"]:
         lines.append(f"  {len(splits['duplicates'])} set(s) of identical images kept in one group each")
     lines += [f"  note: {n}" for n in splits["notes"]]
@@ -393,8 +413,9 @@ def _draw_test(strata, groups, test_fraction, rng) -> tuple[set, list[str]]:
     return test, notes
 
 
-def _draw_fraction(fraction, folds, seed, pool_strata, sizes, by_group) -> dict:
-    """Training subsets of one fraction: per class a cyclic walk through shuffled groups."""
+def _draw_fraction(fraction, folds, seed, pool_strata, sizes, by_group, names=None) -> dict:
+    """Training subsets of one fraction: per class a cyclic walk through shuffled groups;
+    ``names`` maps a stratum to its class name (default: the stratum itself)."""
     rng = np.random.default_rng([seed, 1, _round(fraction * 1e9)])
     fold_groups = [[] for _ in range(folds)]
     targets, bumped = {}, []
@@ -435,14 +456,68 @@ def _draw_fraction(fraction, folds, seed, pool_strata, sizes, by_group) -> dict:
         repeats = (f"fraction {fraction:g}: the pool holds too few images for {folds} disjoint training subsets; "
                    f"fold(s) {', '.join(map(str, shared))} share images with earlier folds")
         logger.warning(repeats)
+    counts = [record["count"] for record in record_folds]
     return {
         "fraction": fraction,
         "pool": pool,
         "repeats": repeats,
         "target_per_class": targets,
         "bumped": [str(s) for s in bumped],
+        "bumped_classes": [(names or {}).get(str(s), str(s)) for s in bumped],
+        "train_counts": counts,
+        "actual_fraction": round(sum(counts) / len(counts) / pool, 6) if pool else 0.0,
+        "same_count_as": [],
         "folds": record_folds,
     }
+
+
+def _class_names(classes: Sequence[str] | None) -> dict[str, str]:
+    """Stratum key (the class index as text) -> class name."""
+    return {str(index): str(name) for index, name in enumerate(classes or [])}
+
+
+def percent(share: float) -> str:
+    """0.107142 -> "10.7 %", 0.0063 -> "0.63 %"."""
+    return f"{100.0 * share:.3g} %"
+
+
+def real_count_text(record: dict, unit: str = "images") -> str:
+    """What a fraction record really trains on: "3 images (10.7 % of the pool's 28)" (a
+    range of counts where folds differ)."""
+    # Files written before these keys existed hold the per-fold counts only.
+    counts = record.get("train_counts") or [fold["count"] for fold in record["folds"]]
+    count = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    share = record.get("actual_fraction", sum(counts) / len(counts) / max(record["pool"], 1))
+    return f"{count} {unit} ({percent(share)} of the pool's {record['pool']})"
+
+
+def real_count_notes(record: dict, unit: str = "images") -> list[str]:
+    """What to say about a fraction record that does not train on the share it names: the
+    classes raised to one image (by name), and the fractions that train on as many images."""
+    notes = []
+    raised = [name for name in record.get("bumped_classes", []) if name != "all"]
+    if record.get("bumped"):
+        where = f" for {', '.join(raised)}" if raised else ""
+        notes.append(f"fraction {record['fraction']:g} ({percent(record['fraction'])} requested) trains on "
+                     f"{real_count_text(record, unit)}: raised to 1 image{where}, whose share rounds to 0")
+    if record.get("same_count_as"):
+        others = ", ".join(f"{f:g}" for f in record["same_count_as"])
+        notes.append(f"fraction {record['fraction']:g} trains on {real_count_text(record, unit)}, as many as fraction(s) "
+                     f"{others}: their results differ by the images drawn, not by how many")
+    return notes
+
+
+def announce_real_counts(records: list[dict]) -> list[str]:
+    """Record in each fraction record the fractions with the same training counts
+    (``same_count_as``), warn about every fraction that does not train on the share it
+    names, and return the warnings (for the splits' notes)."""
+    for record in records:
+        record["same_count_as"] = [other["fraction"] for other in records
+                                   if other is not record and other["train_counts"] == record["train_counts"]]
+    notes = [note for record in records for note in real_count_notes(record)]
+    for note in notes:
+        logger.warning(note)
+    return notes
 
 
 def _counts(entries, groups, test_groups, val_groups, label_key) -> dict:

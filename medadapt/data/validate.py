@@ -189,6 +189,8 @@ def _open(path: str, read: bool, check_labels: Callable | None = None, case: str
             size = image.size
             if read:
                 image.load()  # decodes every pixel: a truncated file fails here, not at open
+                if check_labels:
+                    check_labels(np.unique(np.asarray(image)).tolist(), path, case)
                 values = mask_values_problem(np.unique(np.asarray(image))) if binary else None
                 if values:
                     return (size[1], size[0]), f"mask {path!r} {values}"

@@ -83,16 +83,20 @@ def run_workflow(config_file, workflow_type: str = "train", **overrides: Any):
     return flow
 
 
-def parsed(config_file, key: str, **overrides: Any):
+def parsed(config_file, key: str | Sequence[str], **overrides: Any):
     """One component of a bundle config (for example ``network_def``), built with ``overrides``
-    but without initialising or running the workflow."""
+    but without initialising or running the workflow; for a list of keys, a list of components
+    built by one parser, so that they share what they reference (an ``Invertd`` the very
+    preprocessing it inverts)."""
     from monai.bundle import ConfigParser
 
     files = _files(config_file)
     parser = ConfigParser()
     parser.read_config(files)
     parser.update({"bundle_root": root_of(files[0]), **overrides})
-    return parser.get_parsed_content(key)
+    if isinstance(key, str):
+        return parser.get_parsed_content(key)
+    return [parser.get_parsed_content(k) for k in key]
 
 
 # ---------------------------------------------------------------------------- the model-zoo layout
@@ -113,6 +117,12 @@ def bundle_folder(bundle: str | os.PathLike) -> Path:
     return bundles.path(str(bundle))
 
 
+def is_bundle(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a bundle (its configs at its top, or in ``configs/``)."""
+    configs = config_dir(folder)
+    return (configs / "inference.json").is_file() and (configs / "metadata.json").is_file()
+
+
 def config_dir(folder: str | os.PathLike) -> Path:
     """Where a bundle's configs are: ``configs/`` in the zoo layout, else the folder itself."""
     folder = Path(folder)
@@ -120,15 +130,17 @@ def config_dir(folder: str | os.PathLike) -> Path:
 
 
 def export_bundle(bundle: str | os.PathLike, dest: str | os.PathLike, model: str | os.PathLike | None = None,
-                  untrained: bool = False, url: str = "") -> Path:
+                  untrained: bool = False, url: str = "", formats: Sequence[str] = ()) -> Path:
     """Write ``bundle`` (a name or a folder) into ``dest`` in the MONAI model-zoo layout.
 
     ``configs/`` gets the bundle's configs as they are (their ``bundle_root`` is the folder they
     are run from, or the one passed with ``--bundle_root``), ``models/model.pt`` the trained model
     (``model``, else the bundle's own ``models/model.pt`` with its adapter folder; ``untrained``
     writes the network as built, its adapters and head untrained, for checking the layout), then
-    ``docs/`` and ``LICENSE``. A model over 25 MB is listed in ``large_files.yml`` with its SHA-256
-    and ``url`` (fill it in where the file is published), as the model zoo requires.
+    ``docs/`` and ``LICENSE``; ``formats`` ("onnx", "pt2", "ts") add ``models/model.<format>``,
+    the network exported from the copy (:func:`export_network`). A model file over 25 MB is
+    listed in ``large_files.yml`` with its SHA-256 and a URL (``url`` for ``model.pt``; fill them
+    in where the files are published), as the model zoo requires.
     """
     import hashlib
     import shutil
@@ -140,6 +152,9 @@ def export_bundle(bundle: str | os.PathLike, dest: str | os.PathLike, model: str
     missing = [name for name in CONFIG_FILES if not (configs / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{source} is not a complete bundle: it lacks {missing}")
+    unknown = sorted(set(formats) - set(EXPORT_FORMATS))
+    if unknown:
+        raise ValueError(f"formats {unknown}: medadapt exports {sorted(EXPORT_FORMATS)}")
     trained = Path(model) if model else source / "models" / "model.pt"
     if not trained.is_file() and not untrained:
         raise FileNotFoundError(f"no trained model at {trained}: train the bundle first (python -m monai.bundle run "
@@ -161,14 +176,83 @@ def export_bundle(bundle: str | os.PathLike, dest: str | os.PathLike, model: str
     if (source / "docs").is_dir():
         shutil.copytree(source / "docs", dest / "docs")
     shutil.copyfile(source / "LICENSE", dest / "LICENSE")
-    weights = dest / "models" / "model.pt"
-    if weights.stat().st_size > LARGE_FILE_BYTES:
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    for name in formats:
+        export_network(dest, dest / "models" / f"model.{name}")
+    large = [p for p in sorted((dest / "models").glob("model.*")) if p.stat().st_size > LARGE_FILE_BYTES]
+    if large:
+        rows = "".join(f'  - path: "models/{p.name}"\n    url: "{url if p.name == "model.pt" else ""}"\n'
+                       f'    hash_val: "{hashlib.sha256(p.read_bytes()).hexdigest()}"\n    hash_type: "sha256"\n'
+                       for p in large)
         (dest / "large_files.yml").write_text(
-            "# Files over 25 MB are not committed to the model zoo: publish models/model.pt and put its URL here.\n"
-            f'large_files:\n  - path: "models/model.pt"\n    url: "{url}"\n    hash_val: "{digest}"\n'
-            '    hash_type: "sha256"\n', encoding="utf-8")
+            "# Files over 25 MB are not committed to the model zoo: publish them and put their URLs here.\n"
+            f"large_files:\n{rows}", encoding="utf-8")
     return dest
+
+
+# What export_network writes, by suffix.
+EXPORT_FORMATS = {"onnx": "ONNX (onnxruntime), any batch size", "pt2": "torch.export program, any batch size",
+                  "ts": "TorchScript (as MONAI's ckpt_export), any batch size"}
+
+
+def export_network(bundle: str | os.PathLike, path: str | os.PathLike, model_file: str | os.PathLike | None = None,
+                   **settings: Any) -> Path:
+    """Write a bundle's trained network to ``path`` in the format its suffix names: ``.onnx``,
+    ``.pt2`` (``torch.export``) or ``.ts`` (TorchScript).
+
+    The network is inference.json's ``network_def`` built with ``settings`` (those the model was
+    trained with: backbone, image_size, ...), with ``model_file`` (default: the bundle's
+    ``models/model.pt``) loaded strictly. Every format takes any batch size at the bundle's
+    image size (3D: its ROI), and carries the bundle's ``metadata.json`` (its input and output
+    shapes set to the exported ones) and ``inference.json``: ONNX in its ``metadata_props``,
+    with the input and output named as the metadata names them ("image", "pred"); ``.pt2`` and
+    ``.ts`` as extra files.
+    """
+    import json
+
+    import torch
+
+    from medadapt.models import export as exports
+
+    folder, path = Path(bundle_folder(bundle)), Path(path)
+    configs = config_dir(folder)
+    kind = path.suffix.lower().lstrip(".")
+    if kind not in EXPORT_FORMATS:
+        raise ValueError(f"{path}: the suffix names the format: .onnx, .pt2 or .ts")
+    weights = Path(model_file) if model_file else folder / "models" / "model.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"no trained model at {weights}: train the bundle first, or pass model_file")
+    network = parsed(configs / "inference.json", "network_def", **settings).eval()
+    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    metadata = exported_metadata(json.loads((configs / "metadata.json").read_text(encoding="utf-8")),
+                                 tuple(exports.example_input(network).shape[1:]))
+    extra = {"metadata.json": json.dumps(metadata), "inference.json": (configs / "inference.json").read_text(encoding="utf-8")}
+    formats = metadata["network_data_format"]
+    if kind == "onnx":
+        return exports.export_onnx(network, path, input_name=next(iter(formats["inputs"])),
+                                   output_name=next(iter(formats["outputs"])), metadata=extra)
+    if kind == "pt2":
+        return exports.save_program(network, path, extra_files=extra)
+    from medadapt.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.jit.save(torch.jit.script(network), str(tmp), _extra_files=extra)
+    return path
+
+
+def exported_metadata(metadata: dict, input_shape: Sequence[int]) -> dict:
+    """``metadata`` with its network's input shape that of an exported graph whose input is
+    (batch, *input_shape): the channels and the spatial size it was exported at (and so the
+    spatial size of dense outputs; a class vector has none)."""
+    import copy
+
+    metadata = copy.deepcopy(metadata)
+    formats = metadata["network_data_format"]
+    for tensor in formats.get("inputs", {}).values():
+        tensor["num_channels"], tensor["spatial_shape"] = int(input_shape[0]), list(input_shape[1:])
+    for tensor in formats.get("outputs", {}).values():
+        if tensor.get("spatial_shape"):
+            tensor["spatial_shape"] = list(input_shape[1:])
+    return metadata
 
 
 def verify_bundle(folder: str | os.PathLike, device: str = "cpu") -> list[str]:

@@ -2,6 +2,7 @@
 
     medadapt bundle list                       # the bundles and where they are
     medadapt bundle export dka_brats DIR       # DIR/configs, models/model.pt, docs/, LICENSE
+    medadapt bundle export dka_brats DIR --formats onnx pt2   # and models/model.onnx, model.pt2
     medadapt bundle verify DIR                 # the model zoo's checks on an exported bundle
 """
 
@@ -17,10 +18,12 @@ def _list(args) -> int:
 
 
 def _export(args) -> int:
-    from medadapt.engine.bundle import export_bundle
+    from medadapt.engine.bundle import EXPORT_FORMATS, export_bundle
 
-    dest = export_bundle(args.bundle, args.dest, model=args.model, untrained=args.untrained, url=args.url)
+    dest = export_bundle(args.bundle, args.dest, model=args.model, untrained=args.untrained, url=args.url,
+                         formats=args.formats)
     note = " (untrained: its adapters and head are as initialised)" if args.untrained else ""
+    note += "".join(f"; models/model.{name}: {EXPORT_FORMATS[name]}" for name in args.formats)
     print(f"wrote {dest}{note}; run it from there: python -m monai.bundle run --config_file configs/train.json")
     return 0
 
@@ -44,6 +47,9 @@ def add_parser(subparsers) -> None:
     export.add_argument("--untrained", action="store_true",
                         help="without a trained model, include the network as built (untrained adapters and head)")
     export.add_argument("--url", default="", help="where models/model.pt will be published (large_files.yml)")
+    export.add_argument("--formats", nargs="+", default=[], choices=["onnx", "pt2", "ts"], metavar="FORMAT",
+                        help="also write the network as models/model.onnx, model.pt2 (torch.export) and/or model.ts "
+                             "(TorchScript): any batch size, named input and output, the bundle's metadata inside")
     export.set_defaults(func=_export)
     verify = commands.add_parser("verify", help="run the MONAI model zoo's checks on a bundle in the zoo layout")
     verify.add_argument("folder")

@@ -80,9 +80,13 @@ def prepare_data(
     and NaNs), "headers" opens them, "none" skips the check (for a caller that checked already).
 
     Returns {"train", "val", "test": datalists, "root": dataset folder, "counts": {...},
-    "demo": bool}.
+    "demo": bool}. ``counts``: "train", "val", "test" (samples), "fraction" (as requested), "fold",
+    and what the training subset really is: "pool" (samples it is drawn from), "actual_fraction"
+    (its share of them), "bumped_classes" (class names raised to one sample, the protocol's
+    minimum) and "same_count_as" (fractions of the same split with as many training samples).
     """
     from medadapt import data
+    from medadapt.data.splits import fraction_record, percent, real_count_notes
 
     preset = data.get_dataset(dataset)
     task = preset.check_task(task).name
@@ -128,10 +132,26 @@ def prepare_data(
     if not splits_file:
         splits_path = main_process_first(lambda: data.save_splits(splits, out / SPLITS_NAME),
                                          others=lambda: out / SPLITS_NAME)
-    counts = {"train": len(train), "val": len(val), "test": len(test), "fraction": fraction, "fold": fold}
-    logger.info("data: %d training / %d validation / %d test %s (fraction %.4g, fold %d), split in %s",
-                len(train), len(val), len(test), preset.unit, fraction, fold, splits_path)
+    record = fraction_record(splits, fraction)
+    if splits_file:   # a fresh split announced its fractions as it drew them
+        for note in real_count_notes(record, preset.unit):
+            logger.warning(note)
+    counts = {"train": len(train), "val": len(val), "test": len(test), "fraction": fraction, "fold": fold,
+              **real_counts(record, fold)}
+    logger.info("data: %d training / %d validation / %d test %s (fraction %.4g, fold %d: %s of the pool's %d), "
+                "split in %s", len(train), len(val), len(test), preset.unit, fraction, fold,
+                percent(counts["actual_fraction"]), counts["pool"], splits_path)
     return {"train": train, "val": val, "test": test, "root": str(root), "counts": counts, "demo": demo}
+
+
+def real_counts(record: dict, fold: int) -> dict:
+    """What fold ``fold`` of a splits file's fraction ``record`` really trains on: the pool it
+    is drawn from, its share of it, and the classes raised to one image (by name)."""
+    pool = record.get("pool") or 0
+    count = record["folds"][fold]["count"]
+    return {"pool": pool, "actual_fraction": round(count / pool, 6) if pool else 0.0,
+            "bumped_classes": list(record.get("bumped_classes", [])),
+            "same_count_as": list(record.get("same_count_as", []))}
 
 
 def limit_validation(val: list[dict], train_count: int, limit: int | str | None) -> list[dict]:

@@ -35,6 +35,17 @@ def _case(d: dict, key: str, image_key: str) -> str:
     return str(d.get("case") or case_name(_meta(d, image_key) or _meta(d, key)))
 
 
+def label_affine(d: dict, key: str, image_key: str = "image") -> np.ndarray:
+    """The voxel-to-world matrix of a label map ``key`` that ``Invertd`` put back on the grid of
+    the input ``image_key``: its own, else the input's original one."""
+    return np.asarray(_meta(d, key).get("affine", _meta(d, image_key).get("original_affine")), dtype=np.float64)
+
+
+def class_probabilities(logits) -> torch.Tensor:
+    """A classifier's logits (any shape holding K values) as softmax probabilities (uncalibrated)."""
+    return torch.as_tensor(logits).detach().cpu().float().reshape(-1).softmax(dim=0)
+
+
 class WriteNiftid(MapTransform):
     """Write ``key`` (1, X, Y, Z) as ``<output_dir>/<case>_pred.nii.gz`` with the affine of the
     input image, after ``Invertd`` has put it back on the input's grid."""
@@ -48,12 +59,9 @@ class WriteNiftid(MapTransform):
         import nibabel as nib
 
         d = dict(data)
-        image_meta = _meta(d, self.image_key)
         for key in self.key_iterator(d):
-            value = d[key]
-            meta = dict(getattr(value, "meta", {}) or {})
-            affine = np.asarray(meta.get("affine", image_meta.get("original_affine")), dtype=np.float64)
-            array = np.asarray(torch.as_tensor(value).detach().cpu())[0].astype(self.dtype)
+            affine = label_affine(d, key, self.image_key)
+            array = np.asarray(torch.as_tensor(d[key]).detach().cpu())[0].astype(self.dtype)
             path = self.output_dir / f"{_case(d, key, self.image_key)}{self.suffix}"
             with atomic_path(path) as tmp:
                 nib.save(nib.Nifti1Image(array, affine), str(tmp))
@@ -100,7 +108,7 @@ class WriteClassProbabilitiesd(MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            probs = torch.as_tensor(d[key]).detach().cpu().float().reshape(-1).softmax(dim=0)
+            probs = class_probabilities(d[key])
             if len(probs) != len(self.class_names):
                 raise ValueError(f"model gives {len(probs)} classes, the config names {len(self.class_names)}")
             best = int(probs.argmax())

@@ -1,5 +1,7 @@
-"""TorchScript export of task models: what ``torch.jit.script`` (and so MONAI's ``ckpt_export``)
-makes of a Classifier, Segmenter or VolumeSegmenter.
+"""Exports of task models: TorchScript (what ``torch.jit.script``, and so MONAI's ``ckpt_export``,
+makes of a Classifier, Segmenter or VolumeSegmenter), ``torch.export`` programs (``.pt2``) and
+ONNX, the last two with a dynamic batch axis (:func:`export_program`, :func:`save_program`,
+:func:`export_onnx`).
 
 The encoders are third-party code (LiteMedSAM's vendored TinyViT, timm, segment_anything) and
 the adapters reach the token grid through Python (layouts, cached dispatch): neither can be
@@ -29,8 +31,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["ExportableModel", "TracedNetwork", "example_input", "export_copy", "match_checkpointing",
-           "trace_for_export"]
+__all__ = ["ExportableModel", "TracedNetwork", "example_input", "export_copy", "export_onnx", "export_program",
+           "match_checkpointing", "save_program", "trace_for_export"]
 
 
 def export_copy(model: nn.Module) -> nn.Module:
@@ -144,6 +146,73 @@ def trace_for_export(model: nn.Module, example: torch.Tensor | None = None) -> t
         raise RuntimeError(f"the traced {type(model).__name__} differs from the module on a new input (relative "
                            f"error {error:.2e}): its forward branches on the data, which a trace cannot record")
     return traced
+
+
+# torch.export turns a dimension of size 1 into a constant: examples carry two images, so that
+# the batch axis stays a variable of the program.
+EXAMPLE_BATCH = 2
+ONNX_OPSET = 18   # DFT (the adapters' FFTs) needs 17 or later
+
+
+def export_program(model: nn.Module, example: torch.Tensor | None = None) -> torch.export.ExportedProgram:
+    """``torch.export`` of :func:`export_copy` of ``model`` at ``example`` (default: two images
+    of :func:`example_input`), with the batch axis dynamic and the spatial sizes fixed, as in
+    a trace. torch.export refuses code that branches on the data, so no check on a second
+    input is needed."""
+    exported = export_copy(model)
+    if example is None:
+        example = example_input(exported, batch_size=EXAMPLE_BATCH)
+    with torch.no_grad():
+        return torch.export.export(exported, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def save_program(model: nn.Module, path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write :func:`export_program` of ``model`` to ``path`` (``.pt2``) with ``extra_files``
+    (name -> text, as MONAI's TorchScript files carry ``metadata.json``); load it with
+    ``torch.export.load(path).module()``, no medadapt needed."""
+    from pathlib import Path
+
+    from medadapt.io import atomic_path
+
+    program = export_program(model)
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp), extra_files=dict(extra_files or {}))
+    return Path(path)
+
+
+def export_onnx(model: nn.Module, path, input_name: str = "image", output_name: str = "pred",
+                metadata: dict[str, str] | None = None, opset_version: int = ONNX_OPSET) -> Path:
+    """Write ``model`` as ONNX to ``path``: :func:`export_program` (so any batch size), its input
+    and output named ``input_name`` / ``output_name`` with the batch axis called "batch", and
+    ``metadata`` (key -> text) in the model's ``metadata_props``."""
+    from pathlib import Path
+
+    import onnx
+
+    from medadapt.io import atomic_path
+
+    program = export_program(model)
+    example = tuple(program.example_inputs[0])
+    onnx_program = torch.onnx.export(program, example, input_names=[input_name], output_names=[output_name],
+                                     opset_version=opset_version, dynamo=True, verbose=False)
+    proto = onnx_program.model_proto
+    _name_batch_axis(proto.graph, "batch")
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return Path(path)
+
+
+def _name_batch_axis(graph, name: str) -> None:
+    """Call the batch axis ``name`` wherever the graph's shapes carry it (the exporter names it
+    after its own symbol, such as "s77")."""
+    symbol = graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if symbol and dim.dim_param == symbol:
+                dim.dim_param = name
 
 
 class TracedNetwork(nn.Module):

@@ -313,7 +313,12 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> to
     # A recorded graph is for inference (its paths are the inference ones) and holds no
     # Python autograd Function: the FFT path then runs as plain torch operations.
     requires_grad = False if captured else _needs_grad(x, weight)
-    clip, path = _dispatch(static_shape(x), static_shape(weight), requires_grad, path)
+    x_shape = static_shape(x)
+    if captured:
+        # torch.export keeps the batch size symbolic (a dynamic batch axis), and the plan is
+        # cached by shape; every path computes the same for any batch, so plan for one image.
+        x_shape = (1, *x_shape[1:])
+    clip, path = _dispatch(x_shape, static_shape(weight), requires_grad, path)
     if clip is not None:
         weight = weight[clip]
     run = _run_path_captured if captured else _run_path

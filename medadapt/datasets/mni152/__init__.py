@@ -220,6 +220,7 @@ class MNI152Tissue(Dataset):
     tasks = ("segmentation",)
     classes = CLASSES
     unit = "slices"
+    image_channels = 1   # grey PNG slices and NIfTI stacks
     demo_note = ("the REAL MNI152 template (nilearn, 2 mm) with grey / white matter labels from its tissue maps; "
                  "one template, so a check of the pipeline on real MRI, not a clinical result")
 
