@@ -47,6 +47,7 @@ import medadapt
 from medadapt.monailabel.datastore import CheckedDatastore
 from medadapt.monailabel.dicomweb import CheckedDICOMwebDatastore
 from medadapt.monailabel.errors import InvalidInput, http_error
+from medadapt.monailabel.formats import stored_image
 from medadapt.monailabel.imagefiles import (
     DATASTORE_PATTERNS,
     ImageFileError,
@@ -66,7 +67,10 @@ logger = logging.getLogger("medadapt.monailabel")
 GUARD_MODULE = "medadapt.monailabel.server"  # the uvicorn app that must front this app
 # Infer request keys MONAI Label or this app interprets; each model adds the keys of its own
 # config() (the box model's "box"). Other keys a client sends are dropped before any task runs.
-INFER_KEYS = ("model", "image", "device", "timeout", "save_label", "label_tag")
+# 3D Slicer and OHIF send the result_* keys (the label file's format), client_id and label_info
+# (the segments the user has: names a DICOM SEG's segments).
+INFER_KEYS = ("model", "image", "device", "timeout", "save_label", "label_tag", "result_extension", "result_dtype",
+              "result_compress", "client_id", "label_info")
 DEVICE = re.compile(r"cpu|cuda(:\d{1,2})?")
 # App option -> (environment variable, default).
 OPTIONS = {
@@ -154,6 +158,9 @@ class MedAdaptApp(MONAILabelApp):
         uploads = [request["image"]] if is_upload(request.get("image")) else []
         started = time.monotonic()
         try:
+            if uploads:  # an NRRD (3D Slicer's local volume) runs as NIfTI
+                request = {**request, "image": stored_image(uploads[0], "the uploaded file")}
+                uploads = list(dict.fromkeys([*uploads, request["image"]]))
             store = datastore or self.datastore()
             checked, image_id = self._checked_infer_request(request, store, started)
             result = self._infer_in_time(checked, store, started + checked["timeout"])
@@ -163,11 +170,15 @@ class MedAdaptApp(MONAILabelApp):
                 result["label"] = store.save_label(image_id, result["file"], tag,
                                                    {"model": checked["model"], "params": result.get("params")})
                 result["tag"] = tag
+            for path in uploads[1:]:  # a converted copy (upstream deletes the upload itself)
+                discard_upload(path)
             return result
         except Exception as error:  # re-raised: only the uploads are cleaned up here
             # MONAI Label deletes uploads in background tasks that only run after a success.
             for path in uploads:
                 discard_upload(path)
+            if isinstance(error, ImageFileError):
+                raise http_error(InvalidInput(str(error), error.status)) from None
             if isinstance(error, MONAILabelException):
                 raise http_error(error) from error
             raise
@@ -212,6 +223,9 @@ class MedAdaptApp(MONAILabelApp):
             path = fetch(store.sequence_volume, image_id, sequences)
         checked["image"] = path
         _check_device(checked.get("device"))
+        client = checked.get("client_id")
+        if client is not None and (not isinstance(client, str) or len(client) > 256):
+            raise InvalidInput(f"client_id must be a name of at most 256 characters, got {str(client)[:60]!r}", 400)
         if not isinstance(checked.get("save_label", False), bool):
             raise InvalidInput(f"save_label must be true or false, got {checked['save_label']!r}", 400)
         if checked.get("save_label"):

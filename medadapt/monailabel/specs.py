@@ -168,7 +168,8 @@ class BundleModel(ServedModel):
         model.labels = list(value("class_names"))
         dataset = get_dataset(value("dataset_name"))
         settings = {key: value(key) for key in dataset.label_settings if key in parser}
-        model.label_values = (list(model.labels) if model.kind.label_kind == "class"
+        # A classifier's label image paints the image with its class: values 1..K (0 shows nothing).
+        model.label_values = ({name: i + 1 for i, name in enumerate(model.labels)} if model.kind.label_kind == "class"
                               else dataset.label_values(model.task, **settings))
         network = parser["network_def"]
         model.method = value("network_def#method") if "method" in network else "dka"
@@ -233,7 +234,9 @@ class BoxModel(ServedModel):
                    adapters=str(Path(runs) / BOX_MODEL / "adapters"), runs=str(runs),
                    bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
                    description='Box-prompted 2D segmentation (LiteMedSAM + DKA) of PNG/JPG images; send params '
-                               '{"box": [x0, y0, x1, y1]} in image pixels')
+                               '{"box": [x0, y0, x1, y1]} in image pixels, or DeepGrow clicks {"foreground": [[i, j, '
+                               '0]]} (one click: the region around it; two or more: the corners of a box; '
+                               '"background" clicks remove what they touch), or an "roi"')
 
     @property
     def trainable(self) -> bool:
@@ -284,7 +287,9 @@ class Box3DModel(BoxModel):
                    bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
                    description='Box-prompted 3D segmentation (LiteMedSAM + DKA) of single-channel NIfTI volumes: a '
                                'box on one slice, carried slice by slice; send params {"box": [x0, y0, x1, y1], '
-                               '"slice": k, "axis": a} in voxel indices (or a 3D "roi", or "foreground" points)')
+                               '"slice": k, "axis": a} in voxel indices, or a 3D "roi", or DeepGrow clicks '
+                               '{"foreground": [[i, j, k]]} (one click: the region around it; two or more on a slice: '
+                               'the corners of its box; "background" clicks remove what they touch)')
 
     @property
     def trainable(self) -> bool:
