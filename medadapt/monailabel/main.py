@@ -28,6 +28,7 @@ import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ from medadapt.monailabel.imagefiles import (
 from medadapt.monailabel.infer_tasks import make_infer_task
 from medadapt.monailabel.limits import check_json_value
 from medadapt.monailabel.paths import plain_name
+from medadapt.monailabel.sessions import SessionStore
 from medadapt.monailabel.specs import ServedModel, load_models
 from medadapt.monailabel.train_task import AdapterTrainTask
 
@@ -139,11 +141,10 @@ class MedAdaptApp(MONAILabelApp):
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
 
-    def _load_sessions(self, load: bool = False):
-        # Sessions stay off: MONAI Label keeps them in ~/.cache, outside the app's folders, builds
-        # their folders from client-sent ids (DELETE /session/.. removes the parent) and unpacks
-        # client archives. Its /session endpoints then answer 406.
-        return None
+    def _load_sessions(self, load: bool = False) -> SessionStore:
+        # Not MONAI Label's sessions (kept in ~/.cache, folders built from client-sent ids,
+        # client archives unpacked): this app's, in its own folder (`medadapt.monailabel.sessions`).
+        return SessionStore(Path(self.app_dir) / "sessions")
 
     def on_init_complete(self) -> None:
         if GUARD_MODULE not in sys.modules:
@@ -208,6 +209,8 @@ class MedAdaptApp(MONAILabelApp):
         image_id = None
         if is_upload(image):
             path, name = image, "the uploaded file"
+        elif self.sessions().owns(image):
+            path, name = image, f"the image of session {Path(image).parent.name}"
         elif isinstance(image, str) and image:
             path = fetch(store.get_image_uri, image)
             if not path:

@@ -8,10 +8,12 @@ does the unsafe thing itself:
   before anything is read, else as it arrives) and in the time the client takes to send it
   (408); paths with "." / ".." segments or NUL characters are refused (400); so are the
   upstream routes that act on client-chosen server paths or files this app does not have:
-  sessions by id on /infer (400), model-file upload and deletion (405), WSI inference (404),
+  model-file upload and deletion (405), WSI inference (404),
   the DICOMweb proxy without a DICOMweb datastore (404), and writes through that proxy (POST,
   405: the proxy is for viewers reading studies; labels reach the PACS as SEGs this server
   writes).
+- sessions (``/session/``, ``?session_id=`` on /infer) are this app's own
+  (`medadapt.monailabel.sessions`): server-made ids, files in ``<app>/sessions``, bounded.
 - `guard_endpoints`: MONAI Label's infer and datastore endpoints write uploads into the app's
   own ``<app>/uploads`` folder (`UploadFolder`), where the app recognises them, instead of
   ``tmpXXXX`` names in the system temp folder; their JSON form fields (``params``, ``info``) are
@@ -34,6 +36,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import types
@@ -49,6 +52,7 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.endpoints import datastore as datastore_endpoints
 from monailabel.endpoints import infer as infer_endpoints
 from monailabel.endpoints import proxy as proxy_endpoints
+from monailabel.endpoints import session as session_endpoints
 from monailabel.endpoints import train as train_endpoints
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
@@ -56,8 +60,16 @@ from monailabel.utils.others.generic import remove_file
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
 
-from medadapt.monailabel.errors import http_error, monailabel_exception_handler
-from medadapt.monailabel.imagefiles import UploadFolder, use_upload_folder
+from medadapt.monailabel.errors import (
+    InvalidInput,
+    http_error,
+    monailabel_exception_handler,
+)
+from medadapt.monailabel.imagefiles import (
+    UploadFolder,
+    discard_upload,
+    use_upload_folder,
+)
 from medadapt.monailabel.limits import (
     MAX_REQUEST_BYTES,
     MAX_REQUEST_BYTES_ENV,
@@ -129,9 +141,6 @@ class RequestGuard:
         for (refused_method, prefix), answer in REFUSED_ROUTES.items():
             if path.startswith(prefix) and refused_method in (None, method):
                 return answer
-        if path.startswith("/infer/") and any(key == "session_id" and value for key, value in query):
-            return 400, ("session_id: sessions are off on this server; send ?image=ID (a datastore id) or "
-                         "upload the file with the request")
         if path.startswith("/proxy/") and not self.remote_datastore:
             return 404, "no DICOMweb datastore to proxy to: this server's studies are a local folder"
         return None
@@ -199,6 +208,49 @@ def guard_endpoints(uploads: UploadFolder) -> None:
     train_endpoints.run_model = _checked_training(_original(train_endpoints.run_model))
     train_endpoints.run = _checked_training_of_all(_original(train_endpoints.run))
     proxy_endpoints.proxy_dicom = bounded_proxy(_studies_session)
+    session_endpoints.create_session = functools.partial(create_session, uploads)
+    session_endpoints.get_session = get_session
+    session_endpoints.remove_session = remove_session
+
+
+# ---------------------------------------------------------------------------- sessions
+def create_session(uploads: UploadFolder, background_tasks: Any = None, uncompress: bool = False, expiry: int = 0,
+                   files: list | None = None) -> dict[str, Any]:
+    """``PUT /session/``: a session holding the one image file sent (see `SessionStore.create`)."""
+    if uncompress:
+        raise HTTPException(400, "uncompress: archives are not unpacked here; send the image file itself (NIfTI, "
+                                 "NRRD, PNG or JPG)")
+    if not files or len(files) != 1:
+        raise HTTPException(400, f"files: send one image file per session, got {len(files or [])}")
+    upload = files[0]
+    path = uploads.new_file("".join(Path(upload.filename or "").suffixes))
+    try:
+        with open(path, "wb") as out:
+            shutil.copyfileobj(upload.file, out)
+        session = app_instance().sessions().create(path, upload.filename or "", expiry)
+    except InvalidInput as error:
+        discard_upload(path)
+        raise http_error(error) from None
+    return {"session_id": session.session_id, "session_info": session.to_json()}
+
+
+def get_session(session_id: str, update_ts: bool = False, image: bool = False):
+    """``GET /session/{id}``: the session's record, or with ``image=true`` its image."""
+    try:
+        session = app_instance().sessions().get(session_id, touch=update_ts)
+    except InvalidInput as error:
+        raise http_error(error) from None
+    if image:
+        return FileResponse(session.image, filename=Path(session.image).name)
+    return session.to_json()
+
+
+def remove_session(session_id: str) -> dict[str, Any]:
+    """``DELETE /session/{id}``: the session and its files are deleted."""
+    try:
+        return app_instance().sessions().remove(session_id).to_json()
+    except InvalidInput as error:
+        raise http_error(error) from None
 
 
 def _studies_session():
@@ -269,8 +321,14 @@ def _checked_inference(run_inference):
     @functools.wraps(run_inference)
     def checked(*args, **kwargs):
         arguments: dict[str, Any] = signature.bind(*args, **kwargs).arguments
-        if not arguments.get("file") and not arguments.get("image"):
-            raise HTTPException(400, "send an image: ?image=ID (a datastore id) or a file in form field 'file'")
+        if arguments.get("session_id"):
+            try:  # upstream then runs on the session's image, whatever ?image= says
+                app_instance().sessions().get(arguments["session_id"])
+            except InvalidInput as error:
+                raise http_error(error) from None
+        elif not arguments.get("file") and not arguments.get("image"):
+            raise HTTPException(400, "send an image: ?image=ID (a datastore id), ?session_id=ID (PUT /session/) or a "
+                                     "file in form field 'file'")
         if arguments.get("label"):
             raise HTTPException(400, "this server's models take no label input (form field 'label')")
         output = arguments.get("output")
