@@ -58,6 +58,10 @@ logger = logging.getLogger("medadapt.monailabel")
 INPUT_INFO = "medadapt_input"  # data key of the checked input's ImageFileInfo
 RESULT_FORMAT = "medadapt_result_format"  # data key of the label file format the request asks for
 ADAPTERS_USED = "medadapt_adapters"  # data key of the AdapterState (or None) the label came from
+# One model is built at a time: models infer in workers of their own, and building goes through
+# process-wide registries (MONAI's config parser, timm's) that two threads at once break
+# ("dictionary changed size during iteration").
+_BUILDING = threading.Lock()
 
 
 class AdapterInferTask(BasicInferTask):
@@ -93,7 +97,8 @@ class AdapterInferTask(BasicInferTask):
                 return cached[0], state
             folder = state.folder if state else None
             try:
-                parts = self.build(folder)
+                with _BUILDING:
+                    parts = self.build(folder)
             except (ValueError, FileNotFoundError, KeyError, RuntimeError) as error:
                 raise MONAILabelException(
                     MONAILabelError.INFERENCE_ERROR,

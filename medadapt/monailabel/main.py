@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,6 +61,7 @@ from medadapt.monailabel.imagefiles import (
 from medadapt.monailabel.infer_tasks import make_infer_task
 from medadapt.monailabel.limits import check_json_value
 from medadapt.monailabel.paths import plain_name
+from medadapt.monailabel.queues import InferenceQueues
 from medadapt.monailabel.sessions import SessionStore
 from medadapt.monailabel.specs import ServedModel, load_models
 from medadapt.monailabel.train_task import AdapterTrainTask
@@ -111,10 +113,11 @@ class MedAdaptApp(MONAILabelApp):
         )
         # MONAI Label bounds an inference's time (MONAI_LABEL_INFER_TIMEOUT) only in its optional
         # thread pool, and forgets a late result there: the label file it wrote stays. Inference
-        # runs in this worker instead, so a late result is cleaned up; one worker, as the models
-        # share the CPU anyway.
+        # runs in these queues instead (a worker per model, bounded), so a late result is cleaned
+        # up and one model's long inference holds no other.
         self._infers_threadpool = None
-        self._infer_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="INFER")
+        self._queues = InferenceQueues()
+        self._training = threading.Lock()
         # Series a request needs from a DICOMweb server are fetched here, within the request's
         # inference time (a fetch that outlasts it goes on, and is kept for the next request).
         self._fetch_worker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="FETCH")
@@ -259,7 +262,7 @@ class MedAdaptApp(MONAILabelApp):
             handle_torch_linalg_multithread(request)
             return MONAILabelApp.infer(self, request, store)
 
-        future = self._infer_worker.submit(run)
+        future = self._queues.submit(request["model"], run)
         try:
             return future.result(max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
@@ -302,11 +305,18 @@ class MedAdaptApp(MONAILabelApp):
         raise http_error(InvalidInput("this server has no whole-slide (WSI) models; use POST /infer/{model}", 404))
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        # In the server this is a run_sync request, holding a request thread: one at a time.
+        # (Background jobs run in a process of their own, one at a time by MONAI Label.)
+        if not self._training.acquire(blocking=False):
+            raise HTTPException(429, "a training requested with run_sync=true is running; wait for it, or start "
+                                     "this one in the background (run_sync=false)", headers={"Retry-After": "60"})
         try:
             self.check_training_request(request)
             return super().train(request)
         except MONAILabelException as error:
             raise http_error(error) from error
+        finally:
+            self._training.release()
 
     def check_training_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """The typed options of a training request, or InvalidInput (4xx) naming what is wrong.
