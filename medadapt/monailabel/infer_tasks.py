@@ -81,7 +81,8 @@ class AdapterInferTask(BasicInferTask):
 
     # ------------------------------------------------------------------ model
     def is_valid(self) -> bool:
-        return True  # always servable: without trained adapters the fresh model is served
+        # MONAI Label lists only valid models; a refused one (untrained) is listed as not served.
+        return self.model.refusal() is None
 
     def build(self, adapters: str | None) -> dict[str, Any]:
         """{"network": ..., and whatever else the task runs} for an adapter folder (or None)."""
@@ -131,7 +132,8 @@ class AdapterInferTask(BasicInferTask):
         info = super().info()
         state = self.model.current_adapters()
         info.update(description=self.describe(state), trained=state is not None,
-                    adapters=state.folder if state else None, task=self.model.task, source=self.model.source)
+                    adapters=state.folder if state else None, validation=self.model.validation(),
+                    task=self.model.task, source=self.model.source)
         return info
 
     # ------------------------------------------------------------------ steps

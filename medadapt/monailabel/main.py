@@ -13,7 +13,9 @@ App options (``--conf KEY VALUE``, else the environment variable in brackets):
 ``bundles`` [MEDADAPT_LABEL_BUNDLES] bundle folder (default ``bundles``), ``runs``
 [MEDADAPT_LABEL_RUNS] where trained adapters live (default ``runs``), ``config``
 [MEDADAPT_LABEL_CONFIG] a JSON model config replacing the default model list (see
-`medadapt.monailabel.specs`).
+`medadapt.monailabel.specs`), ``serve_untrained`` [MEDADAPT_LABEL_SERVE_UNTRAINED] "true" to
+serve bundle models that have no trained adapters yet (default: they are listed under
+``not_served`` in ``/info/`` and answer 409 until trained).
 
 MONAI Label loads this file as a module named ``main``, not as part of the package, so
 imports here are absolute.
@@ -81,6 +83,7 @@ OPTIONS = {
     "bundles": ("MEDADAPT_LABEL_BUNDLES", "bundles"),
     "runs": ("MEDADAPT_LABEL_RUNS", "runs"),
     "config": ("MEDADAPT_LABEL_CONFIG", ""),
+    "serve_untrained": ("MEDADAPT_LABEL_SERVE_UNTRAINED", ""),
 }
 
 
@@ -101,8 +104,14 @@ class MedAdaptApp(MONAILabelApp):
         self.models: list[ServedModel] = load_models(
             app_option(conf, "config") or None, app_option(conf, "bundles"), app_option(conf, "runs"))
         self._models = {model.name: model for model in self.models}
+        serve_untrained = app_option(conf, "serve_untrained").lower() in ("1", "true", "yes")
         for model in self.models:
-            logger.info("serving %s (%s, from %s)", model.name, model.task, model.source)
+            model.serve_untrained = serve_untrained
+            refusal = model.refusal()
+            if refusal:
+                logger.warning("not serving %s (%s, from %s) yet: %s", model.name, model.task, model.source, refusal)
+            else:
+                logger.info("serving %s (%s, from %s)", model.name, model.task, model.source)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -148,6 +157,11 @@ class MedAdaptApp(MONAILabelApp):
         # Not MONAI Label's sessions (kept in ~/.cache, folders built from client-sent ids,
         # client archives unpacked): this app's, in its own folder (`medadapt.monailabel.sessions`).
         return SessionStore(Path(self.app_dir) / "sessions")
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()  # lists the models whose task is valid: those served now
+        info["not_served"] = {model.name: reason for model in self.models if (reason := model.refusal())}
+        return info
 
     def on_init_complete(self) -> None:
         if GUARD_MODULE not in sys.modules:
@@ -199,6 +213,9 @@ class MedAdaptApp(MONAILabelApp):
         model = request.get("model")
         if model not in self._infers:
             raise InvalidInput(f"unknown model {model!r}; this server has {sorted(self._infers)}", 404)
+        refusal = self._models[model].refusal()
+        if refusal:
+            raise InvalidInput(refusal, 409)
         allowed = set(INFER_KEYS) | set(self._infers[model].config())
         dropped = sorted(str(k) for k in request if k not in allowed)
         if dropped:
