@@ -17,6 +17,7 @@ Sections (each row: what was compared, both measurements, their ratio, the targe
   allocator  a LiteMedSAM 3D training step and inference window with and without medadapt's
              glibc allocator settings (medadapt/runtime.py)
   stem       the dka_brats training step with a learned input stem against three selected sequences
+  label_load 100 clients (some idle or slow) against a real medadapt label server for 60 s
 Absolute times depend on the machine and its load; the ratios are the result.
 """
 
@@ -33,6 +34,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -406,12 +409,54 @@ def bench_stem(quick: bool) -> list[dict]:
     ]
 
 
+@contextmanager
+def _label_server(root: Path, config: dict, *options: str) -> Iterator[str]:
+    """A real ``medadapt label`` server on a free loopback port for ``root/studies`` with the
+    model ``config``; yields its URL; stopped with its whole process group."""
+    import socket
+
+    import requests
+
+    (root / "models.json").write_text(json.dumps(config))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(root / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "medadapt", "label", "--studies", str(root / "studies"), "--host", "127.0.0.1",
+             "--port", str(port), "--runs", str(root / "runs"), "--config", str(root / "models.json"),
+             "--bundle-root", str(REPO / "bundles"), *options],
+            stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    http = requests.Session()
+    http.trust_env = False
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError("medadapt label did not start:\n" + (root / "server.log").read_text()[-3000:])
+            try:
+                if http.get(url + "/info/", timeout=10).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        finally:
+            try:
+                os.killpg(server.pid, signal.SIGKILL)  # whatever of the server is left
+            except ProcessLookupError:
+                pass
+
+
 def bench_label(quick: bool) -> list[dict]:
     """One 4 x 128 x 128 x 62 volume through a real ``medadapt label`` server: the dka_brats
     model exactly as the server builds it from inference.json for real data. No trained adapters
     are needed for the time (freshly injected ones cost the same); the answer is not judged."""
-    import socket
-
     import nibabel as nib
     import requests
     from nilearn import datasets
@@ -431,32 +476,9 @@ def bench_label(quick: bool) -> list[dict]:
         volume[:part.shape[0], :part.shape[1], :part.shape[2]] = part
         stacked = np.stack([volume, volume ** 0.8, volume ** 1.2, np.sqrt(volume)], axis=-1)
         nib.save(nib.Nifti1Image(stacked, t1.affine), studies / "volume.nii.gz")
-        config = root / "models.json"
-        config.write_text(json.dumps({"models": {"dka_brats": {"bundle": "dka_brats"}}}))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = open(root / "server.log", "w")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "medadapt", "label", "--studies", str(studies), "--host", "127.0.0.1",
-             "--port", str(port), "--runs", str(root / "runs"), "--config", str(config),
-             "--bundle-root", str(REPO / "bundles")],
-            stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-            env=dict(os.environ, MONAI_LABEL_SESSIONS="false"))
         http = requests.Session()
         http.trust_env = False
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 300
-            while True:
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("medadapt label did not start:\n" + (root / "server.log").read_text()[-3000:])
-                try:
-                    if http.get(url + "/info/", timeout=10).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                time.sleep(0.5)
+        with _label_server(root, {"models": {"dka_brats": {"bundle": "dka_brats"}}}, "--serve-untrained") as url:
             seconds = []
             for _ in range(1 if quick else 2):  # the first request also builds the model
                 start = time.perf_counter()
@@ -465,16 +487,6 @@ def bench_label(quick: bool) -> list[dict]:
                 seconds.append(time.perf_counter() - start)
                 if answer.status_code != 200:
                     raise RuntimeError(f"/infer answered {answer.status_code}: {answer.text[:500]}")
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            finally:
-                try:
-                    os.killpg(server.pid, signal.SIGKILL)  # whatever of the server is left
-                except ProcessLookupError:
-                    pass
-                log.close()
     best = min(seconds)
     return [{"section": "label", "name": "one 4 x 128 x 128 x 62 volume through medadapt label (dka_brats, real-data "
              "settings), POST /infer to the label file", "baseline": None, "ours": round(best, 1), "unit": "s",
@@ -482,9 +494,58 @@ def bench_label(quick: bool) -> list[dict]:
              "note": "first request " + f"{seconds[0]:.0f} s (builds the model)" if len(seconds) > 1 else ""}]
 
 
+def bench_label_load(quick: bool) -> list[dict]:
+    """100 clients against a real ``medadapt label`` server on the loopback for 60 s (20 s with
+    --quick), `medadapt.monailabel.loadtest`: 80 well-behaved ones (``/info/``, the datastore,
+    image downloads, inferences of two small bundle models on a PNG), 20 idle, slow-head and
+    slow-body ones. The suite runs the same for 25 s (tests/test_monailabel_clients.py)."""
+    from nilearn import datasets
+    from PIL import Image
+
+    from medadapt.monailabel.loadtest import run
+
+    seconds = 20 if quick else 60
+    tiny = {"backbone": "timm:convnext_atto", "backbone_options": {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]},
+            "method_options": {"bottleneck": 4}, "image_size": 64}
+    config = {"models": {"seg": {"bundle": "dka_busi_seg", "overrides": tiny},
+                         "cls": {"bundle": "dka_busi_cls", "overrides": tiny}}}
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        root = Path(tmp)
+        (root / "studies").mkdir()
+        t1 = datasets.load_mni152_template(resolution=2).get_fdata()[:, :, 50].T[::-1]
+        Image.fromarray((255 * t1 / t1.max()).astype(np.uint8)).save(root / "studies" / "slice.png")
+        with _label_server(root, config, "--serve-untrained") as url:
+            summary = run(url, "slice", ["seg", "cls"], clients=100, seconds=seconds)
+    (RESULTS / "label_load.json").write_text(json.dumps(summary, indent=1))
+    what = f"100 clients (80 well-behaved, 20 idle or slow) for {seconds} s"
+    share = 100 * summary["answered"] / max(summary["requests"], 1)
+    kinds = summary["by_kind"]
+    held = summary["misbehaving_held"]
+    infer = kinds["infer"]["statuses"]
+    return [
+        {"section": "label_load", "name": f"{what}: well-behaved requests answered", "baseline": None,
+         "ours": round(share, 2), "unit": "%", "ratio": None, "target": "= 100", "pass": share == 100,
+         "note": f"{summary['answered']} of {summary['requests']}; statuses {summary['statuses']}; every 429/503 "
+                 f"with Retry-After: {summary['busy_without_retry_after'] == 0}"},
+        {"section": "label_load", "name": f"{what}: p95 latency of GET /info/", "baseline": None,
+         "ours": kinds["info"]["p95_ms"], "unit": "ms", "ratio": None, "target": "< 1000",
+         "pass": (kinds["info"]["p95_ms"] or 1e9) < 1000,
+         "note": f"p50 {kinds['info']['p50_ms']} ms, max {kinds['info']['max_ms']} ms; datastore p95 "
+                 f"{kinds['datastore']['p95_ms']} ms, image p95 {kinds['image']['p95_ms']} ms"},
+        {"section": "label_load", "name": f"{what}: p95 latency of an inference (small models)", "baseline": None,
+         "ours": kinds["infer"]["p95_ms"], "unit": "ms", "ratio": None, "target": None, "pass": None,
+         "note": f"{infer.get('200', 0)} run, {infer.get('429', 0)} told to come back (429 + Retry-After)"},
+        {"section": "label_load", "name": f"{what}: longest an idle / slow-head / slow-body connection was kept",
+         "baseline": None, "ours": max(h["max_s"] or 0 for h in held.values()), "unit": "s", "ratio": None,
+         "target": "<= 15", "pass": max(h["max_s"] or 0 for h in held.values()) <= 15,
+         "note": ", ".join(f"{how} {h['connections']} connections, max {h['max_s']} s" for how, h in held.items())},
+    ]
+
+
 SECTIONS = {"dwconv": bench_dwconv, "step": bench_step, "memory": bench_memory, "cache": bench_cache,
             "window": bench_window, "demo": bench_demo,
-            "allocator": bench_allocator, "stem": bench_stem, "label": bench_label}
+            "allocator": bench_allocator, "stem": bench_stem, "label": bench_label,
+            "label_load": bench_label_load}
 
 
 def to_markdown(rows: list[dict]) -> str:

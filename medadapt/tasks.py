@@ -25,7 +25,8 @@ class Task:
       prompted: the model takes box prompts beside the image.
       metrics: (name, title) of what a protocol table reports, headline first; the bundle's
         ``test_<name>`` values.
-      served_as: how MONAI Label lists it (``type`` in ``/info/``).
+      served_as: how MONAI Label lists it (``type`` in ``/info/``): one of the types 3D Slicer's
+        MONAI Label module and OHIF list (segmentation, deepgrow, deepedit); they show no other.
       description: what a server says the model does.
       untrained_note: what serving it without trained adapters means.
       builder: ``builder(encoder, num_classes, **arguments)``: the task model around an encoder
@@ -95,7 +96,8 @@ _DICE = (("dice", "Dice (%)"),)
 TASKS: dict[str, Task] = {task.name: task for task in (
     Task("classification", "class", _classifier,
          metrics=(("accuracy", "Accuracy (%)"), ("balanced_accuracy", "Balanced accuracy (%)")),
-         served_as="classification", description="Classification of PNG/JPG images",
+         # Listed as segmentation: the label image paints the whole image with the class's value.
+         served_as="segmentation", description="Classification of PNG/JPG images",
          untrained_note="the classification head is untrained, so its classes mean nothing until training"),
     Task("segmentation", "mask", _segmenter, metrics=_DICE,
          description="2D segmentation of PNG/JPG images",
@@ -103,7 +105,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("segmentation3d", "mask", _volume_segmenter, spatial_dims=3, metrics=_DICE,
          description="3D segmentation of NIfTI volumes",
          untrained_note="the segmentation decoder is untrained, so its masks mean nothing until training"),
-    Task("box_segmentation", "mask", _box_segmenter, prompted=True, served_as="annotation",
+    # DeepGrow: the clients send their clicks (and 3D Slicer its ROI) to these models.
+    Task("box_segmentation", "mask", _box_segmenter, prompted=True, served_as="deepgrow",
          description="Box-prompted 2D segmentation of PNG/JPG images",
          untrained_note="the SAM prompt encoder and mask decoder are the pretrained ones, so it segments as is"),
     Task("box_segmentation3d", "mask", _box_segmenter, spatial_dims=3, prompted=True, served_as="deepgrow",

@@ -119,7 +119,7 @@ def _save_trained_segmenter(checkpoint: Path, folder: Path) -> None:
     medadapt.save_adapters(model, folder)
 
 
-def _write_config(root: Path, runs: Path) -> Path:
+def _write_config(root: Path, runs: Path, extra_models: dict | None = None, include_box3d: bool = False) -> Path:
     checkpoint = _tiny_backbone_checkpoint(root / "convnext_atto_tiny.safetensors", seed=0)
     other_base = _tiny_backbone_checkpoint(root / "convnext_atto_other.safetensors", seed=1)
     tiny = {"backbone": "timm:convnext_atto", "backbone_checkpoint": str(checkpoint),
@@ -138,8 +138,11 @@ def _write_config(root: Path, runs: Path) -> Path:
             "seg_trained": {"bundle": "dka_busi_seg", "overrides": small},
             "cls_tiny": {"bundle": "dka_busi_cls", "overrides": small},
             "cls_wrong_base": {"bundle": "dka_busi_cls", "overrides": small},
+            **{name: {"bundle": bundle, "overrides": {**tiny, **overrides}}
+               for name, (bundle, overrides) in (extra_models or {}).items()},
         },
         "include_box_model": True,
+        "include_box3d_model": include_box3d,
     }
     path = root / "models.json"
     path.write_text(json.dumps(config, indent=1))
@@ -179,7 +182,9 @@ class Server:
 
 @contextmanager
 def running_server(root: Path, label_args: Sequence[str] = (),
-                   add_studies: Callable[[Path, dict], None] | None = None) -> Iterator[Server]:
+                   add_studies: Callable[[Path, dict], None] | None = None,
+                   extra_models: dict[str, tuple[str, dict]] | None = None,
+                   include_box3d: bool = False, serve_untrained: bool = True) -> Iterator[Server]:
     """A ``medadapt label`` server on a free port, serving studies and models written into
     ``root``; stopped (with any training job) on exit.
 
@@ -187,21 +192,27 @@ def running_server(root: Path, label_args: Sequence[str] = (),
       root: an empty folder for the studies, runs, config and log.
       label_args: more ``medadapt label`` options, e.g. ``["--max-request-mb", "8"]``.
       add_studies: called with (studies folder, facts) before the server starts, to add files.
+      extra_models: more served models, {name: (bundle, overrides)}, on the tiny ConvNeXt.
+      include_box3d: serve the 3D box model too.
+      serve_untrained: start it with ``--serve-untrained`` (most of the tiny models are untrained).
     """
     _require_monailabel()
     facts = _write_studies(root / "studies")
     if add_studies:
         add_studies(root / "studies", facts)
-    config = _write_config(root, root / "runs")
-    with label_server(root, str(root / "studies"), config, label_args) as running:
+    config = _write_config(root, root / "runs", extra_models, include_box3d)
+    with label_server(root, str(root / "studies"), config, label_args, serve_untrained) as running:
         running.facts = facts
         yield running
 
 
 @contextmanager
-def label_server(root: Path, studies: str, config: Path, label_args: Sequence[str] = ()) -> Iterator[Server]:
+def label_server(root: Path, studies: str, config: Path, label_args: Sequence[str] = (),
+                 serve_untrained: bool = True) -> Iterator[Server]:
     """``medadapt label --studies STUDIES --config CONFIG`` on a free port, its runs and log in
-    ``root``, answering /info/ (else the test fails with the log's tail); stopped on exit."""
+    ``root``, answering /info/ (else the test fails with the log's tail); stopped on exit.
+    With ``serve_untrained`` (the tests' tiny models have no trained adapters) it gets
+    ``--serve-untrained``."""
     _require_monailabel()
     import requests
 
@@ -214,7 +225,7 @@ def label_server(root: Path, studies: str, config: Path, label_args: Sequence[st
         env["OMP_NUM_THREADS"] = "1"  # two workers share two cores, as in conftest.py
     command = [sys.executable, "-m", "medadapt", "label", "--studies", studies, "--host", "127.0.0.1",
                "--port", str(port), "--runs", str(runs), "--config", str(config),
-               "--bundle-root", str(REPO / "bundles"), *label_args]
+               "--bundle-root", str(REPO / "bundles"), *(["--serve-untrained"] if serve_untrained else []), *label_args]
     with open(log, "w") as out:
         # A session of its own: teardown stops the launcher, the server and any training job together.
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=env,

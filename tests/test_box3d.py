@@ -277,7 +277,7 @@ def test_served_box3d_model_answers_a_label_volume_with_the_inputs_grid(mni, tmp
             ("box outside", infer({"box": [0, 0, volume.shape[1], 10], "slice": 2}), 422, "outside the slice"),
             ("slice outside", infer({"box": box, "slice": 5}), 422, "lies outside the volume"),
             ("bad axis", infer({"box": box, "slice": 2, "axis": 3}), 400, "axis must be"),
-            ("one point", infer({"foreground": [[10, 10, 2]]}), 422, "two or more points"),
+            ("point outside", infer({"foreground": [[10, 10, 5]]}), 422, "lies outside"),
             ("two channels", infer({"box": box, "slice": 2}, image="two_channels"), 422, "single-channel"),
         ]
         for what, answer, status, message in cases:

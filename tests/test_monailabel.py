@@ -244,7 +244,9 @@ def test_label_command_runs_monailabel_start_server(tmp_path, capsys):
                  "--dry-run"])
     assert code == 0
     command = capsys.readouterr().out
-    assert "-m monailabel.main start_server --app" in command and "--port 8123" in command
+    # MONAI Label's start_server, its connections bounded in time (medadapt.monailabel.launch)
+    assert "-m medadapt.monailabel.launch start_server --app" in command and "--port 8123" in command
+    assert "serve_untrained" not in command  # untrained bundle models are served only when asked for
     app_main = (tmp_path / "runs" / "monailabel_app" / "main.py").read_text(encoding="utf-8")
     assert "from medadapt.monailabel.main import MedAdaptApp" in app_main
     assert main(["label", "--studies", str(tmp_path / "missing"), "--dry-run"]) == 2

@@ -10,7 +10,9 @@ image when an upload reuses its id. Here:
 - every image and label path is built in `_image_file` / `_label_file` and confined to the
   studies folder (`confined`), whatever the stored records say;
 - uploads are opened and checked first (size from the header, then the data), a label must
-  match its image's kind and shape, and an upload never replaces an existing image;
+  match its image's kind and shape, and an upload never replaces an existing image; an NRRD
+  image or label (3D Slicer's format) is stored as NIfTI, and a (W, H) or (W, H, 1) volume
+  label of a 2D image (3D Slicer's label of a PNG) as a PNG (`medadapt.monailabel.formats`);
 - links are followed only where they stay inside the studies folder: an image or label that
   is a link leading outside is not listed, read, written or deleted (upstream deleted a link's
   target, a whole folder for a folder link), and deleting a served link removes the link;
@@ -37,6 +39,7 @@ from monailabel.interfaces.exception import ImageNotFoundException
 
 from medadapt.io import atomic_copy, atomic_write_text
 from medadapt.monailabel.errors import InvalidInput, http_error
+from medadapt.monailabel.formats import stored_image, stored_label
 from medadapt.monailabel.imagefiles import (
     ImageFileError,
     discard_upload,
@@ -196,6 +199,7 @@ class CheckedDatastore(ConfinedFiles):
 
     # ------------------------------------------------------------------ writes
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        converted = image_filename
         try:
             new_id = image_id or self._to_id(os.path.basename(image_filename))[0]
             check_id(new_id)
@@ -208,13 +212,18 @@ class CheckedDatastore(ConfinedFiles):
             if os.path.lexists(destination):
                 raise InvalidInput(f"image id {new_id!r}: the studies folder already holds "
                                    f"{os.path.basename(destination)}; upload under another id", 409)
-            inspect_image_file(image_filename, read_data=True, name=f"uploaded image {new_id!r}")
-            return self._add_image_file(new_id, image_filename, image_info)
+            converted = stored_image(image_filename, f"uploaded image {new_id!r}")
+            inspect_image_file(converted, read_data=True, name=f"uploaded image {new_id!r}")
+            return self._add_image_file(new_id, converted, image_info)
         except (InvalidInput, ImageFileError) as error:
             discard_upload(image_filename)
             raise _refusal(error, "upload refused") from None
+        finally:
+            if converted != image_filename:
+                _remove_entry(converted)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        converted = label_filename
         try:
             plain_name(label_tag, "label tag")
             image_uri = self.get_image_uri(image_id)
@@ -224,15 +233,19 @@ class CheckedDatastore(ConfinedFiles):
             confined(self._datastore_path, self._datastore.labels_dir, label_tag, self._filename(image_id, ext),
                      what=f"label of {image_id!r} with tag {label_tag!r}")
             image = inspect_image_file(image_uri)
-            label = inspect_image_file(label_filename, read_data=True, name=f"uploaded label of {image_id!r}")
+            converted = stored_label(label_filename, image, f"uploaded label of {image_id!r}")
+            label = inspect_image_file(converted, read_data=True, name=f"uploaded label of {image_id!r}")
             if label.kind != image.kind or label.spatial_shape != image.spatial_shape:
                 raise InvalidInput(
                     f"label refused: a label for {image_id!r} must be a {image.kind.upper()} label map of shape "
                     f"{image.spatial_shape}, got {label.kind.upper()} of shape {label.spatial_shape}", 422)
-            return self._add_label_file(image_id, label_filename, label_tag, label_info)
+            return self._add_label_file(image_id, converted, label_tag, label_info)
         except (InvalidInput, ImageFileError) as error:
             discard_upload(label_filename)
             raise _refusal(error, "label refused") from None
+        finally:
+            if converted != label_filename:
+                _remove_entry(converted)
 
     # Upstream deletes the real path of an entry: through a link, its target (rmtree for a folder).
     def remove_image(self, image_id: str) -> None:

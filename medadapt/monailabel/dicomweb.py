@@ -72,6 +72,7 @@ from medadapt.monailabel.dicomseg import (
     write_seg,
 )
 from medadapt.monailabel.errors import InvalidInput, http_error
+from medadapt.monailabel.formats import stored_label
 from medadapt.monailabel.imagefiles import (
     ImageFileError,
     discard_upload,
@@ -487,13 +488,15 @@ class CheckedDICOMwebDatastore(ConfinedFiles, DICOMWebDatastore):
                    label_id: str = "") -> str:
         """Store a label of a listed series: a "final" one also as a SEG series on the
         DICOMweb server, referencing the source series (its UID in the label's info)."""
+        converted = label_filename
         try:
             plain_name(label_tag, "label tag")
             image_uri = self.get_image_uri(image_id)
             if not image_uri:
                 raise InvalidInput(f"no series {image_id!r} on the DICOMweb server to attach a label to", 404)
             image = inspect_image_file(image_uri)
-            label = inspect_image_file(label_filename, read_data=True, name=f"uploaded label of {image_id!r}")
+            converted = stored_label(label_filename, image, f"uploaded label of {image_id!r}")  # NRRD: as NIfTI
+            label = inspect_image_file(converted, read_data=True, name=f"uploaded label of {image_id!r}")
             if label.kind != "3d" or label.channels != 1 or label.spatial_shape != image.spatial_shape:
                 raise InvalidInput(f"label refused: a label for series {image_id} must be a 3D NIfTI label map of "
                                    f"shape {image.spatial_shape}, got {label.kind.upper()} of shape "
@@ -504,13 +507,16 @@ class CheckedDICOMwebDatastore(ConfinedFiles, DICOMWebDatastore):
                                    f"this server gives (GET /datastore/image?image={image_id})", 422)
             info = dict(label_info or {})
             if label_tag == DefaultLabelTag.FINAL:
-                info.update(self._store_seg(image_id, label_filename, image.affine, info))
+                info.update(self._store_seg(image_id, converted, image.affine, info))
+            return self._add_label_file(image_id, converted, label_tag, info)
         except (InvalidInput, ImageFileError, SegGeometryError) as error:
             discard_upload(label_filename)
             if isinstance(error, InvalidInput):
                 raise http_error(error) from None
             raise HTTPException(getattr(error, "status", 422), f"label refused: {error}") from None
-        return self._add_label_file(image_id, label_filename, label_tag, info)
+        finally:
+            if converted != label_filename and os.path.isfile(converted):
+                os.remove(converted)
 
     def _store_seg(self, image_id: str, label_filename: str, affine: np.ndarray, info: dict[str, Any]) -> dict:
         import nibabel as nib

@@ -7,18 +7,18 @@ MONAI Label's non-strict loader), its ``inferer`` and its ``label_map``, so the 
 the bundle's prediction. Each task keeps one model per device and rebuilds it when the adapter
 folder changes (after training). A check before the transforms turns bad input into
 `InvalidInput` (4xx): wrong file type, unreadable file, wrong channel count, missing or
-out-of-image box. Labels are written by the task (PNG for images, NIfTI with the input's
-affine for volumes) at the input's own size, holding the values ``GET /info/`` lists.
+out-of-image box or click. Labels are written by the task (PNG for images, NIfTI with the
+input's affine for volumes, or the NRRD / NIfTI a client asks for with ``result_extension``,
+see `medadapt.monailabel.formats`) at the input's own size, holding the values ``GET /info/``
+lists; a classifier's label paints the whole image with its class's value.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,18 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from medadapt.monailabel.clicks import (
+    box_around_click,
+    click_points,
+    remove_touched_parts,
+)
 from medadapt.monailabel.errors import InvalidInput
+from medadapt.monailabel.formats import result_format, write_label
 from medadapt.monailabel.imagefiles import (
     ImageFileError,
     ImageFileInfo,
     inspect_image_file,
     is_upload,
-    write_nifti_label,
-    write_png_label,
 )
 from medadapt.monailabel.labelmaps import class_scores, segmentation_label_map
 from medadapt.monailabel.limits import MAX_VOLUME_VOXELS
@@ -52,7 +56,12 @@ from medadapt.monailabel.specs import (
 logger = logging.getLogger("medadapt.monailabel")
 
 INPUT_INFO = "medadapt_input"  # data key of the checked input's ImageFileInfo
+RESULT_FORMAT = "medadapt_result_format"  # data key of the label file format the request asks for
 ADAPTERS_USED = "medadapt_adapters"  # data key of the AdapterState (or None) the label came from
+# One model is built at a time: models infer in workers of their own, and building goes through
+# process-wide registries (MONAI's config parser, timm's) that two threads at once break
+# ("dictionary changed size during iteration").
+_BUILDING = threading.Lock()
 
 
 class AdapterInferTask(BasicInferTask):
@@ -72,7 +81,8 @@ class AdapterInferTask(BasicInferTask):
 
     # ------------------------------------------------------------------ model
     def is_valid(self) -> bool:
-        return True  # always servable: without trained adapters the fresh model is served
+        # MONAI Label lists only valid models; a refused one (untrained) is listed as not served.
+        return self.model.refusal() is None
 
     def build(self, adapters: str | None) -> dict[str, Any]:
         """{"network": ..., and whatever else the task runs} for an adapter folder (or None)."""
@@ -88,7 +98,8 @@ class AdapterInferTask(BasicInferTask):
                 return cached[0], state
             folder = state.folder if state else None
             try:
-                parts = self.build(folder)
+                with _BUILDING:
+                    parts = self.build(folder)
             except (ValueError, FileNotFoundError, KeyError, RuntimeError) as error:
                 raise MONAILabelException(
                     MONAILabelError.INFERENCE_ERROR,
@@ -121,7 +132,8 @@ class AdapterInferTask(BasicInferTask):
         info = super().info()
         state = self.model.current_adapters()
         info.update(description=self.describe(state), trained=state is not None,
-                    adapters=state.folder if state else None, task=self.model.task, source=self.model.source)
+                    adapters=state.folder if state else None, validation=self.model.validation(),
+                    task=self.model.task, source=self.model.source)
         return info
 
     # ------------------------------------------------------------------ steps
@@ -148,9 +160,10 @@ class AdapterInferTask(BasicInferTask):
         except ImageFileError as error:
             raise InvalidInput(str(error), error.status) from None
         if info.kind != self.kind:
-            wanted = "NIfTI volumes (.nii/.nii.gz)" if self.kind == "3d" else "2D PNG/JPG images"
+            wanted = "NIfTI or NRRD volumes" if self.kind == "3d" else "2D PNG/JPG images"
             raise InvalidInput(f"model {self.model.name!r} runs on {wanted}; {name} is not one", 415)
         data[INPUT_INFO] = info
+        data[RESULT_FORMAT] = result_format(data, self.kind)
         return data
 
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cpu") -> dict:
@@ -184,14 +197,8 @@ class AdapterInferTask(BasicInferTask):
                 "adapters": state.folder if state else None, "input_shape": list(info.spatial_shape)}
 
     def writer(self, data: dict, extension=None, dtype=None) -> tuple[Any, dict]:
-        label = data[self.output_label_key]
-        suffix = ".nii.gz" if self.kind == "3d" else ".png"
-        handle, path = tempfile.mkstemp(suffix=suffix, prefix="medadapt_label_")
-        os.close(handle)  # MONAI Label deletes the file after sending it
-        if self.kind == "3d":
-            write_nifti_label(label, data[INPUT_INFO].affine, path)
-        else:
-            write_png_label(label, path)
+        label = np.asarray(data[self.output_label_key])
+        path = write_label(label, self.kind, data[INPUT_INFO].affine, data[RESULT_FORMAT])
         result = self.result_json(data)
         result.update(data.get(self.output_json_key, {}))
         result["label_shape"] = list(label.shape)
@@ -222,14 +229,16 @@ class BundleSegmentationTask(AdapterInferTask):
     def check_input(self, data: dict) -> dict:
         data = super().check_input(data)
         info: ImageFileInfo = data[INPUT_INFO]
-        expected = self.model.in_channels
-        if self.kind == "3d" and info.channels != expected:
-            layout = f"a 4D NIfTI with {expected} channels last" if expected > 1 else "a 3D NIfTI"
+        if self.kind != "3d":
+            return data
+        parts, _ = self.parts(data.get("device") or "cpu")
+        expected = file_channels(parts["preprocessing"], self.model.in_channels)
+        if info.channels != expected:
+            layout = (f"a 4D NIfTI with {expected} channels last" if expected > 1
+                      else "a single-channel volume (a 3D NIfTI or NRRD)")
             raise InvalidInput(f"model {self.model.name!r} expects {layout}; "
                                f"{Path(info.path).name} has {info.channels} channel(s)", 422)
-        if self.kind == "3d":
-            parts, _ = self.parts(data.get("device") or "cpu")
-            check_resampled_size(info, resample_spacing(parts["preprocessing"]), self.model.name)
+        check_resampled_size(info, resample_spacing(parts["preprocessing"]), self.model.name)
         return data
 
     def postprocess(self, data: dict) -> dict:
@@ -249,7 +258,9 @@ class BundleSegmentationTask(AdapterInferTask):
 
 class BundleClassificationTask(AdapterInferTask):
     """Classes of a PNG/JPG image with a bundle's model: JSON {"prediction": [{idx, label,
-    score}, ...], "class": best}; the scores are softmax outputs, not calibrated."""
+    score}, ...], "class": best}; the scores are softmax outputs, not calibrated. The label
+    image (what viewers show, listing the model as a segmentation model) is the whole image
+    painted with the best class's value from ``GET /info/``'s labels (1..K)."""
 
     def __init__(self, model: BundleModel):
         super().__init__(model, model.kind.served_as)
@@ -258,25 +269,29 @@ class BundleClassificationTask(AdapterInferTask):
 
     def postprocess(self, data: dict) -> dict:
         scores = class_scores(torch.as_tensor(data[self.output_label_key]), self.model.labels)
-        data[self.output_json_key] = {"prediction": scores, "class": scores[0]["label"], "calibrated": False}
+        best = scores[0]["label"]
+        value = self.model.label_values[best]
+        data[self.output_label_key] = np.full(data[INPUT_INFO].spatial_shape, value, dtype=np.uint8)
+        data[self.output_json_key] = {"prediction": scores, "class": best, "calibrated": False,
+                                      "label_values": self.model.label_values}
         return data
-
-    def writer(self, data: dict, extension=None, dtype=None) -> tuple[Any, dict]:
-        result = self.result_json(data)
-        result.update(data[self.output_json_key])
-        return None, result
 
 
 class BoxSegmentationTask(AdapterInferTask):
-    """MedSAM-style segmentation inside a box given by the client.
+    """MedSAM-style segmentation inside a box given by the client, or by its clicks.
 
-    Request params: ``{"box": [x0, y0, x1, y1]}`` in pixels of the image (x = column,
-    y = row, 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height).
+    Request params (see `image_prompts`): ``{"box": [x0, y0, x1, y1]}`` in pixels of the image
+    (x = column, y = row, 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height); or DeepGrow clicks
+    ``{"foreground": [[i, j], ...], "background": [...]}`` (i = column, j = row; viewers add
+    k = 0), one click standing for the region around it, two or more for a box's corners
+    (`medadapt.monailabel.clicks`); or 3D Slicer's ``{"roi": [i0, i1, j0, j1, k0, k1]}``.
     """
+
+    PROMPTS = ("box", "roi", "foreground", "background", "label")
 
     def __init__(self, model: BoxModel):
         super().__init__(model, model.kind.served_as)
-        self._config.update({"box": None})
+        self._config.update({key: None for key in self.PROMPTS})
 
     def build(self, adapters: str | None) -> dict[str, Any]:
         return {"network": self.model.build_network(adapters), "preprocessing": self.model.preprocessing()}
@@ -284,7 +299,8 @@ class BoxSegmentationTask(AdapterInferTask):
     def check_input(self, data: dict) -> dict:
         data = super().check_input(data)
         height, width = data[INPUT_INFO].spatial_shape
-        data["box"] = parse_box(data.get("box"), width, height, self.model.name)
+        data["prompts"] = image_prompts(data, width, height, self.model.name, lambda: _grey_pixels(data["image"]))
+        data["box"] = data["prompts"]["box"]
         return data
 
     def forward(self, parts: dict[str, Any], batch: torch.Tensor, data: dict) -> torch.Tensor:
@@ -297,27 +313,81 @@ class BoxSegmentationTask(AdapterInferTask):
 
     def postprocess(self, data: dict) -> dict:
         info: ImageFileInfo = data[INPUT_INFO]
-        data[self.output_label_key] = segmentation_label_map(
-            torch.as_tensor(data[self.output_label_key]), info.spatial_shape, multilabel=True)
+        label = segmentation_label_map(torch.as_tensor(data[self.output_label_key]), info.spatial_shape, multilabel=True)
+        prompts = data["prompts"]
+        data[self.output_label_key] = remove_touched_parts(label, prompts["background"], prompts["foreground"])
         return data
 
     def result_json(self, data: dict) -> dict[str, Any]:
         return {**super().result_json(data), "box": data["box"]}
 
 
-def resample_spacing(preprocessing: Any) -> np.ndarray | None:
-    """The voxel spacing (mm) a model's preprocessing resamples volumes to (its ``Spacingd``),
-    or None if it keeps the input's."""
-    from monai.transforms import Compose, Spacingd
+def image_prompts(params: dict, width: int, height: int, model: str, pixels: Callable[[], np.ndarray]) -> dict:
+    """{"box": [x0, y0, x1, y1] (pixel edges), "foreground" / "background": [(row, column)]}
+    from a 2D box model's params: a "box", else an "roi" (IJK, ends inclusive), else
+    "foreground" clicks; ``pixels()`` gives the grey image a single click is read on."""
+    usage = (f'send params {{"box": [x0, y0, x1, y1]}} in image pixels (0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= '
+             f'{height}), or clicks {{"foreground": [[i, j], ...]}} (i = column, j = row; one click: the region '
+             'around it; two or more: corners of the box), or {"roi": [i0, i1, j0, j1, k0, k1]}')
+    shape = (width, height)
+    foreground = click_points(params.get("foreground"), "foreground", shape, usage)
+    background = click_points(params.get("background"), "background", shape, usage)
+    if params.get("box") is not None:
+        box = parse_box(params["box"], width, height, model)
+    elif params.get("roi") is not None:
+        (i0, i1), (j0, j1), _ = _roi_ranges(params["roi"], (width, height, 1), usage)
+        box = [float(i0), float(j0), float(i1 + 1), float(j1 + 1)]
+    elif len(foreground) == 1:
+        x0, y0, x1, y1 = box_around_click(pixels(), row=foreground[0][1], column=foreground[0][0])
+        box = [x0, y0, x1 + 1, y1 + 1]
+    elif foreground:
+        xs, ys = [p[0] for p in foreground], [p[1] for p in foreground]
+        box = [min(xs), min(ys), max(xs) + 1, max(ys) + 1]
+    else:
+        raise InvalidInput(f"model {model!r} needs a box prompt: {usage}", 400)
+    return {"box": parse_box(box, width, height, model), "foreground": [(p[1], p[0]) for p in foreground],
+            "background": [(p[1], p[0]) for p in background]}
+
+
+def _grey_pixels(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"), dtype=np.float32)
+
+
+def _transforms_of(preprocessing: Any, kind: type) -> Iterator[Any]:
+    """The transforms of type ``kind`` in a model's preprocessing (nested Compose included)."""
+    from monai.transforms import Compose
 
     pending = [preprocessing]
     while pending:
         transform = pending.pop()
-        if isinstance(transform, Spacingd):
-            return np.asarray(transform.spacing_transform.pixdim, dtype=np.float64)
+        if isinstance(transform, kind):
+            yield transform
         if isinstance(transform, Compose):
             pending.extend(transform.transforms)
+
+
+def resample_spacing(preprocessing: Any) -> np.ndarray | None:
+    """The voxel spacing (mm) a model's preprocessing resamples volumes to (its ``Spacingd``),
+    or None if it keeps the input's."""
+    from monai.transforms import Spacingd
+
+    for transform in _transforms_of(preprocessing, Spacingd):
+        return np.asarray(transform.spacing_transform.pixdim, dtype=np.float64)
     return None
+
+
+def file_channels(preprocessing: Any, network_channels: int) -> int:
+    """The channels an input file holds for a network of ``network_channels``: fewer where the
+    preprocessing repeats them (``RepeatChanneld``: one MR sequence fed to a 3-channel encoder)."""
+    from monai.transforms import RepeatChanneld
+
+    channels = network_channels
+    for transform in _transforms_of(preprocessing, RepeatChanneld):
+        channels //= transform.repeater.repeats
+    return channels
 
 
 def check_resampled_size(info: ImageFileInfo, spacing: np.ndarray | None, model: str) -> None:
@@ -372,8 +442,10 @@ class BoxVolumeSegmentationTask(AdapterInferTask):
       on the middle slice of ``axis`` (default: the ROI's thinnest axis), and propagation stays
       within the ROI's extent on that axis.
     - ``{"foreground": [[i, j, k], ...]}`` (3D Slicer's DeepGrow points, IJK): two or more
-      points on one slice of ``axis`` (default 2) are the corners of a box on that slice; points
-      on several slices give several boxes. ``background`` points are ignored.
+      points on one slice of ``axis`` (default 2) are the corners of a box on that slice, one
+      point the region around it (`medadapt.monailabel.clicks`); points on several slices give
+      several boxes. ``background`` points remove the parts of the answer they lie on, on their
+      slice.
 
     Answer: a uint8 label volume (1 = object) with the input's shape and affine; the JSON says
     which slices hold the object and where propagation stopped.
@@ -405,6 +477,9 @@ class BoxVolumeSegmentationTask(AdapterInferTask):
         # The stored voxel order, untouched: the prompts are indices of it.
         data["image"] = np.asarray(nib.load(data["image"]).dataobj, dtype=np.float32).reshape(
             data[INPUT_INFO].spatial_shape)
+        prompts = data["prompts"]
+        for k, (row, column) in prompts["clicks"].items():  # one click on a slice: the region around it
+            prompts["boxes"].setdefault(k, box_around_click(data["image"].take(k, axis=prompts["axis"]), row, column))
         return data
 
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cpu") -> dict:
@@ -427,20 +502,29 @@ class BoxVolumeSegmentationTask(AdapterInferTask):
         return data
 
     def postprocess(self, data: dict) -> dict:
+        prompts = data["prompts"]
+        mask = data[self.output_label_key]
+        slices = np.moveaxis(mask, prompts["axis"], 0)  # a view: writing a slice writes the mask
+        for k, background in prompts["background"].items():
+            slices[k] = remove_touched_parts(slices[k], background, prompts["foreground"].get(k, []))
         return data
 
 
 def volume_prompts(params: dict, shape: Sequence[int], model: str) -> dict[str, Any]:
-    """{"boxes": {slice: box}, "axis": a, "slice_range": (first, last) or None} from a 3D box
-    model's request params (see `BoxVolumeSegmentationTask`), or InvalidInput naming the input."""
+    """{"boxes": {slice: box}, "clicks": {slice: (row, column)}, "axis": a, "slice_range": (first,
+    last) or None, "foreground" / "background": {slice: [(row, column), ...]}} from a 3D box
+    model's request params (see `BoxVolumeSegmentationTask`), or InvalidInput naming the input.
+    A single click becomes a box once the volume is read (``clicks``)."""
     usage = ('send params {"box": [x0, y0, x1, y1], "slice": k, "axis": a} (voxel indices; x = columns, y = rows '
              'of volume.take(k, axis=a), both ends inclusive), or {"roi": [i0, i1, j0, j1, k0, k1]}, or '
-             '{"foreground": [[i, j, k], ...]} with two or more points on one slice')
+             '{"foreground": [[i, j, k], ...]} (one point: the region around it; two or more on one slice: the '
+             'corners of its box)')
     axis = params.get("axis")
     if axis is not None and (isinstance(axis, bool) or axis not in (0, 1, 2)):
         raise InvalidInput(f"axis must be 0, 1 or 2, got {axis!r}: {usage}", 400)
     slice_range = None
     boxes: dict[int, list[float]] = {}
+    clicks: dict[int, tuple[float, float]] = {}
     if params.get("box") is not None:
         axis = 2 if axis is None else axis
         boxes[_slice_index(params.get("slice"), shape[axis], "slice", usage)] = _four_numbers(params["box"], "box",
@@ -460,7 +544,7 @@ def volume_prompts(params: dict, shape: Sequence[int], model: str) -> dict[str, 
             slice_range = ranges[axis]
     elif params.get("foreground"):
         axis = 2 if axis is None else axis
-        boxes = _boxes_from_points(params["foreground"], shape, axis, usage)
+        boxes, clicks = _boxes_from_points(params["foreground"], shape, axis, usage)
     else:
         raise InvalidInput(f"model {model!r} needs a prompt: {usage}", 400)
     rows, cols = (s for a, s in enumerate(shape) if a != axis)
@@ -471,7 +555,9 @@ def volume_prompts(params: dict, shape: Sequence[int], model: str) -> dict[str, 
             check_box(box, rows, cols, where=f"box on slice {k} of axis {axis}")
         except ValueError as error:
             raise InvalidInput(f"{error}: {usage}", 422) from None
-    return {"boxes": boxes, "axis": axis, "slice_range": slice_range}
+    return {"boxes": boxes, "clicks": clicks, "axis": axis, "slice_range": slice_range,
+            "foreground": _points_by_slice(params.get("foreground"), "foreground", shape, axis, usage),
+            "background": _points_by_slice(params.get("background"), "background", shape, axis, usage)}
 
 
 def _four_numbers(value: Any, what: str, usage: str) -> list[float]:
@@ -511,30 +597,28 @@ def _roi_ranges(roi: Any, shape: Sequence[int], usage: str) -> list[tuple[int, i
     return ranges
 
 
-def _boxes_from_points(points: Any, shape: Sequence[int], axis: int, usage: str) -> dict[int, list[float]]:
-    if not isinstance(points, list) or len(points) > 1000:
-        raise InvalidInput(f"foreground must be a list of [i, j, k] points: {usage}", 400)
-    by_slice: dict[int, list[tuple[float, float]]] = {}
+def _points_by_slice(points: Any, what: str, shape: Sequence[int], axis: int,
+                     usage: str) -> dict[int, list[tuple[float, float]]]:
+    """Click points [i, j, k] grouped by their slice of ``axis``, as (row, column) on it."""
     row_axis, col_axis = (a for a in range(3) if a != axis)
-    for n, point in enumerate(points):
-        try:
-            coords = [float(c) for c in point] if isinstance(point, list) else []
-        except (TypeError, ValueError, OverflowError):
-            coords = []
-        if len(coords) != 3 or not all(math.isfinite(c) for c in coords):
-            raise InvalidInput(f"foreground[{n}] {point!r} is not a point [i, j, k]: {usage}", 400)
-        if any(not 0 <= c <= s - 1 for c, s in zip(coords, shape)):
-            raise InvalidInput(f"foreground[{n}] {point!r} lies outside the volume of shape {tuple(shape)}", 422)
-        by_slice.setdefault(int(round(coords[axis])), []).append((coords[col_axis], coords[row_axis]))
-    boxes = {}
-    for k, corners in by_slice.items():
-        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    by_slice: dict[int, list[tuple[float, float]]] = {}
+    for coords in click_points(points, what, tuple(shape), usage):
+        by_slice.setdefault(int(round(coords[axis])), []).append((coords[row_axis], coords[col_axis]))
+    return by_slice
+
+
+def _boxes_from_points(points: Any, shape: Sequence[int], axis: int,
+                       usage: str) -> tuple[dict[int, list[float]], dict[int, tuple[float, float]]]:
+    """The boxes of slices with two or more points (their corners), and the single clicks of
+    the others (row, column)."""
+    boxes, clicks = {}, {}
+    for k, corners in _points_by_slice(points, "foreground", shape, axis, usage).items():
+        rows, columns = [c[0] for c in corners], [c[1] for c in corners]
         if len(corners) >= 2:
-            boxes[k] = [min(xs), min(ys), max(xs), max(ys)]
-    if not boxes:
-        raise InvalidInput(f"foreground points give no box: put two or more points (opposite corners) on one "
-                           f"slice of axis {axis}", 422)
-    return boxes
+            boxes[k] = [min(columns), min(rows), max(columns), max(rows)]
+        else:
+            clicks[k] = corners[0]
+    return boxes, clicks
 
 
 def make_infer_task(model: ServedModel) -> AdapterInferTask:

@@ -21,6 +21,10 @@ UPLOAD_TIMEOUT_ENV = "MEDADAPT_LABEL_UPLOAD_TIMEOUT"
 DICOMWEB_TIMEOUT_ENV = "MEDADAPT_LABEL_DICOMWEB_TIMEOUT"
 MAX_REQUEST_BYTES = 512 * 1024 ** 2  # an uncompressed float32 NIfTI of MAX_VOLUME_VOXELS is 256 MiB
 UPLOAD_TIMEOUT = 300.0  # s to receive a request's body
+STALL_TIMEOUT = 10.0  # s a request body may stop coming (a slow client holds no more than this)
+MIN_BODY_RATE = 4 * 1024  # bytes/s a body must average after its first STALL_TIMEOUT seconds
+MEMORY_BODY_BYTES = 256 * 1024  # a body up to this size is kept in memory, a larger one spooled to disk
+MAX_LARGE_BODIES = 8  # bodies over MEMORY_BODY_BYTES received at once: bounds the disk they take
 INFER_TIMEOUT = 600.0  # s for one inference (MONAI Label's own default, MONAI_LABEL_INFER_TIMEOUT)
 DICOMWEB_TIMEOUT = 120.0  # s for one request to a DICOMweb server, answer read in full
 

@@ -13,7 +13,9 @@ App options (``--conf KEY VALUE``, else the environment variable in brackets):
 ``bundles`` [MEDADAPT_LABEL_BUNDLES] bundle folder (default ``bundles``), ``runs``
 [MEDADAPT_LABEL_RUNS] where trained adapters live (default ``runs``), ``config``
 [MEDADAPT_LABEL_CONFIG] a JSON model config replacing the default model list (see
-`medadapt.monailabel.specs`).
+`medadapt.monailabel.specs`), ``serve_untrained`` [MEDADAPT_LABEL_SERVE_UNTRAINED] "true" to
+serve bundle models that have no trained adapters yet (default: they are listed under
+``not_served`` in ``/info/`` and answer 409 until trained).
 
 MONAI Label loads this file as a module named ``main``, not as part of the package, so
 imports here are absolute.
@@ -26,8 +28,10 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +51,7 @@ import medadapt
 from medadapt.monailabel.datastore import CheckedDatastore
 from medadapt.monailabel.dicomweb import CheckedDICOMwebDatastore
 from medadapt.monailabel.errors import InvalidInput, http_error
+from medadapt.monailabel.formats import stored_image
 from medadapt.monailabel.imagefiles import (
     DATASTORE_PATTERNS,
     ImageFileError,
@@ -58,6 +63,8 @@ from medadapt.monailabel.imagefiles import (
 from medadapt.monailabel.infer_tasks import make_infer_task
 from medadapt.monailabel.limits import check_json_value
 from medadapt.monailabel.paths import plain_name
+from medadapt.monailabel.queues import InferenceQueues
+from medadapt.monailabel.sessions import SessionStore
 from medadapt.monailabel.specs import ServedModel, load_models
 from medadapt.monailabel.train_task import AdapterTrainTask
 
@@ -66,13 +73,17 @@ logger = logging.getLogger("medadapt.monailabel")
 GUARD_MODULE = "medadapt.monailabel.server"  # the uvicorn app that must front this app
 # Infer request keys MONAI Label or this app interprets; each model adds the keys of its own
 # config() (the box model's "box"). Other keys a client sends are dropped before any task runs.
-INFER_KEYS = ("model", "image", "device", "timeout", "save_label", "label_tag")
+# 3D Slicer and OHIF send the result_* keys (the label file's format), client_id and label_info
+# (the segments the user has: names a DICOM SEG's segments).
+INFER_KEYS = ("model", "image", "device", "timeout", "save_label", "label_tag", "result_extension", "result_dtype",
+              "result_compress", "client_id", "label_info")
 DEVICE = re.compile(r"cpu|cuda(:\d{1,2})?")
 # App option -> (environment variable, default).
 OPTIONS = {
     "bundles": ("MEDADAPT_LABEL_BUNDLES", "bundles"),
     "runs": ("MEDADAPT_LABEL_RUNS", "runs"),
     "config": ("MEDADAPT_LABEL_CONFIG", ""),
+    "serve_untrained": ("MEDADAPT_LABEL_SERVE_UNTRAINED", ""),
 }
 
 
@@ -93,8 +104,14 @@ class MedAdaptApp(MONAILabelApp):
         self.models: list[ServedModel] = load_models(
             app_option(conf, "config") or None, app_option(conf, "bundles"), app_option(conf, "runs"))
         self._models = {model.name: model for model in self.models}
+        serve_untrained = app_option(conf, "serve_untrained").lower() in ("1", "true", "yes")
         for model in self.models:
-            logger.info("serving %s (%s, from %s)", model.name, model.task, model.source)
+            model.serve_untrained = serve_untrained
+            refusal = model.refusal()
+            if refusal:
+                logger.warning("not serving %s (%s, from %s) yet: %s", model.name, model.task, model.source, refusal)
+            else:
+                logger.info("serving %s (%s, from %s)", model.name, model.task, model.source)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -105,10 +122,11 @@ class MedAdaptApp(MONAILabelApp):
         )
         # MONAI Label bounds an inference's time (MONAI_LABEL_INFER_TIMEOUT) only in its optional
         # thread pool, and forgets a late result there: the label file it wrote stays. Inference
-        # runs in this worker instead, so a late result is cleaned up; one worker, as the models
-        # share the CPU anyway.
+        # runs in these queues instead (a worker per model, bounded), so a late result is cleaned
+        # up and one model's long inference holds no other.
         self._infers_threadpool = None
-        self._infer_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="INFER")
+        self._queues = InferenceQueues()
+        self._training = threading.Lock()
         # Series a request needs from a DICOMweb server are fetched here, within the request's
         # inference time (a fetch that outlasts it goes on, and is kept for the next request).
         self._fetch_worker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="FETCH")
@@ -135,11 +153,15 @@ class MedAdaptApp(MONAILabelApp):
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
 
-    def _load_sessions(self, load: bool = False):
-        # Sessions stay off: MONAI Label keeps them in ~/.cache, outside the app's folders, builds
-        # their folders from client-sent ids (DELETE /session/.. removes the parent) and unpacks
-        # client archives. Its /session endpoints then answer 406.
-        return None
+    def _load_sessions(self, load: bool = False) -> SessionStore:
+        # Not MONAI Label's sessions (kept in ~/.cache, folders built from client-sent ids,
+        # client archives unpacked): this app's, in its own folder (`medadapt.monailabel.sessions`).
+        return SessionStore(Path(self.app_dir) / "sessions")
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()  # lists the models whose task is valid: those served now
+        info["not_served"] = {model.name: reason for model in self.models if (reason := model.refusal())}
+        return info
 
     def on_init_complete(self) -> None:
         if GUARD_MODULE not in sys.modules:
@@ -154,6 +176,9 @@ class MedAdaptApp(MONAILabelApp):
         uploads = [request["image"]] if is_upload(request.get("image")) else []
         started = time.monotonic()
         try:
+            if uploads:  # an NRRD (3D Slicer's local volume) runs as NIfTI
+                request = {**request, "image": stored_image(uploads[0], "the uploaded file")}
+                uploads = list(dict.fromkeys([*uploads, request["image"]]))
             store = datastore or self.datastore()
             checked, image_id = self._checked_infer_request(request, store, started)
             result = self._infer_in_time(checked, store, started + checked["timeout"])
@@ -163,11 +188,15 @@ class MedAdaptApp(MONAILabelApp):
                 result["label"] = store.save_label(image_id, result["file"], tag,
                                                    {"model": checked["model"], "params": result.get("params")})
                 result["tag"] = tag
+            for path in uploads[1:]:  # a converted copy (upstream deletes the upload itself)
+                discard_upload(path)
             return result
         except Exception as error:  # re-raised: only the uploads are cleaned up here
             # MONAI Label deletes uploads in background tasks that only run after a success.
             for path in uploads:
                 discard_upload(path)
+            if isinstance(error, ImageFileError):
+                raise http_error(InvalidInput(str(error), error.status)) from None
             if isinstance(error, MONAILabelException):
                 raise http_error(error) from error
             raise
@@ -184,6 +213,9 @@ class MedAdaptApp(MONAILabelApp):
         model = request.get("model")
         if model not in self._infers:
             raise InvalidInput(f"unknown model {model!r}; this server has {sorted(self._infers)}", 404)
+        refusal = self._models[model].refusal()
+        if refusal:
+            raise InvalidInput(refusal, 409)
         allowed = set(INFER_KEYS) | set(self._infers[model].config())
         dropped = sorted(str(k) for k in request if k not in allowed)
         if dropped:
@@ -197,6 +229,8 @@ class MedAdaptApp(MONAILabelApp):
         image_id = None
         if is_upload(image):
             path, name = image, "the uploaded file"
+        elif self.sessions().owns(image):
+            path, name = image, f"the image of session {Path(image).parent.name}"
         elif isinstance(image, str) and image:
             path = fetch(store.get_image_uri, image)
             if not path:
@@ -212,6 +246,9 @@ class MedAdaptApp(MONAILabelApp):
             path = fetch(store.sequence_volume, image_id, sequences)
         checked["image"] = path
         _check_device(checked.get("device"))
+        client = checked.get("client_id")
+        if client is not None and (not isinstance(client, str) or len(client) > 256):
+            raise InvalidInput(f"client_id must be a name of at most 256 characters, got {str(client)[:60]!r}", 400)
         if not isinstance(checked.get("save_label", False), bool):
             raise InvalidInput(f"save_label must be true or false, got {checked['save_label']!r}", 400)
         if checked.get("save_label"):
@@ -242,7 +279,7 @@ class MedAdaptApp(MONAILabelApp):
             handle_torch_linalg_multithread(request)
             return MONAILabelApp.infer(self, request, store)
 
-        future = self._infer_worker.submit(run)
+        future = self._queues.submit(request["model"], run)
         try:
             return future.result(max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
@@ -285,11 +322,18 @@ class MedAdaptApp(MONAILabelApp):
         raise http_error(InvalidInput("this server has no whole-slide (WSI) models; use POST /infer/{model}", 404))
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        # In the server this is a run_sync request, holding a request thread: one at a time.
+        # (Background jobs run in a process of their own, one at a time by MONAI Label.)
+        if not self._training.acquire(blocking=False):
+            raise HTTPException(429, "a training requested with run_sync=true is running; wait for it, or start "
+                                     "this one in the background (run_sync=false)", headers={"Retry-After": "60"})
         try:
             self.check_training_request(request)
             return super().train(request)
         except MONAILabelException as error:
             raise http_error(error) from error
+        finally:
+            self._training.release()
 
     def check_training_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """The typed options of a training request, or InvalidInput (4xx) naming what is wrong.

@@ -5,13 +5,17 @@ Started by MONAI Label as ``--uvicorn_app medadapt.monailabel.server:app`` (the 
 does the unsafe thing itself:
 
 - `RequestGuard`: every request body is bounded in bytes (413, from the Content-Length header
-  before anything is read, else as it arrives) and in the time the client takes to send it
-  (408); paths with "." / ".." segments or NUL characters are refused (400); so are the
-  upstream routes that act on client-chosen server paths or files this app does not have:
-  sessions by id on /infer (400), model-file upload and deletion (405), WSI inference (404),
-  the DICOMweb proxy without a DICOMweb datastore (404), and writes through that proxy (POST,
-  405: the proxy is for viewers reading studies; labels reach the PACS as SEGs this server
-  writes).
+  before anything is read, else as it arrives), in the time the client takes to send it and
+  in how long it may stall (408), and at most `MAX_LARGE_BODIES` bodies over 256 KiB are
+  received at once (503 with Retry-After); the body is received on the event loop, then the
+  request runs in a worker thread, so MONAI Label's blocking endpoints never hold the loop
+  (``/info/`` answers while a model runs). Paths with "." / ".." segments or NUL characters
+  are refused (400); so are the upstream routes that act on client-chosen server paths or
+  files this app does not have: model-file upload and deletion (405), WSI inference (404), the
+  DICOMweb proxy without a DICOMweb datastore (404), and writes through that proxy (POST, 405:
+  the proxy is for viewers reading studies; labels reach the PACS as SEGs this server writes).
+- sessions (``/session/``, ``?session_id=`` on /infer) are this app's own
+  (`medadapt.monailabel.sessions`): server-made ids, files in ``<app>/sessions``, bounded.
 - `guard_endpoints`: MONAI Label's infer and datastore endpoints write uploads into the app's
   own ``<app>/uploads`` folder (`UploadFolder`), where the app recognises them, instead of
   ``tmpXXXX`` names in the system temp folder; their JSON form fields (``params``, ``info``) are
@@ -34,9 +38,11 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -49,6 +55,7 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.endpoints import datastore as datastore_endpoints
 from monailabel.endpoints import infer as infer_endpoints
 from monailabel.endpoints import proxy as proxy_endpoints
+from monailabel.endpoints import session as session_endpoints
 from monailabel.endpoints import train as train_endpoints
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
@@ -56,11 +63,23 @@ from monailabel.utils.others.generic import remove_file
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
 
-from medadapt.monailabel.errors import http_error, monailabel_exception_handler
-from medadapt.monailabel.imagefiles import UploadFolder, use_upload_folder
+from medadapt.monailabel.errors import (
+    InvalidInput,
+    http_error,
+    monailabel_exception_handler,
+)
+from medadapt.monailabel.imagefiles import (
+    UploadFolder,
+    discard_upload,
+    use_upload_folder,
+)
 from medadapt.monailabel.limits import (
+    MAX_LARGE_BODIES,
     MAX_REQUEST_BYTES,
     MAX_REQUEST_BYTES_ENV,
+    MEMORY_BODY_BYTES,
+    MIN_BODY_RATE,
+    STALL_TIMEOUT,
     UPLOAD_TIMEOUT,
     UPLOAD_TIMEOUT_ENV,
     env_number,
@@ -71,6 +90,11 @@ from medadapt.monailabel.pacs import bounded_proxy
 logger = logging.getLogger("medadapt.monailabel")
 
 CHECKSUMS = ("SHA256", "SHA512", "MD5")  # what MONAI Label's file_checksum computes
+# Worker threads running requests: above the inference queues' TOTAL_PENDING, whose requests
+# wait in them, so quick requests always find one.
+REQUEST_THREADS = 64
+BODY_CHUNK = 1024 ** 2  # bytes per message when a received body is replayed to the app
+LARGE_BODY_RETRY = 5  # s, the Retry-After when MAX_LARGE_BODIES are being received
 # (method or None for any, path prefix) -> (status, message) for upstream routes refused here.
 REFUSED_ROUTES = {
     ("PUT", "/model/"): (405, "model files cannot be uploaded here: models are built from bundles and trained "
@@ -85,24 +109,35 @@ REFUSED_ROUTES = {
 
 
 class RequestGuard:
-    """ASGI middleware bounding each HTTP request before MONAI Label's endpoints see it.
+    """ASGI middleware bounding each HTTP request and running it off the event loop.
+
+    MONAI Label's endpoints are coroutines that run their (long) work without awaiting: while
+    one inference ran, every request, ``/info/`` included, waited for it. Here each request's
+    body is first received on the event loop, bounded, into a spooled file (memory up to
+    `MEMORY_BODY_BYTES`, then the app's tmp folder), so a slow client costs no thread; then the
+    request runs with that body in a worker thread of its own (`REQUEST_THREADS` of them), in
+    an event loop of its own, while the server's loop keeps taking other requests.
 
     Arguments:
       app: the ASGI app to guard.
       max_body_bytes: largest request body accepted (413 above it).
-      upload_timeout: seconds the client may take to send a body, counted while the server
-        waits for it (408 after it).
+      upload_timeout: seconds the client may take to send a body (408 after it).
       remote_datastore: whether the studies are a DICOMweb server (the /proxy routes need one).
       api_prefix: MONAI Label's MONAI_LABEL_API_STR, the prefix of its routes ("" by default).
+      stall_timeout: seconds a body may stop coming before the request is answered with 408.
+      threads: worker threads that run requests (more wait for one, on the event loop).
     """
 
     def __init__(self, app, max_body_bytes: int, upload_timeout: float, remote_datastore: bool = False,
-                 api_prefix: str = ""):
+                 api_prefix: str = "", stall_timeout: float = STALL_TIMEOUT, threads: int = REQUEST_THREADS):
         self.app = app
         self.max_body_bytes = int(max_body_bytes)
         self.upload_timeout = float(upload_timeout)
+        self.stall_timeout = float(stall_timeout)
         self.remote_datastore = remote_datastore
         self.api_prefix = api_prefix.rstrip("/")
+        self.threads = ThreadPoolExecutor(threads, thread_name_prefix="REQUEST")
+        self._large_bodies = 0  # bodies over MEMORY_BODY_BYTES being received (event loop only)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -113,7 +148,20 @@ class RequestGuard:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             return await _answer(send, 413, self._too_large(f"{declared:,} bytes"))
-        return await self.app(scope, self._bounded_receive(receive), send)
+        large = (declared or 0) > MEMORY_BODY_BYTES or _header(scope, b"transfer-encoding") is not None
+        if large and self._large_bodies >= MAX_LARGE_BODIES:
+            return await _answer(send, 503, f"this server receives at most {MAX_LARGE_BODIES} request bodies over "
+                                            f"{MEMORY_BODY_BYTES // 1024} KiB at once; try again shortly",
+                                 {"Retry-After": str(LARGE_BODY_RETRY)})
+        self._large_bodies += large
+        try:
+            body = await self._received_body(receive, send)
+        finally:
+            self._large_bodies -= large
+        if body is None:
+            return  # answered (408, 413) or the client left
+        with body:
+            await self._run_in_thread(scope, body, receive, send)
 
     def refusal(self, scope) -> tuple[int, str] | None:
         """(status, message) for a request refused from its method, path and query alone."""
@@ -129,55 +177,109 @@ class RequestGuard:
         for (refused_method, prefix), answer in REFUSED_ROUTES.items():
             if path.startswith(prefix) and refused_method in (None, method):
                 return answer
-        if path.startswith("/infer/") and any(key == "session_id" and value for key, value in query):
-            return 400, ("session_id: sessions are off on this server; send ?image=ID (a datastore id) or "
-                         "upload the file with the request")
         if path.startswith("/proxy/") and not self.remote_datastore:
             return 404, "no DICOMweb datastore to proxy to: this server's studies are a local folder"
         return None
 
-    def _bounded_receive(self, receive):
-        received, waited = 0, 0.0
-        body_done = False
-
-        async def bounded_receive():
-            nonlocal received, waited, body_done
-            if body_done:  # after the body, only a disconnect can come: not bounded
-                return await receive()
-            started = time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), max(self.upload_timeout - waited, 0.001))
-            except TimeoutError:
-                raise HTTPException(408, f"request body not received within {self.upload_timeout:g} s") from None
-            waited += time.monotonic() - started
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+    async def _received_body(self, receive, send) -> tempfile.SpooledTemporaryFile | None:
+        """The whole request body, received within the upload time, never stalling longer than
+        the stall time and within the byte limit; None when it was answered instead (408, 413)
+        or the client disconnected."""
+        body = tempfile.SpooledTemporaryFile(max_size=MEMORY_BODY_BYTES)  # noqa: SIM115 (closed by the caller)
+        received, started = 0, time.monotonic()
+        try:
+            while True:
+                elapsed = time.monotonic() - started
+                allowed = min(self.upload_timeout, self.stall_timeout + received / MIN_BODY_RATE)
+                wait = min(allowed - elapsed, self.stall_timeout)
+                try:
+                    message = await asyncio.wait_for(receive(), max(wait, 0.001))
+                except TimeoutError:
+                    await _answer(send, 408, "request body " + self._too_slow(received, allowed, wait))
+                    body.close()
+                    return None
+                if message["type"] != "http.request":
+                    body.close()
+                    return None  # http.disconnect
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > self.max_body_bytes:
-                    raise HTTPException(413, self._too_large(f"more than {self.max_body_bytes:,} bytes"))
-                body_done = not message.get("more_body", False)
-            return message
+                    await _answer(send, 413, self._too_large(f"more than {self.max_body_bytes:,} bytes"))
+                    body.close()
+                    return None
+                body.write(chunk)
+                if not message.get("more_body", False):
+                    body.seek(0)
+                    return body
+        except BaseException:
+            body.close()
+            raise
 
-        return bounded_receive
+    async def _run_in_thread(self, scope, body, receive, send) -> None:
+        """Run the app on the request in a worker thread, in an event loop of the thread's own;
+        its receive replays ``body`` (then waits for the client's disconnect on the server's
+        loop), its send goes out through the server's loop."""
+        loop = asyncio.get_running_loop()
+
+        async def on_server_loop(coroutine):
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, loop))
+
+        size, more = _size(body), True
+
+        async def replayed_receive():
+            nonlocal more
+            if not more:
+                return await on_server_loop(receive())
+            chunk = body.read(BODY_CHUNK)
+            more = body.tell() < size
+            return {"type": "http.request", "body": chunk, "more_body": more}
+
+        async def forwarded_send(message):
+            await on_server_loop(send(message))
+
+        await loop.run_in_executor(self.threads, asyncio.run, self.app(scope, replayed_receive, forwarded_send))
+
+    def _too_slow(self, received: int, allowed: float, wait: float) -> str:
+        if allowed >= self.upload_timeout and wait < self.stall_timeout:
+            return f"not received within {self.upload_timeout:g} s"
+        if wait >= self.stall_timeout:
+            return f"stalled: nothing arrived for {self.stall_timeout:g} s"
+        return (f"too slow: {received:,} bytes in {allowed:.0f} s, under this server's minimum of "
+                f"{MIN_BODY_RATE // 1024} KiB/s after the first {self.stall_timeout:g} s")
 
     def _too_large(self, size: str) -> str:
         return (f"request body of {size} exceeds this server's limit of {self.max_body_bytes:,} bytes "
                 f"({self.max_body_bytes / 2 ** 20:g} MiB)")
 
 
-def _content_length(scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+def _size(file) -> int:
+    position = file.tell()
+    file.seek(0, os.SEEK_END)
+    size = file.tell()
+    file.seek(position)
+    return size
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value
     return None
 
 
-async def _answer(send, status: int, message: str) -> None:
+def _content_length(scope) -> int | None:
+    try:
+        return int(_header(scope, b"content-length"))
+    except (TypeError, ValueError):
+        return None
+
+
+async def _answer(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"detail": message}).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -199,6 +301,49 @@ def guard_endpoints(uploads: UploadFolder) -> None:
     train_endpoints.run_model = _checked_training(_original(train_endpoints.run_model))
     train_endpoints.run = _checked_training_of_all(_original(train_endpoints.run))
     proxy_endpoints.proxy_dicom = bounded_proxy(_studies_session)
+    session_endpoints.create_session = functools.partial(create_session, uploads)
+    session_endpoints.get_session = get_session
+    session_endpoints.remove_session = remove_session
+
+
+# ---------------------------------------------------------------------------- sessions
+def create_session(uploads: UploadFolder, background_tasks: Any = None, uncompress: bool = False, expiry: int = 0,
+                   files: list | None = None) -> dict[str, Any]:
+    """``PUT /session/``: a session holding the one image file sent (see `SessionStore.create`)."""
+    if uncompress:
+        raise HTTPException(400, "uncompress: archives are not unpacked here; send the image file itself (NIfTI, "
+                                 "NRRD, PNG or JPG)")
+    if not files or len(files) != 1:
+        raise HTTPException(400, f"files: send one image file per session, got {len(files or [])}")
+    upload = files[0]
+    path = uploads.new_file("".join(Path(upload.filename or "").suffixes))
+    try:
+        with open(path, "wb") as out:
+            shutil.copyfileobj(upload.file, out)
+        session = app_instance().sessions().create(path, upload.filename or "", expiry)
+    except InvalidInput as error:
+        discard_upload(path)
+        raise http_error(error) from None
+    return {"session_id": session.session_id, "session_info": session.to_json()}
+
+
+def get_session(session_id: str, update_ts: bool = False, image: bool = False):
+    """``GET /session/{id}``: the session's record, or with ``image=true`` its image."""
+    try:
+        session = app_instance().sessions().get(session_id, touch=update_ts)
+    except InvalidInput as error:
+        raise http_error(error) from None
+    if image:
+        return FileResponse(session.image, filename=Path(session.image).name)
+    return session.to_json()
+
+
+def remove_session(session_id: str) -> dict[str, Any]:
+    """``DELETE /session/{id}``: the session and its files are deleted."""
+    try:
+        return app_instance().sessions().remove(session_id).to_json()
+    except InvalidInput as error:
+        raise http_error(error) from None
 
 
 def _studies_session():
@@ -269,8 +414,14 @@ def _checked_inference(run_inference):
     @functools.wraps(run_inference)
     def checked(*args, **kwargs):
         arguments: dict[str, Any] = signature.bind(*args, **kwargs).arguments
-        if not arguments.get("file") and not arguments.get("image"):
-            raise HTTPException(400, "send an image: ?image=ID (a datastore id) or a file in form field 'file'")
+        if arguments.get("session_id"):
+            try:  # upstream then runs on the session's image, whatever ?image= says
+                app_instance().sessions().get(arguments["session_id"])
+            except InvalidInput as error:
+                raise http_error(error) from None
+        elif not arguments.get("file") and not arguments.get("image"):
+            raise HTTPException(400, "send an image: ?image=ID (a datastore id), ?session_id=ID (PUT /session/) or a "
+                                     "file in form field 'file'")
         if arguments.get("label"):
             raise HTTPException(400, "this server's models take no label input (form field 'label')")
         output = arguments.get("output")

@@ -10,8 +10,14 @@ by a box on an image; `Box3DModel` carries it through a volume slice by slice.
 
 Two adapter folders are looked at, the newest complete one wins:
 
-- ``<bundle>/models/adapters``: what the bundle's ``train.json`` published (its best model);
-- ``<runs>/<name>/monailabel_adapters``: what this app's training task wrote.
+- ``<bundle>/models/adapters``: what the bundle's ``train.json`` published (its best model),
+  with ``<bundle>/models/run.json`` naming the run whose ``metrics.json`` holds its validation;
+- ``<runs>/<name>/monailabel_adapters``: what this app's training task wrote, with its
+  ``train_stats.json``.
+
+A bundle model without trained adapters is not served (its head or decoder would answer
+noise) unless the server is told to (``serve_untrained``); the box models' prompt encoder and
+mask decoder are LiteMedSAM's own, so they are served as they are.
 
 A JSON config (``medadapt label --config FILE``) chooses the served models and may override
 bundle settings (for example a smaller backbone)::
@@ -27,7 +33,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from medadapt.checkpoint import adapter_files
 from medadapt.io import read_json
@@ -35,6 +41,7 @@ from medadapt.io import read_json
 logger = logging.getLogger("medadapt.monailabel")
 
 LABEL_ADAPTERS = "monailabel_adapters"
+TRAIN_STATS = "train_stats.json"  # in LABEL_ADAPTERS: what this app's training measured
 BOX_MODEL = "litemedsam_box"
 BOX3D_MODEL = "litemedsam_box3d"
 TRAINING_BUNDLE = "dka_busi_seg"  # the box model trains through this bundle's recipe
@@ -44,6 +51,34 @@ class AdapterState:
 
     folder: str
     stamp: tuple[int, int, int]
+
+
+def recorded_validation(state: AdapterState | None) -> dict[str, Any] | None:
+    """The validation recorded for the adapters of ``state``: {"metric": key metric, "best":
+    its best value, "epoch": when, "record": the file}, or None when none was recorded.
+
+    This app's training keeps its run's metrics in the adapter folder's `TRAIN_STATS`; a
+    bundle's published model (``<bundle>/models/adapters``) names its run in
+    ``<bundle>/models/run.json``, whose ``metrics.json`` holds ``best_<key metric>``."""
+    from medadapt.engine.runs import RUN_RECORD
+
+    if state is None:
+        return None
+    folder = Path(state.folder)
+    try:
+        if (folder / TRAIN_STATS).is_file():
+            record = folder / TRAIN_STATS
+            metrics = read_json(record).get("metrics") or {}
+        else:
+            record = Path(read_json(folder.parent / RUN_RECORD)["run"]) / "metrics.json"
+            metrics = read_json(record)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    best = {k: v for k, v in metrics.items() if k.startswith("best_") and k != "best_epoch"}
+    if len(best) != 1:
+        return None
+    (key, value), = best.items()
+    return {"metric": key[len("best_"):], "best": value, "epoch": metrics.get("best_epoch"), "record": str(record)}
 
 
 def bundle_adapters(bundle: str | Path) -> Path:
@@ -97,6 +132,9 @@ class ServedModel:
     in_channels: int = 3
     sequences: list[str] = field(default_factory=list)
     runs: str = "runs"
+    serve_untrained: bool = False  # serve it without trained adapters (the server's --serve-untrained)
+    # Whether the model without trained adapters answers sensibly (a pretrained head).
+    useful_untrained: ClassVar[bool] = False
 
     @property
     def kind(self):
@@ -130,6 +168,18 @@ class ServedModel:
 
     def untrained_note(self) -> str:
         return self.kind.untrained_note
+
+    def validation(self) -> dict[str, Any] | None:
+        """The validation recorded for the served adapters (`recorded_validation`)."""
+        return recorded_validation(self.current_adapters())
+
+    def refusal(self) -> str | None:
+        """Why the model is not served now (no trained adapters), or None when it is."""
+        if self.useful_untrained or self.serve_untrained or self.current_adapters() is not None:
+            return None
+        return (f"model {self.name!r} has no trained adapters yet (looked in {self.adapters} and {self.label_adapters}), "
+                f"so it is not served: {self.untrained_note()}; train it (POST /train/{self.name}) or start the "
+                "server with --serve-untrained")
 
 
 @dataclass
@@ -168,7 +218,8 @@ class BundleModel(ServedModel):
         model.labels = list(value("class_names"))
         dataset = get_dataset(value("dataset_name"))
         settings = {key: value(key) for key in dataset.label_settings if key in parser}
-        model.label_values = (list(model.labels) if model.kind.label_kind == "class"
+        # A classifier's label image paints the image with its class: values 1..K (0 shows nothing).
+        model.label_values = ({name: i + 1 for i, name in enumerate(model.labels)} if model.kind.label_kind == "class"
                               else dataset.label_values(model.task, **settings))
         network = parser["network_def"]
         model.method = value("network_def#method") if "method" in network else "dka"
@@ -226,6 +277,7 @@ class BoxModel(ServedModel):
 
     image_size: int = 256
     bundle: str = ""  # the 2D segmentation bundle whose train.json trains it (see `training`)
+    useful_untrained: ClassVar[bool] = True
 
     @classmethod
     def default(cls, runs: str | Path, bundle_root: str | Path = "bundles") -> BoxModel:
@@ -233,7 +285,9 @@ class BoxModel(ServedModel):
                    adapters=str(Path(runs) / BOX_MODEL / "adapters"), runs=str(runs),
                    bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
                    description='Box-prompted 2D segmentation (LiteMedSAM + DKA) of PNG/JPG images; send params '
-                               '{"box": [x0, y0, x1, y1]} in image pixels')
+                               '{"box": [x0, y0, x1, y1]} in image pixels, or DeepGrow clicks {"foreground": [[i, j, '
+                               '0]]} (one click: the region around it; two or more: the corners of a box; '
+                               '"background" clicks remove what they touch), or an "roi"')
 
     @property
     def trainable(self) -> bool:
@@ -284,7 +338,9 @@ class Box3DModel(BoxModel):
                    bundle=str(Path(bundle_root) / TRAINING_BUNDLE),
                    description='Box-prompted 3D segmentation (LiteMedSAM + DKA) of single-channel NIfTI volumes: a '
                                'box on one slice, carried slice by slice; send params {"box": [x0, y0, x1, y1], '
-                               '"slice": k, "axis": a} in voxel indices (or a 3D "roi", or "foreground" points)')
+                               '"slice": k, "axis": a} in voxel indices, or a 3D "roi", or DeepGrow clicks '
+                               '{"foreground": [[i, j, k]]} (one click: the region around it; two or more on a slice: '
+                               'the corners of its box; "background" clicks remove what they touch)')
 
     @property
     def trainable(self) -> bool:

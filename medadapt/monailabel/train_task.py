@@ -31,12 +31,12 @@ from medadapt.adapters import list_methods, make_config
 from medadapt.engine.bundle import Verbatim, parses_as_itself
 from medadapt.monailabel.errors import InvalidInput
 from medadapt.monailabel.limits import MAX_TRAIN_BATCH, MAX_TRAIN_EPOCHS
-from medadapt.monailabel.specs import ServedModel
+from medadapt.monailabel.specs import TRAIN_STATS, ServedModel
 from medadapt.patterns import option_pattern_problems
 
 logger = logging.getLogger("medadapt.monailabel")
 
-STATS_NAME = "train_stats.json"
+STATS_NAME = TRAIN_STATS
 DEFAULTS: dict[str, Any] = {
     "max_epochs": 5,
     "fraction": 1.0,  # share of the labelled studies to train on, in (0, 1]
