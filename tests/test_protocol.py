@@ -443,3 +443,16 @@ def test_unknown_rows_are_named():
         run_protocol(**{**SMALL, "methods": ["dka", "nope"]})
     with pytest.raises(ValueError, match="'adapter@iso:lka' is sized to 'lka', which is not another row"):
         run_protocol(**{**SMALL, "methods": ["dka", "adapter@iso:lka"]})
+
+
+def test_proportion_intervals_are_exact_clopper_pearson():
+    from scipy.stats import binomtest
+
+    from medadapt.stats import proportion_interval, proportion_text
+
+    for successes, total in [(6, 6), (0, 6), (3, 6), (17, 20), (1, 1)]:
+        expected = binomtest(successes, total).proportion_ci(confidence_level=0.95, method="exact")
+        assert np.allclose(proportion_interval(successes, total), (expected.low, expected.high))
+    assert proportion_text(6, 6) == "6 of 6 (100 %; 95 % CI 54-100 %)"
+    with pytest.raises(ValueError, match="7 of 6"):
+        proportion_interval(7, 6)

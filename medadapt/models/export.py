@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import torch

@@ -9,6 +9,8 @@ import io
 import statistics
 from collections.abc import Sequence
 
+from medadapt.stats import confidence_interval, mean_std, paired_comparison
+
 
 def task_metrics(task: str) -> list[tuple[str, str]]:
     """(metric, title) of what a table reports for ``task``, headline first (the task's own)."""
@@ -46,44 +48,6 @@ def count_label(counts: Sequence[int], unit: str = "imgs") -> str:
         return f"? {unit}"
     lo, hi = min(counts), max(counts)
     return f"{lo} {unit}" if lo == hi else f"{lo}-{hi} {unit}"
-
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n - 1); std is None for fewer than two values."""
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
-    """The ``level`` confidence interval of the mean of ``values`` (Student's t, n - 1 degrees of
-    freedom); None for fewer than two values."""
-    from scipy import stats
-
-    values = [float(v) for v in values if v is not None]
-    if len(values) < 2:
-        return None
-    mean, sem = statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
-    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
-    return mean - half, mean + half
-
-
-def paired_comparison(reference: Sequence[float], other: Sequence[float]) -> dict | None:
-    """Reference minus other, fold by fold (the same training subset and seed): the mean
-    difference, its 95 % confidence interval and the paired t-test's two-sided p-value."""
-    from scipy import stats
-
-    pairs = [(float(a), float(b)) for a, b in zip(reference, other) if a is not None and b is not None]
-    if len(pairs) < 2:
-        return None
-    differences = [a - b for a, b in pairs]
-    if max(differences) == min(differences):  # no spread: the t-test is undefined
-        p_value = 0.0 if differences[0] != 0 else 1.0
-    else:
-        p_value = float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
-    return {"difference": statistics.fmean(differences), "ci": confidence_interval(differences),
-            "p_value": p_value, "pairs": len(pairs)}
 
 
 def build_rows(methods: Sequence[str], fractions: Sequence[float], folds: int, method_info: dict,
@@ -203,9 +167,9 @@ def markdown_report(rows: list[dict], task: str, header_lines: Sequence[str] = (
     methods = list(dict.fromkeys(r["method"] for r in rows))
     if reference in methods and len(methods) > 1:
         metric, title = task_metrics(task)[0]
-        parts += ["", f"**{METHOD_TITLES.get(reference, reference)} minus each method**, {title.split(' (')[0]} points: "
-                  "mean difference over folds [95 % CI], paired t-test p (each fold: the same training images and "
-                  "seed)", "", paired_table(rows, metric, reference)]
+        parts += ["", (f"**{METHOD_TITLES.get(reference, reference)} minus each method**, {title.split(' (')[0]} "
+                       "points: mean difference over folds [95 % CI], paired t-test p (each fold: the same training "
+                       "images and seed)"), "", paired_table(rows, metric, reference)]
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
     return "\n".join(parts).strip() + "\n"

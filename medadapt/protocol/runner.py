@@ -493,7 +493,7 @@ def run_protocol(
         f"- folds: {folds} (fold k: training subset k, seed {seed} + k); mean ± sample standard deviation over "
         "folds, and the 95 % confidence interval of the mean (Student's t)"
         + (f"; iso-params budget {int(iso_params):,} trainable parameters" if iso_params else ""),
-        f"- checkpoint: the best epoch on "
+        "- checkpoint: the best epoch on "
         + ("at most as many validation samples as the training subset has" if bundle_values["val_limit"] == "train"
            else f"the validation set (val_limit {bundle_values['val_limit']})"),
     ]
