@@ -456,3 +456,24 @@ def test_proportion_intervals_are_exact_clopper_pearson():
     assert proportion_text(6, 6) == "6 of 6 (100 %; 95 % CI 54-100 %)"
     with pytest.raises(ValueError, match="7 of 6"):
         proportion_interval(7, 6)
+
+
+def test_evaluation_of_a_network_trained_from_scratch_loads_its_best_weights(tmp_path):
+    """A scratch network has no adapter folder: every bundle's evaluate.json gives it the best
+    model.pt the training wrote, instead of scoring its random initial weights."""
+    from monai.networks.nets import UNet
+
+    from medadapt.bundles import ROOT, names
+    from medadapt.engine.handlers import load_best_model
+
+    make = lambda: UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))  # noqa: E731
+    trained, fresh = make(), make()
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    load_best_model(fresh, tmp_path)
+    for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_best_model(make(), tmp_path / "elsewhere")
+    for bundle in names():
+        config = json.loads((ROOT / bundle / "evaluate.json").read_text(encoding="utf-8"))
+        assert "$medadapt.engine.handlers.load_best_model(@network, @ckpt_dir)" in config["initialize"], bundle

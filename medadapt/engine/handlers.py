@@ -245,6 +245,22 @@ class BestModelSaver:
         logger.info("new best %s=%.4f: saved %s", engine.state.key_metric_name, value, self.save_dir)
 
 
+def load_best_model(network: nn.Module, ckpt_dir: str) -> nn.Module:
+    """Give a network trained from scratch (no adapters) its best weights, ``ckpt_dir/model.pt``
+    as `BestModelSaver` wrote them; a network with adapters gets its best adapters through
+    ``network_def#adapter_checkpoint`` and is returned as it is. Evaluation and inference of a
+    scratch network would otherwise score its random initial weights."""
+    model = _unwrap(network)
+    if _has_adapters(model):
+        return network
+    path = Path(ckpt_dir) / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the network has no adapters, so its trained weights are this file, which "
+                                "training writes with export_full_model; it is missing")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return network
+
+
 class ProgressBar:
     """A tqdm progress bar that says what it counts, with the running loss on trainers.
 
