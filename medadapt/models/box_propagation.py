@@ -414,9 +414,11 @@ def propagate_boxes(
       precision: what the image encoder runs in: "auto" (bfloat16 autocast on a CPU that runs
         bfloat16 natively, float32 elsewhere), "float32" or "bfloat16". The prompt encoder and
         mask decoder run in the model's own dtype.
-      encode_batch: slices encoded in one forward pass, the slice propagation needs and the
-        next ones in its direction (which it may never reach). 1 is fastest on a CPU, where a
-        batch costs what its slices cost one by one (benchmarks/run.py, section box3d).
+      encode_batch: slices encoded in one forward pass: the slice propagation needs and the
+        next ones in its direction, which it may never reach (up to ``encode_batch - 1`` unused
+        at each end of a run). On 2 CPU cores a batch of 4 saved 6 to 10 % a slice on a lightly
+        loaded machine and 40 % on a crowded one (docs/box3d.md); 1 wastes nothing on small
+        objects.
 
     Returns a `BoxPropagation`: the mask and how it was made.
     """
