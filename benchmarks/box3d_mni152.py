@@ -2,6 +2,8 @@
 
     python benchmarks/box3d_mni152.py                    # 2 mm template, axial, writes results/box3d.json
     python benchmarks/box3d_mni152.py --resolution 4     # the 2 mm template down-sampled to 4 mm
+    python benchmarks/box3d_mni152.py --pad 128 128 100  # the 2 mm template in a 128 x 128 x 100 volume
+    python benchmarks/box3d_mni152.py --one-call         # the model called whole on each slice, as before
 
 The volume is nilearn's skull-stripped MNI152 T1 template, the target its brain mask (both
 offline, from the ``[demo]`` extra); the model is LiteMedSAM with its pretrained weights (DKA
@@ -12,7 +14,10 @@ injected, which starts as the identity). Two masks are compared with the brain m
 - upper bound: the same model given the brain mask's bounding box on every slice that holds
   brain (what a user drawing every slice would get).
 
-Reported: both Dice scores, the slices each covers and where propagation stopped.
+Reported: both Dice scores, the slices each covers, where propagation stopped, the slices
+encoded and the seconds each took. The upper bound runs after propagation on the same volume, so
+it reuses the embeddings propagation kept (`propagate_boxes`' cache) and mostly times the
+decoder; ``--one-call`` times it as a box on every slice took before.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import medadapt
-from medadapt.models.box_propagation import propagate_boxes
+from medadapt.models.box_propagation import PRECISIONS, propagate_boxes
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,6 +49,28 @@ def mni152_volume_and_brain(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     return t1, brain
 
 
+def pad_to(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """``volume`` centred in zeros of ``shape`` (each side at least the volume's)."""
+    if any(s < v for s, v in zip(shape, volume.shape)):
+        raise ValueError(f"cannot pad {volume.shape} to the smaller {shape}")
+    padded = np.zeros(shape, dtype=volume.dtype)
+    start = [(s - v) // 2 for s, v in zip(shape, volume.shape)]
+    padded[tuple(slice(a, a + v) for a, v in zip(start, volume.shape))] = volume
+    return padded
+
+
+class OneCallPerSlice(nn.Module):
+    """The box model called whole on each slice, as propagation ran before it encoded slices
+    apart: no embedding kept, float32."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.model(images, boxes)
+
+
 def reference_box(mask2d: np.ndarray) -> list[float] | None:
     """The inclusive bounding box [x0, y0, x1, y1] of a slice's mask (x = columns)."""
     rows, cols = np.nonzero(mask2d)
@@ -56,13 +84,22 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def measure(model, volume: np.ndarray, brain: np.ndarray, axis: int, upper_bound: bool = True) -> dict:
+def middle_box(brain: np.ndarray, axis: int) -> tuple[int, list[float]]:
+    """The middle slice of the brain along ``axis`` and the brain's bounding box on it."""
     other = tuple(a for a in range(3) if a != axis)
     brain_slices = np.flatnonzero(brain.any(axis=other))
     middle = int(round((brain_slices[0] + brain_slices[-1]) / 2))
+    return middle, reference_box(brain.take(middle, axis=axis))
+
+
+def measure(model, volume: np.ndarray, brain: np.ndarray, axis: int, upper_bound: bool = True, **options) -> dict:
+    """Propagation from the middle box and the box-on-every-slice upper bound; ``options`` go
+    to `propagate_boxes` (precision, cache)."""
+    other = tuple(a for a in range(3) if a != axis)
+    brain_slices = np.flatnonzero(brain.any(axis=other))
     started = time.perf_counter()
-    box = reference_box(brain.take(middle, axis=axis))
-    propagated = propagate_boxes(model, volume, {middle: box}, axis)
+    middle, box = middle_box(brain, axis)
+    propagated = propagate_boxes(model, volume, {middle: box}, axis, **options)
     propagated_s = time.perf_counter() - started
 
     # Upper bound: every slice with brain gets its own reference box, nothing is carried.
@@ -70,7 +107,7 @@ def measure(model, volume: np.ndarray, brain: np.ndarray, axis: int, upper_bound
     upper = np.zeros(volume.shape, dtype=np.uint8)
     for k in brain_slices if upper_bound else []:
         single = propagate_boxes(model, volume, {int(k): reference_box(brain.take(k, axis=axis))}, axis,
-                                 slice_range=(int(k), int(k)))  # only the boxed slice
+                                 slice_range=(int(k), int(k)), **options)  # only the boxed slice
         index = [slice(None)] * 3
         index[axis] = k
         upper[tuple(index)] = single.mask.take(k, axis=axis)
@@ -90,6 +127,7 @@ def measure(model, volume: np.ndarray, brain: np.ndarray, axis: int, upper_bound
         "seconds_upper_bound": round(upper_s, 1),
         "slices_segmented_propagated": len(propagated.boxes),
         "slices_segmented_upper_bound": int(len(brain_slices)),
+        "slices_encoded_propagated": len(propagated.encoded),
     }
 
 
@@ -100,12 +138,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(HERE / "results" / "box3d.json"), help="JSON file to write")
     parser.add_argument("--no-upper-bound", action="store_true",
                         help="measure propagation only (the upper bound does not depend on its stopping rules)")
+    parser.add_argument("--pad", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="centre the template and its mask in zeros of this shape, e.g. 128 128 100")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="the image encoder's (default auto)")
+    parser.add_argument("--one-call", action="store_true",
+                        help="call the model whole on each slice, in float32, as propagation ran before")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = medadapt.create_model("box_segmentation", backbone="litemedsam").eval()
     volume, brain = mni152_volume_and_brain(args.resolution)
-    result = {"resolution_mm": args.resolution, "model": "litemedsam (pretrained) + fresh DKA",
-              **measure(model, volume, brain, args.axis, upper_bound=not args.no_upper_bound)}
+    if args.pad:
+        volume, brain = pad_to(volume, tuple(args.pad)), pad_to(brain, tuple(args.pad))
+    path = "one call per slice, float32" if args.one_call else f"encoded apart, precision {args.precision}"
+    result = {"resolution_mm": args.resolution, "model": "litemedsam (pretrained) + fresh DKA", "path": path,
+              **measure(OneCallPerSlice(model) if args.one_call else model, volume, brain, args.axis,
+                        upper_bound=not args.no_upper_bound, **({} if args.one_call else {"precision": args.precision}))}
     print(json.dumps(result, indent=1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

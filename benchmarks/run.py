@@ -17,7 +17,11 @@ Sections (each row: what was compared, both measurements, their ratio, the targe
   allocator  a LiteMedSAM 3D training step and inference window with and without medadapt's
              glibc allocator settings (medadapt/runtime.py)
   stem       the dka_brats training step with a learned input stem against three selected sequences
+  label      one volume through a real medadapt label server
   label_load 100 clients (some idle or slow) against a real medadapt label server for 60 s
+  box3d      3D box propagation through a 128 x 128 x 100 volume: the model called whole on each
+             slice against slices encoded apart, a redrawn box reusing the kept embeddings, and
+             the encoder on a batch of slices against one by one
 Absolute times depend on the machine and its load; the ratios are the result.
 """
 
@@ -310,6 +314,93 @@ def bench_window(quick: bool) -> list[dict]:
     return rows
 
 
+def bench_box3d(quick: bool) -> list[dict]:
+    """One box through a 128 x 128 x 100 volume (nilearn's MNI152 2 mm T1 template centred in
+    zeros, its brain the object) with the box model as served (LiteMedSAM, fresh DKA): the model
+    called whole on each slice, as propagation ran before, against slices encoded apart (the
+    default precision, and float32), each a first request (empty cache); then a redrawn box on
+    the same volume, which reuses the kept embeddings; and the encoder on a batch of slices
+    against the same slices one by one.
+
+    The whole brain is followed with ``min_confidence=0.1``: at 2 mm the default 0.2 ends the
+    run at single unsure slices inside the brain (see docs/box3d.md); the default's reach is
+    given in a note. --quick: 17 slices around the box."""
+    import medadapt
+    from box3d_mni152 import OneCallPerSlice, dice, middle_box, mni152_volume_and_brain, pad_to
+    from medadapt.models.box_propagation import EmbeddingCache, propagate_boxes
+
+    shape = (128, 128, 100)
+    t1, brain = mni152_volume_and_brain(2)
+    volume, brain = pad_to(t1, shape), pad_to(brain, shape)
+    middle, box = middle_box(brain, axis=2)
+    rules = {"min_confidence": 0.1, **({"slice_range": (middle - 8, middle + 8)} if quick else {})}
+    torch.manual_seed(0)
+    model = medadapt.create_model("box_segmentation", backbone="litemedsam").eval()
+    done = {}
+
+    def first_request(name, network, **settings):
+        def run():
+            cache = EmbeddingCache()
+            done[name] = propagate_boxes(network, volume, {middle: box}, 2, cache=cache, **settings, **rules), cache
+        return run
+
+    seconds = {name: ms / 1e3 for name, ms in _median_alternating({
+        "whole": first_request("whole", OneCallPerSlice(model)),
+        "apart": first_request("apart", model),
+        "float32": first_request("float32", model, precision="float32"),
+    }, repeats=1, warmup=0).items()}  # minutes each on a CPU
+    (before, _), (after, cache), (float32, _) = done["whole"], done["apart"], done["float32"]
+    redrawn = [max(0.0, box[0] - 2), max(0.0, box[1] - 2), min(127.0, box[2] + 2), min(127.0, box[3] + 2)]
+    start = time.perf_counter()
+    second = propagate_boxes(model, volume, {middle: redrawn}, 2, cache=cache, **rules)
+    second_s = time.perf_counter() - start
+    default = propagate_boxes(model, volume, {middle: box}, 2, cache=cache)  # the default rules, from the cache
+
+    what = f"one box through a 128 x 128 x 100 MNI152 volume{' (17 slices)' if quick else ''}"
+    scores = {name: dice(result.mask, brain) for name, (result, _) in done.items()}
+    return [
+        _row("box3d", f"{what}, first request: one call per slice (before) vs encoded apart ({after.precision} "
+             "encoder)", seconds["whole"], seconds["apart"], "s", None,
+             note=f"{seconds['whole'] / seconds['apart']:.1f}x faster; Dice {scores['whole']:.3f} vs "
+                  f"{scores['apart']:.3f}; {len(after.encoded)} slices encoded, each once"),
+        _row("box3d", f"{what}, first request: one call per slice vs encoded apart in float32", seconds["whole"],
+             seconds["float32"], "s", None, note=f"Dice {scores['float32']:.3f}, masks "
+             f"{'identical' if np.array_equal(float32.mask, before.mask) else 'different'}"),
+        _row("box3d", f"{what}: a redrawn box (2 voxels larger) vs the first request", seconds["apart"], second_s,
+             "s", 0.2, note=f"{len(second.encoded)} slices encoded, {len(second.reused)} reused"),
+        {"section": "box3d", "name": f"seconds for {what}, first request ({after.precision} encoder, 2 CPU threads)",
+         "baseline": None, "ours": round(seconds["apart"], 1), "unit": "s", "ratio": None, "target": "< 60",
+         "pass": seconds["apart"] < 60,
+         "note": f"slices {after.slices[0]}-{after.slices[-1]} of the brain's {_extent(brain)}; with the default "
+                 f"min_confidence 0.2, {default.slices[0]}-{default.slices[-1]}, Dice {dice(default.mask, brain):.3f}"},
+        _encode_batch_row(model, volume, after.precision, quick),
+    ]
+
+
+def _extent(mask: np.ndarray, axis: int = 2) -> str:
+    slices = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+    return f"{slices[0]}-{slices[-1]}"
+
+
+def _encode_batch_row(model, volume: np.ndarray, precision: str, quick: bool) -> dict:
+    """The box model's encoder on four slices at once against the same four one by one (what
+    ``propagate_boxes(encode_batch=4)`` would save), in the precision propagation used."""
+    slices = torch.from_numpy(np.ascontiguousarray(volume[:, :, 40:44].transpose(2, 0, 1)))
+    images = (slices / slices.max())[:, None].expand(4, 3, *slices.shape[1:]).contiguous()
+
+    def encode(batch: int):
+        def run():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                for i in range(0, 4, batch):
+                    model.encode(images[i:i + batch])
+        return run
+
+    ms = _median_alternating({"one by one": encode(1), "batch of 4": encode(4)}, repeats=1 if quick else 3)
+    return _row("box3d", f"LiteMedSAM encoder, 4 slices of 128 x 128: one batch of 4 vs one by one ({precision}, "
+                "2 CPU threads)", ms["one by one"], ms["batch of 4"], "ms", None,
+                note="why propagate_boxes encodes one slice at a time on a CPU (encode_batch=1)")
+
+
 def bench_demo(quick: bool) -> list[dict]:
     """Peak RSS and wall time of one training epoch of the main command on its demo data."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -545,7 +636,7 @@ def bench_label_load(quick: bool) -> list[dict]:
 SECTIONS = {"dwconv": bench_dwconv, "step": bench_step, "memory": bench_memory, "cache": bench_cache,
             "window": bench_window, "demo": bench_demo,
             "allocator": bench_allocator, "stem": bench_stem, "label": bench_label,
-            "label_load": bench_label_load}
+            "label_load": bench_label_load, "box3d": bench_box3d}
 
 
 def to_markdown(rows: list[dict]) -> str:

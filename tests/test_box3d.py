@@ -1,13 +1,17 @@
 """3D interactive segmentation: a box on one slice carried through a volume (`medadapt.propagate_boxes`).
 
 The propagation logic is checked with a stand-in box model whose answer is known (the bright
-voxels inside the box), on the real MNI152 brain; the real LiteMedSAM (pretrained weights) is
-checked on the MNI152 T1 template against its brain mask, in Python and through the
-``litemedsam_box3d`` model of a real ``medadapt label`` server.
+voxels inside the box), on the real MNI152 brain; the stand-in also comes split into an encoder
+and a decoder, as BoxPromptSegmenter is, to check that each slice is encoded once and that
+embeddings are reused across requests. A tiny BoxPromptSegmenter checks that the split model
+gives what the whole model gives. The real LiteMedSAM (pretrained weights) is checked on the
+MNI152 T1 template against its brain mask, in Python and through the ``litemedsam_box3d`` model
+of a real ``medadapt label`` server.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -22,6 +26,7 @@ from medadapt.models.box_propagation import (
     STOP_EMPTY,
     STOP_UNSURE,
     STOP_VANISHED,
+    EmbeddingCache,
     box_of_mask,
     propagate_boxes,
     window_volume,
@@ -59,6 +64,27 @@ class BrightInsideBox(nn.Module):
             inside[y0:y1 + 1, x0:x1 + 1] = True
             out[n, 0][inside] = 20.0 * (images[n, 0][inside] - self.level)
         return out
+
+
+class EncodedApart(BrightInsideBox):
+    """The stand-in split as BoxPromptSegmenter is: ``encode`` (the images are their own
+    embedding) and ``decode``; it records each image it encodes."""
+
+    def __init__(self, level: float = 0.5):
+        super().__init__(level)
+        self.batches: list[torch.Tensor] = []
+
+    @property
+    def encoded(self) -> list[torch.Tensor]:
+        return [image for batch in self.batches for image in batch]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.batches.append(images)
+        return images.clone()
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        assert tuple(embeddings.shape[-2:]) == tuple(size)
+        return self(embeddings.float(), boxes)  # kept in bfloat16 where the encoder ran in it
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -197,6 +223,137 @@ def test_window_volume_is_medsams_mr_windowing():
     assert not window_volume(np.zeros((3, 3, 3))).any()
 
 
+# ---------------------------------------------------------------------------- encoding apart, reuse
+def blob_volume() -> np.ndarray:
+    """A 10 x 10 object through slices 2-8 of axis 2 over faint noise (no slice is blank)."""
+    volume = 0.1 * np.random.default_rng(0).random((16, 16, 12), dtype=np.float32)
+    volume[3:13, 3:13, 2:9] = 1.0
+    return volume
+
+
+def blob_box(volume: np.ndarray, k: int, axis: int = 2) -> list[float]:
+    return box_of(volume.take(k, axis=axis) > 0.5)
+
+
+def test_each_slice_is_encoded_once_and_a_second_request_on_the_volume_encodes_nothing():
+    volume, model, cache = blob_volume(), EncodedApart(), EmbeddingCache()
+    first = propagate_boxes(model, volume, {5: blob_box(volume, 5)}, axis=2, window=False, cache=cache)
+    # The object's slices 2-8, and 1 and 9 where its masks come out empty: each encoded once.
+    assert sorted(first.encoded) == list(range(1, 10)) and first.reused == []
+    assert len(model.encoded) == 9
+    for k, image in zip(first.encoded, model.encoded):
+        assert torch.equal(image[0], torch.from_numpy(volume[:, :, k]))
+    # What the whole model called on each slice gives.
+    whole = propagate_boxes(BrightInsideBox(), volume, {5: blob_box(volume, 5)}, axis=2, window=False)
+    assert np.array_equal(first.mask, whole.mask) and first.boxes == whole.boxes and first.stops == whole.stops
+
+    # A correction on the same volume, read again into another array: nothing is encoded again.
+    boxes = {3: blob_box(volume, 3), 7: blob_box(volume, 7)}
+    again = propagate_boxes(model, volume.copy(), boxes, axis=2, window=False, cache=cache)
+    assert again.encoded == [] and sorted(again.reused) == list(range(1, 10)) and len(model.encoded) == 9
+    assert np.array_equal(again.mask, propagate_boxes(BrightInsideBox(), volume, boxes, axis=2, window=False).mask)
+
+
+def test_embeddings_are_not_reused_for_another_volume_axis_model_precision_or_changed_weights():
+    volume, model, cache = blob_volume(), EncodedApart(), EmbeddingCache()
+
+    def encoded(model, volume, axis=2, precision="float32") -> list[int]:
+        box = {5: blob_box(volume, 5, axis)}
+        return propagate_boxes(model, volume, box, axis, window=False, cache=cache, precision=precision).encoded
+
+    assert encoded(model, volume) and not encoded(model, volume)  # filled, then all reused
+    changed = volume.copy()
+    changed[0, 0, 0] += 0.01
+    assert encoded(model, changed)
+    assert 5 in encoded(model, volume, axis=0)  # slice 5 of another axis is another image
+    assert encoded(EncodedApart(), volume)
+    assert encoded(model, volume, precision="bfloat16")
+    with torch.no_grad():
+        model.anchor.add_(1.0)  # weights changed in place, as loading or training adapters does
+    assert encoded(model, volume)
+    assert not encoded(model, volume)
+
+
+def test_the_cache_is_bounded_least_recently_used_first_out_and_forgets_collected_models():
+    cache = EmbeddingCache(max_bytes=3 * 400)
+    for name in "abc":
+        cache.put((0, name), torch.zeros(100))  # 400 bytes each
+    assert cache.get((0, "a")) is not None  # "a" is now the most recently used
+    cache.put((0, "d"), torch.zeros(100))
+    assert (0, "b") not in cache and all((0, name) in cache for name in "acd")
+    assert len(cache) == 3 and cache.nbytes == 1200
+    cache.put((0, "big"), torch.zeros(400))  # larger than the bound: not kept, nothing dropped
+    assert (0, "big") not in cache and len(cache) == 3
+
+    # Through propagation: 9 slices encoded, the embeddings of 4 kept.
+    volume, model = blob_volume(), EncodedApart()
+    embedding_bytes = 3 * 16 * 16 * 4  # the stand-in's embedding of a slice: the (1, 3, 16, 16) image
+    cache = EmbeddingCache(max_bytes=4 * embedding_bytes)
+    result = propagate_boxes(model, volume, {5: blob_box(volume, 5)}, axis=2, window=False, cache=cache,
+                             precision="float32")
+    assert len(result.encoded) == 9 and len(cache) == 4 and cache.nbytes == 4 * embedding_bytes
+    del model
+    gc.collect()
+    cache.put((-1, "another"), torch.zeros(1))  # a collected model's entries go at the next put
+    assert len(cache) == 1
+
+
+def test_encoding_ahead_encodes_each_slice_once_and_changes_no_result():
+    volume = blob_volume()
+    box = {5: blob_box(volume, 5)}
+    one = propagate_boxes(EncodedApart(), volume, box, axis=2, window=False, cache=False)
+    model = EncodedApart()
+    ahead = propagate_boxes(model, volume, box, axis=2, window=False, cache=False, encode_batch=4)
+    assert np.array_equal(ahead.mask, one.mask) and ahead.boxes == one.boxes and ahead.stops == one.stops
+    # The boxed slice with the three above it, then 4-1 going down, then 9-11 (the volume ends):
+    # slices 10 and 11 were encoded ahead and never needed.
+    assert [len(batch) for batch in model.batches] == [4, 4, 3]
+    assert ahead.encoded == [5, 6, 7, 8, 4, 3, 2, 1, 9, 10, 11]
+    with pytest.raises(ValueError, match="encode_batch"):
+        propagate_boxes(model, volume, box, axis=2, encode_batch=0)
+    with pytest.raises(ValueError, match="precision"):
+        propagate_boxes(model, volume, box, axis=2, precision="float16")
+
+
+def tiny_box_model() -> nn.Module:
+    """BoxPromptSegmenter at toy size: a two-block SAM ViT at 64 x 64 with DKA, random weights,
+    SAM's prompt encoder and mask decoder."""
+    torch.manual_seed(0)
+    tiny = {"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,),
+            "window_size": 2}
+    with pytest.warns(UserWarning):  # random weights
+        return medadapt.create_model("box_segmentation", backbone="medsam_vit_b", backbone_options=tiny).eval()
+
+
+class Whole(nn.Module):
+    """``model`` called whole on each slice, as propagation ran before it encoded apart."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.model(images, boxes)
+
+
+def test_box_prompt_segmenter_encoded_apart_gives_what_it_gives_whole():
+    model = tiny_box_model()
+    images, boxes = torch.rand(1, 3, 40, 48), torch.tensor([[2.0, 3.0, 30.0, 20.0]])
+    with torch.no_grad():
+        assert torch.equal(model.decode(model.encode(images), boxes, (40, 48)), model(images, boxes))
+    volume = blob_volume()[:, :, :8]
+    rules = {"min_pixels": 1, "min_area_fraction": 0, "min_confidence": 0}  # random weights: any mask goes on
+    apart = propagate_boxes(model, volume, {4: blob_box(volume, 4)}, axis=2, precision="float32", cache=False, **rules)
+    whole = propagate_boxes(Whole(model), volume, {4: blob_box(volume, 4)}, axis=2, **rules)
+    assert len(apart.boxes) >= 4, apart.stops  # it did propagate
+    assert np.array_equal(apart.mask, whole.mask) and apart.boxes == whole.boxes and apart.stops == whole.stops
+    # In bfloat16 the kept embeddings take half the memory.
+    full, half = EmbeddingCache(), EmbeddingCache()
+    propagate_boxes(model, volume, {4: blob_box(volume, 4)}, axis=2, precision="float32", cache=full, slice_range=(4, 4))
+    propagate_boxes(model, volume, {4: blob_box(volume, 4)}, axis=2, precision="bfloat16", cache=half, slice_range=(4, 4))
+    assert len(full) == len(half) == 1 and half.nbytes * 2 == full.nbytes
+
+
 # ---------------------------------------------------------------------------- real LiteMedSAM
 @pytest.fixture(scope="module")
 def litemedsam():
@@ -211,8 +368,9 @@ def test_litemedsam_follows_the_brain_to_its_top_and_stops_there(mni, litemedsam
     brain, t1 = mni["brain"], mni["t1"]
     last = extent(brain, 2)[1]
     start, low = last - 6, last - 10
+    cache = EmbeddingCache()
     result = propagate_boxes(litemedsam, t1, {start: box_of(brain[:, :, start])}, axis=2,
-                             slice_range=(low, t1.shape[2] - 1))
+                             slice_range=(low, t1.shape[2] - 1), cache=cache)
     # Upwards the object ends inside the volume: the run stops on its own (not at the volume's
     # edge) at most two slices past the brain's last, and nothing is segmented above the brain.
     up = [(k, reason) for k, reason in result.stops if k > start]
@@ -220,6 +378,15 @@ def test_litemedsam_follows_the_brain_to_its_top_and_stops_there(mni, litemedsam
     assert result.slices[-1] <= last + 1 and not result.mask[:, :, last + 2:].any()
     score = dice(result.mask[:, :, low:], brain[:, :, low:])
     assert score > MIN_TOP_DICE, f"propagated Dice {score:.3f} over slices {low}..{last}"
+    # Each slice the model saw was encoded once; the same request again encodes nothing (the
+    # model's eval() rebuilds TinyViT's attention-bias buffers, which must not count as new
+    # weights) and gives the same mask.
+    judged = [k for k, reason in result.stops if reason in (STOP_EMPTY, STOP_VANISHED, STOP_UNSURE)]
+    assert sorted(result.encoded) == sorted([*result.boxes, *judged])
+    again = propagate_boxes(litemedsam, t1, {start: box_of(brain[:, :, start])}, axis=2,
+                            slice_range=(low, t1.shape[2] - 1), cache=cache)
+    assert again.encoded == [] and sorted(again.reused) == sorted(result.encoded)
+    assert np.array_equal(again.mask, result.mask)
 
 
 # ---------------------------------------------------------------------------- served

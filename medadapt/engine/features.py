@@ -96,7 +96,7 @@ class FeatureCacheInferer:
         if args or kwargs or not self._usable(network):
             return self.inferer(inputs, network, *args, **kwargs)
         model = getattr(network, "module", network)
-        keys = [_content_key(sample) for sample in inputs]
+        keys = [content_key(sample) for sample in inputs]
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         computed = {}
         if missing:
@@ -126,7 +126,8 @@ class FeatureCacheInferer:
         self.hits = self.seen = 0
 
 
-def _content_key(sample: torch.Tensor) -> str:
+def content_key(sample: torch.Tensor) -> str:
+    """A digest of a tensor's values and shape: equal tensors, equal keys."""
     import hashlib
 
     data = sample.detach().cpu().contiguous()

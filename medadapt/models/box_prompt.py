@@ -41,15 +41,30 @@ class BoxPromptSegmenter(nn.Module):
         """Mask logits (B, 1, H, W) for one box (x0, y0, x1, y1) per image, in pixels of ``x``."""
         if boxes.ndim != 2 or boxes.shape != (x.shape[0], 4):
             raise ValueError(f"boxes must be (B, 4) = (x0, y0, x1, y1) per image, got {tuple(boxes.shape)}")
-        h, w = x.shape[-2:]
+        return self.decode(self.encode(x), boxes, x.shape[-2:])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The image embeddings of images ``x`` (B, 3, H, W): resized to the encoder's square
+        input and normalised. They do not depend on the box, so one embedding serves every box
+        on the same image (as SAM's predictor keeps it)."""
         size = self.backbone.img_size
-        scale = torch.tensor([size / w, size / h, size / w, size / h], dtype=x.dtype, device=x.device)
-        if (h, w) != (size, size):
+        if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         if self.preprocess:
             x = self.backbone.preprocess(x)
-        embedding = self.backbone(x)
-        sparse, dense = self.prompt_encoder(points=None, boxes=(boxes.to(x.dtype) * scale)[:, None, :], masks=None)
+        return self.backbone(x)
+
+    def decode(self, embedding: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Mask logits (B, 1, *size) from ``encode``'s embeddings and one box per image, given in
+        pixels of the images of ``size`` = (H, W) they were encoded from."""
+        h, w = size
+        side = self.backbone.img_size
+        # The prompt parts run in their weights' dtype, whatever precision the encoder ran in
+        # (box propagation may encode in bfloat16).
+        dtype = next(self.mask_decoder.parameters()).dtype
+        embedding = embedding.to(dtype)
+        scale = torch.tensor([side / w, side / h, side / w, side / h], dtype=dtype, device=embedding.device)
+        sparse, dense = self.prompt_encoder(points=None, boxes=(boxes.to(dtype) * scale)[:, None, :], masks=None)
         low_res, _ = self.mask_decoder(
             image_embeddings=embedding,
             image_pe=self.prompt_encoder.get_dense_pe(),
