@@ -35,7 +35,10 @@ def _small_demo(bundle: str) -> str:
 # Each bundle's dataset says what a quick demo is, so a new bundle is tested without a line here.
 SMALL_DEMO = {bundle: _small_demo(bundle) for bundle in BUNDLES}
 # Volume bundles: small windows, and validation after a one-epoch run (the BraTS demo validates late).
-EXTRA = {bundle: ["--roi_size", "[32,32,4]", "--val_interval", "1"] for bundle in BUNDLES if "roi_size" in _config(bundle)}
+# 3D bundles: a small window, and the same slice size for demo-trained models and files (a model
+# trained at one slice size is refused at another)
+EXTRA = {bundle: ["--roi_size", "[32,32,4]", "--slice_size", "32", "--val_interval", "1"]
+         for bundle in BUNDLES if "roi_size" in _config(bundle)}
 
 
 def run_bundle(config: str | list[str], *args: str, check: bool = True,
@@ -224,7 +227,7 @@ def test_brats_predictions_keep_the_input_grid(tmp_path):
     data = tmp_path / "cases"
     affine = _lps_case(data, "BraTS2021_01234")
     predictions = tmp_path / "pred"
-    run_bundle("bundles/dka_brats/inference.json", *TINY, "--roi_size", "[32,32,4]", "--dataset_dir", str(data),
+    run_bundle("bundles/dka_brats/inference.json", *TINY, *EXTRA["dka_brats"], "--dataset_dir", str(data),
                "--model_file", str(train_out / "models" / "model.pt"), "--output_dir", str(predictions))
     image = nib.load(str(data / "BraTS2021_01234" / "BraTS2021_01234_t1.nii.gz"))
     prediction = nib.load(str(predictions / "BraTS2021_01234_pred.nii.gz"))

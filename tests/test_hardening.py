@@ -15,7 +15,7 @@ import pytest
 from fixtures_data import make_brats2021, make_busi
 from test_bundles import REPO, SMALL_DEMO, TINY, run_bundle
 
-BRATS = [*TINY, "--roi_size", "[32,32,4]", "--method_options", "{'bottleneck': 4}"]
+BRATS = [*TINY, "--roi_size", "[32,32,4]", "--slice_size", "32", "--method_options", "{'bottleneck': 4}"]
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ def test_killed_training_resumes_to_the_same_result(tmp_path):
     ref_metrics = json.loads((reference / "metrics.json").read_text(encoding="utf-8"))
     new_metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     ref_history, new_history = ref_metrics.pop("history"), new_metrics.pop("history")
+    assert new_metrics.pop("run") == ref_metrics.pop("run")  # same settings and data, recorded once
     assert new_metrics == pytest.approx(ref_metrics, abs=1e-6)
     assert len(new_history) == len(ref_history)
     for new_entry, ref_entry in zip(new_history, ref_history):
