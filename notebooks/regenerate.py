@@ -70,13 +70,27 @@ def _clean_text(text: str, replacements: dict[str, str]) -> str:
     return text
 
 
+def _merged_streams(outputs: list) -> list:
+    """Consecutive writes to one stream as one output, so that a progress bar's redraws, which
+    arrive as many small writes, collapse to the line the reader finally sees."""
+    merged = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (output.get("output_type") == "stream" and previous is not None
+                and previous.get("output_type") == "stream" and previous["name"] == output["name"]):
+            previous["text"] += output["text"]
+        else:
+            merged.append(output)
+    return merged
+
+
 def clean(nb, replacements: dict[str, str]) -> None:
     """Outputs as a code host should show them: no colours, progress redraws or local folders."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         kept = []
-        for output in cell.outputs:
+        for output in _merged_streams(cell.outputs):
             if output.get("output_type") == "stream":
                 output["text"] = _clean_text(output["text"], replacements)
                 if not output["text"].strip():

@@ -477,3 +477,12 @@ def test_evaluation_of_a_network_trained_from_scratch_loads_its_best_weights(tmp
     for bundle in names():
         config = json.loads((ROOT / bundle / "evaluate.json").read_text(encoding="utf-8"))
         assert "$medadapt.engine.handlers.load_best_model(@network, @ckpt_dir)" in config["initialize"], bundle
+
+
+def test_records_show_paths_relative_to_the_working_folder(tmp_path, monkeypatch):
+    """Committed records of a run inside a repository compare and rerun the same in every clone."""
+    monkeypatch.chdir(tmp_path)
+    assert runner.shown_path(tmp_path / "evidence" / "splits.json") == str(Path("evidence") / "splits.json")
+    assert runner.shown_path("evidence/splits.json") == str(Path("evidence") / "splits.json")
+    outside = tmp_path.parent / "elsewhere" / "splits.json"
+    assert runner.shown_path(outside) == str(outside.resolve())

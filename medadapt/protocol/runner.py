@@ -42,6 +42,7 @@ from medadapt.protocol import report
 from medadapt.protocol.rows import Row, parse_rows, scratch_network
 
 CELL_FORMAT = "medadapt-protocol-cell/2"
+PATH_OVERRIDES = ("dataset_dir", "splits_file")  # shown relative to the working folder in the records
 DEFAULT_METHODS = ("dka", "lka", "adapter", "lora", "linear")
 DEFAULT_FRACTIONS = (0.0063, 0.0125, 1.0)
 # Without --root and --backbone: a small random-weight ViT, so the demo table takes minutes.
@@ -244,7 +245,7 @@ def run_cell(cell: dict) -> dict:
         **cell["record"],
         "metrics": {**{name: metrics.get(key) for key, name in TABLE_METRICS.items() if key in metrics},
                     "bundle": metrics},
-        "adapters": str(folder / "adapters") if (folder / "adapters").is_dir() else None,
+        "adapters": shown_path(folder / "adapters", cell.get("root")) if (folder / "adapters").is_dir() else None,
         "seconds": round(done - start, 2), "train_seconds": round(trained - start, 2),
         "test_seconds": round(done - trained, 2),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -268,6 +269,17 @@ def _echo_default(message: str) -> None:
 def _json_ready(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists), so stored settings compare equal."""
     return json.loads(json.dumps(value, default=str))
+
+
+def shown_path(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` as the records show it: relative to ``root`` (the working folder) when inside it,
+    so that the records of a run inside a repository read, compare and rerun the same in every
+    clone of it; absolute otherwise."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path(root or Path.cwd()).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -464,7 +476,7 @@ def run_protocol(
                                              iso_params, method_info, echo)
 
     settings = _json_ready({
-        "dataset": preset.name, "task": task, "bundle": str(bundle_dir.resolve()), "backbone": backbone,
+        "dataset": preset.name, "task": task, "bundle": shown_path(bundle_dir), "backbone": backbone,
         "backbone_options": backbone_options, "backbone_checkpoint": backbone_checkpoint, "image_size": image_size,
         "epochs": int(epochs) if epochs else None, "steps": int(steps) if steps else None,
         "batch_size": int(batch_size), "seeds": "seed + fold", "val_limit": bundle_values["val_limit"],
@@ -482,7 +494,7 @@ def run_protocol(
         "",
         f"- command: `{command}`" if command else "- command: run_protocol(...) (Python API)",
         f"- data: {data_root}{' (embedded demo: ' + preset.demo_note + ')' if is_demo else ''}",
-        f"- bundle: {bundle_dir} (every cell is its train.json with overrides, then its evaluate.json)",
+        f"- bundle: {shown_path(bundle_dir)} (every cell is its train.json with overrides, then its evaluate.json)",
         f"- fixed test set: {len(splits['test'])} {preset.unit}, validation set {len(splits['val'])} (seed {seed}); "
         f"training pool {records[fractions[0]]['pool']}",
         f"- backbone: {backbone or 'the bundle default'}"
@@ -546,8 +558,11 @@ def run_protocol(
                 pending.append({
                     "key": (method, fraction, fold), "bundle": str(bundle_dir.resolve()), "overrides": overrides,
                     "folder": str((out / "cells" / ident).resolve()), "record_path": str(path.resolve()),
+                    "root": str(Path.cwd().resolve()),
                     "record": {"format": CELL_FORMAT, "method": method, "fraction": fraction, "fold": fold,
-                               "settings": cell_settings, "overrides": overrides,
+                               "settings": cell_settings,
+                               "overrides": {k: shown_path(v) if k in PATH_OVERRIDES and v else v
+                                             for k, v in overrides.items()},
                                "train_count": len(train_rel), "train": train_rel, "test_count": len(splits["test"]),
                                "trainable": method_info[method]["trainable"], "total": method_info[method]["total"]},
                 })
