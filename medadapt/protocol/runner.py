@@ -236,6 +236,10 @@ def run_cell(cell: dict) -> dict:
     run_workflow([bundle / "train.json", bundle / "evaluate.json"], **overrides)
     done = time.perf_counter()
     metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    run_settings = metrics.get("run", {}).get("settings", {})
+    for key in PATH_OVERRIDES:
+        if run_settings.get(key):
+            run_settings[key] = shown_path(run_settings[key], cell.get("root"))
     if (checkpoints / "best_adapters").is_dir():
         (checkpoints / "best_adapters").replace(folder / "adapters")
     else:  # a network trained from scratch: its whole best model
