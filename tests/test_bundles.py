@@ -388,3 +388,20 @@ def test_inference_refuses_settings_other_than_the_models_training(tmp_path):
     assert "trained with other settings" in told.stdout + told.stderr and list((tmp_path / "told").glob("*_pred.png"))
     run_bundle(*args, "--image_size", "64", "--output_dir", str(tmp_path / "same"))
     assert list((tmp_path / "same").glob("*_pred.png"))
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_default_bundle_trains_at_most_its_share_of_the_model(bundle):
+    """The papers' scale: a default dense-prediction bundle trains at most 25 % of its model,
+    a classification bundle at most 5 %, head and decoder included (DKA on ViT-B: about 10 %
+    and 1 %)."""
+    from medadapt.engine.bundle import parsed
+    from medadapt.injection import count_parameters
+    from medadapt.tasks import get_task
+
+    files = REPO / "bundles" / bundle / "train.json"
+    network = parsed(files, "network_def")
+    counts = count_parameters(network)
+    trainable, total = counts["trainable"], counts["total"]
+    limit = 0.25 if get_task(parsed(files, "task")).dense else 0.05
+    assert trainable / total <= limit, f"{bundle}: {trainable:,} of {total:,} parameters trainable"
