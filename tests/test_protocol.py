@@ -486,3 +486,18 @@ def test_records_show_paths_relative_to_the_working_folder(tmp_path, monkeypatch
     assert runner.shown_path("evidence/splits.json") == str(Path("evidence") / "splits.json")
     outside = tmp_path.parent / "elsewhere" / "splits.json"
     assert runner.shown_path(outside) == str(outside.resolve())
+
+
+def test_evidence_summary_gathers_the_tables_and_states_the_erf_deviation(tmp_path):
+    from medadapt.protocol.evidence import PARTS, summary
+
+    (tmp_path / PARTS["2d"].dataset).mkdir()
+    (tmp_path / PARTS["2d"].dataset / "protocol.md").write_text("| DKA | 58.20 |\n", encoding="utf-8")
+    ratios = {"dka (2 slices)": {"0.2": {"side": 21, "area_ratio": 0.1}}}
+    (tmp_path / "erf.json").write_text(json.dumps({"0.05": {"figure": str(tmp_path / "erf_0.05.png"),
+                                                            "ratios": ratios, "images": 51, "image_size": 64}}))
+    text = summary(tmp_path)
+    assert text == (tmp_path / "evidence.md").read_text(encoding="utf-8")
+    assert "## 2D: mni152_tissue" in text and "| DKA | 58.20 |" in text and "## 3D" not in text
+    # RepLKNet's recipe is ~50 images at 1024 px: a smaller input is said, with the size used
+    assert "1024 px" in text and "(51) at the 64 px" in text and "![ERF](erf_0.05.png)" in text
