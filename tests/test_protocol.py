@@ -501,3 +501,11 @@ def test_evidence_summary_gathers_the_tables_and_states_the_erf_deviation(tmp_pa
     assert "## 2D: mni152_tissue" in text and "| DKA | 58.20 |" in text and "## 3D" not in text
     # RepLKNet's recipe is ~50 images at 1024 px: a smaller input is said, with the size used
     assert "1024 px" in text and "(51) at the 64 px" in text and "![ERF](erf_0.05.png)" in text
+
+
+def test_training_counts_read_as_english():
+    from medadapt.protocol.report import count_label
+
+    assert count_label([1, 1, 1], "stacks") == "1 stack"
+    assert count_label([2, 2], "slices") == "2 slices" and count_label([5, 6], "imgs") == "5-6 imgs"
+    assert count_label([], "slices") == "? slices"

@@ -47,6 +47,8 @@ def count_label(counts: Sequence[int], unit: str = "imgs") -> str:
     if not counts:
         return f"? {unit}"
     lo, hi = min(counts), max(counts)
+    if lo == hi == 1 and unit.endswith("s"):
+        return f"1 {unit[:-1]}"  # "1 stack", not "1 stacks"
     return f"{lo} {unit}" if lo == hi else f"{lo}-{hi} {unit}"
 
 
