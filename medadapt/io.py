@@ -135,3 +135,13 @@ def read_json(path: str | os.PathLike) -> Any:
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text: {error}") from None
     return parse_json(text, str(path))
+
+
+def read_json_or(path: str | os.PathLike, default: Any) -> Any:
+    """The JSON value in the file ``path``, or ``default`` where there is none to read: the file
+    is missing, unreadable or not JSON. For records a run rewrites and merges into (metrics.json,
+    a training's statistics), where a missing or torn file means "nothing recorded yet"."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return default

@@ -24,7 +24,7 @@ from medadapt.checkpoint import (
     WEIGHTS_NAME,
     read_adapter_config,
 )
-from medadapt.io import atomic_path, atomic_write_text
+from medadapt.io import atomic_path, atomic_write_text, read_json_or
 
 TINY = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
 BACKBONE = "timm:convnext_atto"
@@ -319,6 +319,18 @@ def test_atomic_writes_follow_the_umask_like_open(tmp_path):
         assert stat.S_IMODE((tmp_path / "atomic22.txt").stat().st_mode) == 0o600
     finally:
         os.umask(previous)
+
+
+def test_records_read_as_nothing_recorded_when_missing_torn_or_not_json(tmp_path):
+    record = tmp_path / "metrics.json"
+    assert read_json_or(record, {}) == {}  # missing
+    record.write_text('{"run": {"seed": 0}, "val_mean_dice": 0.5')  # torn mid-write
+    assert read_json_or(record, {}) == {}
+    record.write_bytes(b"\xff\xfe")  # not UTF-8
+    assert read_json_or(record, None) is None
+    assert read_json_or(tmp_path, {}) == {}  # a folder
+    record.write_text('{"run": {"seed": 0}, "val_mean_dice": 0.5}')
+    assert read_json_or(record, {}) == {"run": {"seed": 0}, "val_mean_dice": 0.5}
 
 
 def test_adapter_files_are_readable_by_the_group(backbone_file, tmp_path):

@@ -418,16 +418,11 @@ class MetricsWriter:
     def __call__(self, engine) -> None:
         if not _is_main_process():
             return
-        from medadapt.io import atomic_write_text
+        from medadapt.io import atomic_write_text, read_json_or
 
-        record = {}
-        if self.path.is_file():
-            try:
-                record = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                record = {}
-            if self.fresh and not self._written:  # a new run: only its own record stays (RunRecord's)
-                record = {"run": record["run"]} if "run" in record else {}
+        record = read_json_or(self.path, {})
+        if self.fresh and not self._written:  # a new run: only its own record stays (RunRecord's)
+            record = {"run": record["run"]} if "run" in record else {}
         metrics = {self._name(k): _jsonable(v) for k, v in engine.state.metrics.items()}
         record.update(metrics)
         key = self._name(engine.state.key_metric_name or "")

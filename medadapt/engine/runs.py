@@ -203,16 +203,11 @@ class RunRecord:
 
     def write_metrics_record(self, engine=None) -> None:
         from medadapt.engine.distributed import is_main_process
-        from medadapt.io import atomic_write_text
+        from medadapt.io import atomic_write_text, read_json_or
 
         if not is_main_process():
             return
-        metrics = {}
-        if self.metrics_path.is_file():
-            try:
-                metrics = json.loads(self.metrics_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                metrics = {}
+        metrics = read_json_or(self.metrics_path, {})
         metrics["run"] = self.record
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.metrics_path, json.dumps(metrics, indent=1, default=str))

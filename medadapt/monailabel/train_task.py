@@ -29,6 +29,7 @@ from monailabel.utils.others.generic import name_to_device
 
 from medadapt.adapters import list_methods, make_config
 from medadapt.engine.bundle import Verbatim, parses_as_itself
+from medadapt.io import read_json_or
 from medadapt.monailabel.errors import InvalidInput
 from medadapt.monailabel.limits import MAX_TRAIN_BATCH, MAX_TRAIN_EPOCHS
 from medadapt.monailabel.specs import TRAIN_STATS, ServedModel
@@ -67,11 +68,7 @@ class AdapterTrainTask(TrainTask):
         return {**DEFAULTS, "method": self.spec.method}
 
     def stats(self) -> dict[str, Any]:
-        path = Path(self.spec.label_adapters) / STATS_NAME
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
+        return read_json_or(Path(self.spec.label_adapters) / STATS_NAME, {})
 
     # ------------------------------------------------------------------ run
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:

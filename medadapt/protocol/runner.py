@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from medadapt.io import atomic_write_text
+from medadapt.io import atomic_write_text, read_json_or
 from medadapt.protocol import report
 from medadapt.protocol.rows import Row, parse_rows, scratch_network
 
@@ -146,9 +146,8 @@ def find_bundle(dataset: str, task: str, bundles: str | Path | None = None) -> P
     root = Path(bundles) if bundles else shipped.ROOT
     found = []
     for train in sorted(root.glob("*/train.json")):
-        try:
-            config = json.loads(train.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        config = read_json_or(train, {})
+        if not isinstance(config, dict):
             continue
         if config.get("dataset_name") == dataset and config.get("task") == task:
             found.append(train.parent)
