@@ -7,7 +7,9 @@ from slice to slice is not cut off. Propagation stops where the object ends: the
 blank inside the box (nothing to segment), the mask is empty (fewer than `min_pixels`), has
 vanished to a sliver of the mask it started from (`min_area_fraction`), or the model is unsure
 of it (under `min_confidence` of its voxels above probability 0.9: SAM-family models still
-draw a weak blob in a box over empty background, e.g. above a skull-stripped brain). More
+draw a weak blob in a box over empty background, e.g. above a skull-stripped brain, with at
+most a few per cent of its voxels sure, where an object's slices have a tenth or more; see
+docs/box3d.md for the measurements behind the default). More
 boxes on other slices correct the result: a slice with a user box always uses that box, and
 propagation continues from every given box; between two boxes each slice is segmented from
 the nearer one.
@@ -60,6 +62,11 @@ STOP_VANISHED = "vanished"  # the mask shrank below min_area_fraction of the one
 STOP_UNSURE = "unsure"  # under min_confidence of the mask's voxels had probability > CONFIDENT
 STOP_EDGE = "edge"  # the last slice of the volume (or of slice_range) was reached
 CONFIDENT = 0.9  # a voxel the model is sure of
+# The share of sure voxels under which a propagated mask is "unsure". LiteMedSAM on the MNI152
+# brain (2 and 4 mm, three axes, float32 and bfloat16; benchmarks/box3d_stopping.py): the first
+# slice of blob past the object 0.008-0.015, the object's own slices down to 0.10 (0.2, the old
+# default, ended runs inside the brain).
+MIN_CONFIDENCE = 0.05
 PRECISIONS = ("auto", "float32", "bfloat16")  # what the image encoder runs in (`propagate_boxes`)
 
 
@@ -79,6 +86,9 @@ class BoxPropagation:
       encoded: the slices this call ran the image encoder on, in order (empty for models
         without ``encode``/``decode``).
       reused: the slices whose embedding came from the cache (an earlier request).
+      confidence: slice index -> the share of its mask's voxels the model was sure of
+        (probability above 0.9), for every slice the model segmented, the slices that ended a
+        run included (what ``min_confidence`` is compared with).
       precision: what the image encoder ran in ("float32" or "bfloat16"; None for models
         without ``encode``/``decode``).
     """
@@ -90,6 +100,7 @@ class BoxPropagation:
     stops: list[tuple[int, str]] = field(default_factory=list)
     encoded: list[int] = field(default_factory=list)
     reused: list[int] = field(default_factory=list)
+    confidence: dict[int, float] = field(default_factory=dict)
     precision: str | None = None
 
     @property
@@ -251,7 +262,9 @@ def _encodes_apart(model: nn.Module) -> bool:
     return callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))
 
 
-def _encoder_precision(precision: str, device: torch.device) -> str:
+def encoder_precision(precision: str, device: torch.device) -> str:
+    """What the image encoder runs in on ``device`` for a `propagate_boxes` ``precision``:
+    "auto" is bfloat16 on a CPU that runs it natively, float32 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
@@ -357,7 +370,7 @@ def _slice_embeddings(segment: _SliceSegmenter, cache: EmbeddingCache | bool, ex
                       precision: str) -> _SliceEmbeddings:
     # Not ``cache or None``: an empty cache is falsy (it has a length).
     store = shared_embedding_cache() if cache is True else None if cache is False else cache
-    precision = _encoder_precision(precision, segment.device)
+    precision = encoder_precision(precision, segment.device)
     key = ()
     if store is not None:
         # Everything the embedding of a slice depends on: the model and its weights, the image
@@ -376,7 +389,7 @@ def propagate_boxes(
     grow: float = 0.1,
     min_pixels: int = 4,
     min_area_fraction: float = 0.05,
-    min_confidence: float = 0.2,
+    min_confidence: float = MIN_CONFIDENCE,
     threshold: float = 0.5,
     window: bool = True,
     slice_range: tuple[int, int] | None = None,
@@ -399,7 +412,9 @@ def propagate_boxes(
       min_area_fraction: a propagated mask smaller than this fraction of the mask on the slice
         its run started from ends the run (the object vanished).
       min_confidence: a propagated mask with a smaller share of voxels above probability 0.9
-        ends the run (the model is unsure; 0 turns the rule off).
+        ends the run (the model is unsure; 0 turns the rule off). The default, 0.05, lies
+        between what LiteMedSAM gives past the end of an object and on its least sure slices
+        (`MIN_CONFIDENCE`).
       threshold: on the sigmoid of the model's logits.
       window: apply `window_volume` first (False: ``volume`` already lies in [0, 1]).
       slice_range: (first, last) slice, inclusive: propagation goes no further (default: the
@@ -489,9 +504,10 @@ def _propagate(segment: _SliceSegmenter, prompts: dict[int, list[float]], extent
                rules: _Rules) -> dict:
     masks: dict[int, np.ndarray] = {}
     used: dict[int, list[float]] = {}
+    confidence: dict[int, float] = {}
     stops: list[tuple[int, str]] = []
     for k, box in prompts.items():  # a user's box is always segmented, whatever the rules say
-        masks[k], used[k] = segment(k, box)[0], box
+        (masks[k], confidence[k]), used[k] = segment(k, box), box
     given = sorted(prompts)
 
     def run(start: int, step: int, limit: int) -> int:
@@ -507,6 +523,7 @@ def _propagate(segment: _SliceSegmenter, prompts: dict[int, list[float]], extent
                 stops.append((k, STOP_BLANK))
                 return k - step
             current, confident = segment(k, box, step)
+            confidence[k] = confident
             reason = rules.stop(int(current.sum()), confident, reference)
             if reason:
                 stops.append((k, reason))
@@ -524,7 +541,8 @@ def _propagate(segment: _SliceSegmenter, prompts: dict[int, list[float]], extent
         reached = run(low, +1, (low + high) // 2 + 1)
         run(high, -1, reached)
     run(given[-1], +1, extent[1] + 1)
-    return {"masks": masks, "boxes": dict(sorted(used.items())), "stops": stops}
+    return {"masks": masks, "boxes": dict(sorted(used.items())), "stops": stops,
+            "confidence": dict(sorted(confidence.items()))}
 
 
 def segment_volume_from_box(
