@@ -4,13 +4,17 @@
     python benchmarks/box3d_mni152.py --resolution 4     # the 2 mm template down-sampled to 4 mm
     python benchmarks/box3d_mni152.py --pad 128 128 100  # the 2 mm template in a 128 x 128 x 100 volume
     python benchmarks/box3d_mni152.py --one-call         # the model called whole on each slice, as before
+    python benchmarks/box3d_mni152.py --click            # one click instead of the box, as DeepGrow sends
 
 The volume is nilearn's skull-stripped MNI152 T1 template, the target its brain mask (both
 offline, from the ``[demo]`` extra); the model is LiteMedSAM with its pretrained weights (DKA
 injected, which starts as the identity). Two masks are compared with the brain mask:
 
 - propagated: one box, the brain mask's bounding box on the middle slice of ``--axis``,
-  carried through the volume by `medadapt.propagate_boxes`;
+  carried through the volume by `medadapt.propagate_boxes`; with ``--click``, the box one
+  click stands for instead (`medadapt.monailabel.clicks.box_around_click`, what the served
+  model does with a single DeepGrow click), the click on the brain voxel nearest the brain's
+  centre of mass on that slice;
 - upper bound: the same model given the brain mask's bounding box on every slice that holds
   brain (what a user drawing every slice would get).
 
@@ -92,13 +96,28 @@ def middle_box(brain: np.ndarray, axis: int) -> tuple[int, list[float]]:
     return middle, reference_box(brain.take(middle, axis=axis))
 
 
-def measure(model, volume: np.ndarray, brain: np.ndarray, axis: int, upper_bound: bool = True, **options) -> dict:
-    """Propagation from the middle box and the box-on-every-slice upper bound; ``options`` go
-    to `propagate_boxes` (precision, cache)."""
+def central_click(brain2d: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the brain voxel nearest the brain's centre of mass on a slice."""
+    rows, columns = np.nonzero(brain2d)
+    nearest = np.argmin((rows - rows.mean()) ** 2 + (columns - columns.mean()) ** 2)
+    return int(rows[nearest]), int(columns[nearest])
+
+
+def measure(model, volume: np.ndarray, brain: np.ndarray, axis: int, upper_bound: bool = True, click: bool = False,
+            **options) -> dict:
+    """Propagation from the middle box (or one click, ``click``) and the box-on-every-slice
+    upper bound; ``options`` go to `propagate_boxes` (precision, cache)."""
     other = tuple(a for a in range(3) if a != axis)
     brain_slices = np.flatnonzero(brain.any(axis=other))
     started = time.perf_counter()
     middle, box = middle_box(brain, axis)
+    prompt = {"box": box}
+    if click:
+        from medadapt.monailabel.clicks import box_around_click
+
+        row, column = central_click(brain.take(middle, axis=axis))
+        box = box_around_click(volume.take(middle, axis=axis), row, column)
+        prompt = {"click": [row, column], "box_from_click": box, "brain_box": prompt["box"]}
     propagated = propagate_boxes(model, volume, {middle: box}, axis, **options)
     propagated_s = time.perf_counter() - started
 
@@ -117,11 +136,12 @@ def measure(model, volume: np.ndarray, brain: np.ndarray, axis: int, upper_bound
         "axis": axis,
         "shape": list(volume.shape),
         "box_slice": middle,
-        "box": box,
+        **prompt,
         "brain_slices": [int(brain_slices[0]), int(brain_slices[-1])],
         "propagated_slices": [kept[0], kept[-1]] if kept else [],
         "stops": propagated.stops,
         "dice_propagated": round(dice(propagated.mask, brain), 4),
+        "dice_on_the_prompted_slice": round(dice(propagated.mask.take(middle, axis=axis), brain.take(middle, axis=axis)), 4),
         "dice_upper_bound": round(dice(upper, brain), 4) if upper_bound else None,
         "seconds_propagated": round(propagated_s, 1),
         "seconds_upper_bound": round(upper_s, 1),
@@ -143,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="the image encoder's (default auto)")
     parser.add_argument("--one-call", action="store_true",
                         help="call the model whole on each slice, in float32, as propagation ran before")
+    parser.add_argument("--click", action="store_true",
+                        help="one click on the brain's centre on the middle slice instead of the brain's box")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = medadapt.create_model("box_segmentation", backbone="litemedsam").eval()
@@ -152,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = "one call per slice, float32" if args.one_call else f"encoded apart, precision {args.precision}"
     result = {"resolution_mm": args.resolution, "model": "litemedsam (pretrained) + fresh DKA", "path": path,
               **measure(OneCallPerSlice(model) if args.one_call else model, volume, brain, args.axis,
-                        upper_bound=not args.no_upper_bound, **({} if args.one_call else {"precision": args.precision}))}
+                        upper_bound=not args.no_upper_bound, click=args.click,
+                        **({} if args.one_call else {"precision": args.precision}))}
     print(json.dumps(result, indent=1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
