@@ -44,7 +44,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
          *DETERMINISTIC, "--batch_size", "3", "--train#sampler#shuffle", "False", "--output_dir", str(ddp),
          "--demo_dir", demo],
         cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
     splits_single = json.loads((single / "splits.json").read_text(encoding="utf-8"))
     assert json.loads((ddp / "splits.json").read_text(encoding="utf-8")) == splits_single

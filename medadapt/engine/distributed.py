@@ -18,6 +18,15 @@ def init_process_group() -> None:
         dist.init_process_group(backend=backend)
 
 
+def finish() -> None:
+    """End the process group once every rank is done with it: rank 0 still publishes the model
+    and reports after training, and a rank that tears gloo down and exits meanwhile was seen to
+    abort at exit (SIGABRT) on a loaded machine."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
