@@ -1,7 +1,9 @@
 """Where 3D box propagation stops: the unsure rule's threshold measured on the MNI152 brain.
 
-    python benchmarks/box3d_stopping.py                          # all volumes, axes and precisions (~15 min on 2 cores)
-    python benchmarks/box3d_stopping.py --volumes 4mm --axes 2   # one row
+    python benchmarks/box3d_stopping.py          # all volumes, axes and precisions (~20 min on 2 cores)
+    python benchmarks/box3d_stopping.py --volumes 4mm --axes 2 --precisions float32 --out /tmp/one.json   # one row
+
+Only the whole measurement writes results/box3d_stopping.json; a part needs its own --out.
 
 For each volume (nilearn's MNI152 T1 template at 4 mm, at 2 mm, and at 2 mm centred in a
 128 x 128 x 100 volume as `benchmarks/run.py --only box3d` uses it), slicing axis and encoder
@@ -20,7 +22,8 @@ precision, the brain mask's bounding box on the brain's middle slice is propagat
 
 The runs after the first mostly reuse its embeddings (the decoder alone).
 
-Writes results/box3d_stopping.json and prints a markdown table (docs/box3d.md has it).
+Writes the rows as JSON and prints them as markdown tables (docs/box3d.md summarises them).
+The 2 mm volume centred in 128 x 128 x 100 is measured on its axial axis only (axis 2).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from box3d_mni152 import dice, middle_box, mni152_volume_and_brain, pad_to, refe
 from medadapt.models.box_propagation import EmbeddingCache, encoder_precision, propagate_boxes
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "box3d_stopping.json"
 THRESHOLDS = (0.2, 0.1, 0.05, 0.0)
 VOLUMES = {"4mm": (4, None), "2mm": (2, None), "2mm-128x128x100": (2, (128, 128, 100))}
 WELL_SEGMENTED = 0.5  # a slice's Dice with the brain from which it counts as the object's own
@@ -56,18 +60,19 @@ def profile(model, volume: np.ndarray, brain: np.ndarray, axis: int, precision: 
     seconds = time.perf_counter() - started
     own = [k for k, share in free.confidence.items()
            if holds_brain[k] and dice(free.mask.take(k, axis=axis), brain.take(k, axis=axis)) >= WELL_SEGMENTED]
-    lowest = min(own, key=free.confidence.get)
+    lowest = min(own, key=free.confidence.get) if own else None
     past = {end: round(free.confidence[end], 3) for end in (first - 1, last + 1) if end in free.confidence}
     runs = {}
     for threshold in THRESHOLDS:
         run = propagate_boxes(model, volume, {middle: box}, axis, min_confidence=threshold, cache=cache,
                               precision=precision)
         kept = run.slices
-        runs[str(threshold)] = {"dice": round(dice(run.mask, brain), 3), "slices": [kept[0], kept[-1]],
+        runs[str(threshold)] = {"dice": round(dice(run.mask, brain), 3), "slices": [kept[0], kept[-1]] if kept else [],
                                 "stops": run.stops}
     return {"axis": axis, "precision": free.precision, "shape": list(volume.shape), "box_slice": middle,
-            "brain_slices": [first, last], "lowest_on_the_brain": {"slice": lowest,
-                                                                   "confidence": round(free.confidence[lowest], 3)},
+            "brain_slices": [first, last],
+            "lowest_on_the_brain": None if lowest is None else {"slice": lowest,
+                                                                "confidence": round(free.confidence[lowest], 3)},
             "first_slice_past_the_brain": past, "free_run_seconds": round(seconds, 1), "runs": runs,
             "from_near_each_end": near_ends(model, volume, brain, axis, precision, round(24 / resolution), cache)}
 
@@ -103,10 +108,11 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (6 + len(THRESHOLDS))]
     for row in rows:
         past = ", ".join(f"{k}: {v:.3f}" for k, v in row["first_slice_past_the_brain"].items()) or "not reached"
-        cells = [f"{r['dice']:.3f} ({r['slices'][0]}-{r['slices'][1]})" for r in row["runs"].values()]
+        cells = [f"{r['dice']:.3f} ({'-'.join(map(str, r['slices'])) or 'nothing kept'})" for r in row["runs"].values()]
+        lowest = row["lowest_on_the_brain"]
+        lowest = "no slice with Dice >= 0.5" if lowest is None else f"{lowest['confidence']:.3f} (slice {lowest['slice']})"
         lines.append(f"| {row['volume']} | {row['axis']} | {row['precision']} | {row['brain_slices'][0]}-"
-                     f"{row['brain_slices'][1]} | {row['lowest_on_the_brain']['confidence']:.3f} "
-                     f"(slice {row['lowest_on_the_brain']['slice']}) | {past} | " + " | ".join(cells) + " |")
+                     f"{row['brain_slices'][1]} | {lowest} | {past} | " + " | ".join(cells) + " |")
     lines += ["", "| volume | axis | encoder | end (box slice) | share on the first slice past it | "
               + " | ".join(f"slices past kept at {t:g}" for t in THRESHOLDS) + " |", "|" + "---|" * (5 + len(THRESHOLDS))]
     for row in rows:
@@ -124,12 +130,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--axes", type=int, nargs="+", choices=(0, 1, 2), default=[0, 1, 2])
     parser.add_argument("--precisions", nargs="+", choices=("float32", "auto"), default=["float32", "auto"],
                         help="the encoder's; auto is measured only where it is not float32 on this machine")
-    parser.add_argument("--out", default=str(HERE / "results" / "box3d_stopping.json"))
+    parser.add_argument("--out", help=f"JSON file to write (default {RESULTS}, for the whole measurement only)")
     args = parser.parse_args(argv)
+    whole = set(args.volumes) == set(VOLUMES) and set(args.axes) == {0, 1, 2} and set(args.precisions) == {
+        "float32", "auto"}
+    if args.out is None and not whole:
+        parser.error(f"--out: give a file for a part of the measurement ({RESULTS} holds the whole one)")
     torch.manual_seed(0)
     model = medadapt.create_model("box_segmentation", backbone="litemedsam").eval()
     precisions = [p for p in args.precisions
                   if p == "float32" or encoder_precision(p, torch.device("cpu")) != "float32"]
+    if not precisions:
+        parser.error("--precisions: auto runs in float32 on this machine; measure float32")
+    if all(VOLUMES[name][1] for name in args.volumes) and 2 not in args.axes:
+        parser.error("--axes: the 2 mm volume in 128 x 128 x 100 is measured on axis 2 only")
     rows = []
     for name in args.volumes:
         resolution, shape = VOLUMES[name]
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = {"volume": name, **profile(model, volume, brain, axis, precision, resolution)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out = Path(args.out)
+    out = Path(args.out or RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))

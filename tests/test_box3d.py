@@ -398,8 +398,9 @@ def test_litemedsam_follows_the_brain_to_its_top_and_stops_there(mni, litemedsam
 def test_litemedsam_carries_the_2mm_brain_past_its_least_sure_slices(litemedsam):
     """The 2 mm brain centred in 128 x 128 x 100 (as benchmarks/run.py --only box3d has it), a
     box on its middle slice, held to eight slices upwards (to keep the test short): slices 46 and
-    47 are the least sure of the brain (0.14 to 0.19 of their voxels sure, float32 and bfloat16;
-    benchmarks/box3d_stopping.py), where the old default rule (0.2) ended the run inside it."""
+    47 are the least sure of the brain (0.14 to 0.19 of their voxels sure, float32 and bfloat16,
+    as BoxPropagation.confidence gives them; docs/box3d.md), where the old default rule (0.2)
+    ended the run inside it."""
     from nilearn import datasets
 
     t1 = datasets.load_mni152_template(resolution=2).get_fdata().astype(np.float32)

@@ -21,7 +21,8 @@ def init_process_group() -> None:
 def finish() -> None:
     """End the process group once every rank is done with it: rank 0 still publishes the model
     and reports after training, and a rank that tears gloo down and exits meanwhile was seen to
-    abort at exit (SIGABRT) on a loaded machine."""
+    abort at exit (SIGABRT) on a loaded machine. The others wait at most the process group's
+    timeout (10 minutes by default); rank 0's work after training takes seconds."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

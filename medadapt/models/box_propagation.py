@@ -63,9 +63,9 @@ STOP_UNSURE = "unsure"  # under min_confidence of the mask's voxels had probabil
 STOP_EDGE = "edge"  # the last slice of the volume (or of slice_range) was reached
 CONFIDENT = 0.9  # a voxel the model is sure of
 # The share of sure voxels under which a propagated mask is "unsure". LiteMedSAM on the MNI152
-# brain (2 and 4 mm, three axes, float32 and bfloat16; benchmarks/box3d_stopping.py): the first
-# slice of blob past the object 0.008-0.015, the object's own slices down to 0.10 (0.2, the old
-# default, ended runs inside the brain).
+# brain (2 and 4 mm, three axes, float32 and bfloat16; benchmarks/box3d_stopping.py): a blob
+# over the empty slice past the top of the 4 mm brain 0.008-0.015, the brain's own slices down
+# to 0.10 (0.2, the old default, ended runs far inside the brain).
 MIN_CONFIDENCE = 0.05
 PRECISIONS = ("auto", "float32", "bfloat16")  # what the image encoder runs in (`propagate_boxes`)
 
@@ -432,7 +432,7 @@ def propagate_boxes(
       encode_batch: slices encoded in one forward pass: the slice propagation needs and the
         next ones in its direction, which it may never reach (up to ``encode_batch - 1`` unused
         at each end of a run). On 2 CPU cores a batch of 4 saved 6 to 10 % a slice on a lightly
-        loaded machine and 40 % on a crowded one (docs/box3d.md); 1 wastes nothing on small
+        loaded machine and 2 % on an idle one (docs/box3d.md); 1 wastes nothing on small
         objects.
 
     Returns a `BoxPropagation`: the mask and how it was made.
