@@ -88,10 +88,14 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
+def slices_holding(mask: np.ndarray, axis: int) -> np.ndarray:
+    """The indices of the slices along ``axis`` that hold part of ``mask``, in order."""
+    return np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+
+
 def middle_box(brain: np.ndarray, axis: int) -> tuple[int, list[float]]:
     """The middle slice of the brain along ``axis`` and the brain's bounding box on it."""
-    other = tuple(a for a in range(3) if a != axis)
-    brain_slices = np.flatnonzero(brain.any(axis=other))
+    brain_slices = slices_holding(brain, axis)
     middle = int(round((brain_slices[0] + brain_slices[-1]) / 2))
     return middle, reference_box(brain.take(middle, axis=axis))
 
@@ -107,8 +111,7 @@ def measure(model, volume: np.ndarray, brain: np.ndarray, axis: int, upper_bound
             **options) -> dict:
     """Propagation from the middle box (or one click, ``click``) and the box-on-every-slice
     upper bound; ``options`` go to `propagate_boxes` (precision, cache)."""
-    other = tuple(a for a in range(3) if a != axis)
-    brain_slices = np.flatnonzero(brain.any(axis=other))
+    brain_slices = slices_holding(brain, axis)
     started = time.perf_counter()
     middle, box = middle_box(brain, axis)
     prompt = {"box": box}

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import medadapt
-from box3d_mni152 import dice, middle_box, mni152_volume_and_brain, pad_to, reference_box
+from box3d_mni152 import dice, middle_box, mni152_volume_and_brain, pad_to, reference_box, slices_holding
 from medadapt.models.box_propagation import EmbeddingCache, encoder_precision, propagate_boxes
 
 HERE = Path(__file__).resolve().parent
@@ -49,9 +49,9 @@ WELL_SEGMENTED = 0.5  # a slice's Dice with the brain from which it counts as th
 
 def profile(model, volume: np.ndarray, brain: np.ndarray, axis: int, precision: str, resolution: int) -> dict:
     """The free run's confidences and the runs under each threshold (see the module docstring)."""
-    other = tuple(a for a in range(3) if a != axis)
-    holds_brain = brain.any(axis=other)
-    first, last = (int(k) for k in np.flatnonzero(holds_brain)[[0, -1]])
+    brain_slices = slices_holding(brain, axis)
+    first, last = int(brain_slices[0]), int(brain_slices[-1])
+    holds_brain = set(brain_slices.tolist())
     middle, box = middle_box(brain, axis)
     cache = EmbeddingCache(2**34)
     started = time.perf_counter()
@@ -59,7 +59,7 @@ def profile(model, volume: np.ndarray, brain: np.ndarray, axis: int, precision: 
                            precision=precision)
     seconds = time.perf_counter() - started
     own = [k for k, share in free.confidence.items()
-           if holds_brain[k] and dice(free.mask.take(k, axis=axis), brain.take(k, axis=axis)) >= WELL_SEGMENTED]
+           if k in holds_brain and dice(free.mask.take(k, axis=axis), brain.take(k, axis=axis)) >= WELL_SEGMENTED]
     lowest = min(own, key=free.confidence.get) if own else None
     past = {end: round(free.confidence[end], 3) for end in (first - 1, last + 1) if end in free.confidence}
     runs = {}
@@ -74,15 +74,15 @@ def profile(model, volume: np.ndarray, brain: np.ndarray, axis: int, precision: 
             "lowest_on_the_brain": None if lowest is None else {"slice": lowest,
                                                                 "confidence": round(free.confidence[lowest], 3)},
             "first_slice_past_the_brain": past, "free_run_seconds": round(seconds, 1), "runs": runs,
-            "from_near_each_end": near_ends(model, volume, brain, axis, precision, round(24 / resolution), cache)}
+            "from_near_each_end": near_ends(model, volume, brain, axis, precision, (first, last),
+                                            round(24 / resolution), cache)}
 
 
-def near_ends(model, volume: np.ndarray, brain: np.ndarray, axis: int, precision: str, inside: int,
-              cache: EmbeddingCache) -> dict:
+def near_ends(model, volume: np.ndarray, brain: np.ndarray, axis: int, precision: str, extent: tuple[int, int],
+              inside: int, cache: EmbeddingCache) -> dict:
     """Part 3 of the module docstring: from a box ``inside`` slices within the brain's low and
-    high end along ``axis``."""
-    other = tuple(a for a in range(3) if a != axis)
-    first, last = (int(k) for k in np.flatnonzero(brain.any(axis=other))[[0, -1]])
+    high end (``extent``, its first and last slice along ``axis``)."""
+    first, last = extent
     ends = {}
     for name, end, step in (("low", first, -1), ("high", last, +1)):
         start = end - step * inside
@@ -95,7 +95,7 @@ def near_ends(model, volume: np.ndarray, brain: np.ndarray, axis: int, precision
         for threshold in THRESHOLDS:
             kept = propagate_boxes(model, volume, {start: box}, axis, slice_range=outwards,
                                    min_confidence=threshold, cache=cache, precision=precision).slices
-            reached = kept[0] if step < 0 else kept[-1]
+            reached = (kept[0] if step < 0 else kept[-1]) if kept else end - step  # nothing kept: none past
             beyond[str(threshold)] = max(0, (reached - end) * step)
         ends[name] = {"end": end, "box_slice": start,
                       "first_past_confidence": None if past is None else round(past, 3), "slices_past_kept": beyond}
