@@ -26,8 +26,8 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
 
 
-def _temp_pattern(target: Path) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(target.name)}\.tmp-(?P<pid>\d+)-[0-9a-f]+-(?P<host>\w+)")
+# ``.<name>.tmp-<pid>-<token>-<host>``: the hidden folder `atomic_path` writes ``<name>`` through.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+-(?P<host>\w+)")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -40,6 +40,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove_if_stale(candidate: Path, name: str | None = None) -> bool:
+    """Remove ``candidate`` when it is a temporary of `atomic_path` (for the file ``name``, when
+    given) whose writer is dead on this host or which is older than ``STALE_TEMP_AGE_S``."""
+    match = _TEMP_NAME.fullmatch(candidate.name)
+    if match is None or (name is not None and match["name"] != name):
+        return False
+    try:
+        old = time.time() - candidate.lstat().st_mtime > STALE_TEMP_AGE_S
+        dead = match["host"] == _host() and not _pid_alive(int(match["pid"]))
+        if not (old or dead):
+            return False
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate)
+        else:
+            candidate.unlink()
+        return True
+    except OSError:   # gone already, or not ours to remove: never fail a save over it
+        return False
+
+
 def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     """Delete the temporary folders of ``target`` left by writers killed mid-save.
 
@@ -47,27 +67,23 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     than ``STALE_TEMP_AGE_S``; those of live writers are left alone. Returns what was removed.
     """
     target = Path(target)
-    pattern, host, now = _temp_pattern(target), _host(), time.time()
-    removed = []
     try:
         candidates = list(target.parent.glob(f".{glob.escape(target.name)}.tmp-*"))
     except OSError:
-        return removed
-    for candidate in candidates:
-        match = pattern.fullmatch(candidate.name)
-        if match is None:
-            continue
-        try:
-            old = now - candidate.lstat().st_mtime > STALE_TEMP_AGE_S
-            dead = match["host"] == host and not _pid_alive(int(match["pid"]))
-            if old or dead:
-                if candidate.is_dir() and not candidate.is_symlink():
-                    shutil.rmtree(candidate)
-                else:
-                    candidate.unlink()
-                removed.append(candidate)
-        except OSError:   # gone already, or not ours to remove: never fail a save over it
-            continue
+        return []
+    return [c for c in candidates if _remove_if_stale(c, target.name)]
+
+
+def remove_stale_temporaries_under(folder: str | os.PathLike) -> list[Path]:
+    """Delete every stale temporary (see `remove_stale_temporaries`) in ``folder`` and its
+    subfolders: what a run killed mid-save left beside files it may never save again."""
+    removed = []
+    for parent, dirs, files in os.walk(folder):
+        for name in list(dirs) + files:
+            if name.startswith(".") and _remove_if_stale(Path(parent) / name):
+                removed.append(Path(parent) / name)
+                if name in dirs:
+                    dirs.remove(name)
     return removed
 
 
@@ -79,7 +95,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary file has the target's own name (writers such as nibabel pick the format from
     it) inside a hidden folder beside it, ``.<name>.tmp-<pid>-<token>-<host>/``, which also
     catches the writers' own side files (safetensors writes through a ``.tmpXXXXXX`` of its
-    own); a folder left by a killed process is removed by the next save of the same file.
+    own); a folder left by a killed process is removed by the next save of the same file and
+    by a resumed training (`remove_stale_temporaries_under`).
     The file gets the permissions ``open(path, "w")`` would give: the existing file's, or
     the umask's.
     """

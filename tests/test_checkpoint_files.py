@@ -433,6 +433,17 @@ def test_temporaries_of_live_writers_and_other_files_are_kept(tmp_path):
     assert live.exists() and other_target.exists() and other_host.exists()
     assert not dead.exists() and not abandoned.exists()
 
+    # A resumed run sweeps its whole folder: dead writers' temporaries of any file, at any depth.
+    from medadapt.io import remove_stale_temporaries_under
+
+    nested = tmp_path / "adapters" / f".weights.bin.tmp-{dead_pid}-89abcdef-{_host()}"
+    nested.mkdir(parents=True)
+    hidden_file = tmp_path / ".notes"
+    hidden_file.write_text("not a temporary")
+    removed = remove_stale_temporaries_under(tmp_path)
+    assert sorted(removed) == sorted([other_target, nested])
+    assert live.exists() and other_host.exists() and hidden_file.exists() and target.exists()
+
 
 def test_a_failed_write_leaves_neither_temporary_nor_target(tmp_path):
     target = tmp_path / "out.json"

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from medadapt.checkpoint import save_adapters
-from medadapt.io import atomic_path
+from medadapt.io import atomic_path, remove_stale_temporaries_under
 
 logger = logging.getLogger("medadapt")
 
@@ -157,6 +157,12 @@ class ResumeTraining:
     def __call__(self, engine) -> None:
         if not self.enabled:
             return
+        if _is_main_process():
+            # A run killed mid-save left a hidden temporary beside the file it was writing;
+            # the file itself is the last complete one. Clear them all, not only those of
+            # files this run will save again.
+            for removed in remove_stale_temporaries_under(self.path.parent):
+                logger.info("resume: removed %s, left by a run stopped while saving", removed)
         if not self.path.is_file():
             logger.info("resume: no %s yet, starting from scratch", self.path)
             return
