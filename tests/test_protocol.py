@@ -111,10 +111,15 @@ def test_table_has_every_cell_and_a_rerun_skips_finished_cells(tmp_path, demo_di
     assert all(ident.endswith("fold2") for ident in table3.ran)
     assert all(r["folds_done"] == 3 for r in table3)
 
+    # A cell file that cannot be read (torn by a full disk, edited) is run again, not a crash.
+    (out / "cells" / "dka__1__fold2.json").write_text("{", encoding="utf-8")
+    table4 = _grid(out, demo_dir, folds=3)
+    assert len(spy.calls) == 13 and table4.ran == ["dka__1__fold2"]
+
     # Other settings in the same folder: an error naming what differs, unless --overwrite.
     with pytest.raises(ValueError, match=r"--out.*epochs.*--overwrite"):
         _grid(out, demo_dir, epochs=2)
-    assert len(spy.calls) == 12
+    assert len(spy.calls) == 13
 
 
 def test_segmentation_cells_report_dice(tmp_path, demo_dir):

@@ -29,7 +29,6 @@ bundle settings (for example a smaller backbone)::
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +227,7 @@ class BundleModel(ServedModel):
         model.pretrained = bool(value("network_def#backbone_checkpoint")) or ships_weights(model.backbone)
         if dataset.sequences and model.in_channels == len(dataset.sequences):
             model.sequences = list(dataset.sequences)  # served from the series of a DICOMweb study
-        metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8")) if (folder / "metadata.json").is_file() else {}
+        metadata = read_json(folder / "metadata.json") if (folder / "metadata.json").is_file() else {}
         model.description = str(metadata.get("description") or f"{model.kind.description} ({name})")
         return model
 

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medadapt.io import atomic_write_text, read_json
+
 ROWS = ["dka", "lka", "adapter", "adapter@iso:dka", "lora", "linear", "full", "unet"]
 
 
@@ -89,7 +91,7 @@ def erf_comparison(out: Path, image_size: int, echo=print) -> dict:
     for fraction in (fractions[0], fractions[-1]):
         models = {}
         for row in ERF_ROWS:
-            record = json.loads((cells / f"{row}__{fraction:.10g}__fold0.json").read_text(encoding="utf-8"))
+            record = read_json(cells / f"{row}__{fraction:.10g}__fold0.json")
             overrides = {k: v for k, v in record["overrides"].items() if k in (
                 "method", "method_options", "backbone", "backbone_options", "image_size")}
             model = parsed(bundle / "train.json", "network_def", **overrides)
@@ -99,7 +101,7 @@ def erf_comparison(out: Path, image_size: int, echo=print) -> dict:
         results[str(fraction)] = {"figure": str(path), "ratios": ratios, "images": len(images),
                                   "image_size": image_size}
         echo(f"ERF at fraction {fraction}: {path}")
-    (out / "erf.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    atomic_write_text(out / "erf.json", json.dumps(results, indent=1, default=str))
     return results
 
 
@@ -114,7 +116,7 @@ def summary(out: Path) -> str:
                       f"![Dice against training size]({dataset}/protocol.png)", ""]
     erf = out / "erf.json"
     if erf.is_file():
-        results = json.loads(erf.read_text(encoding="utf-8"))
+        results = read_json(erf)
         first = next(iter(results.values()))
         parts += ["## Effective receptive fields (2D, fold 0)", "",
                   f"RepLKNet's recipe measures the ERF on about 50 images of 1024 px. Here: every slice of the "
@@ -126,7 +128,7 @@ def summary(out: Path) -> str:
             parts += [f"Fraction {fraction}: ![ERF]({Path(result['figure']).name})", "", "```",
                       json.dumps(result["ratios"], indent=1), "```", ""]
     text = "\n".join(parts)
-    (out / "evidence.md").write_text(text, encoding="utf-8")
+    atomic_write_text(out / "evidence.md", text)
     return text
 
 

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from medadapt.io import atomic_write_text, read_json_or
+from medadapt.io import atomic_write_text, read_json, read_json_or
 from medadapt.protocol import report
 from medadapt.protocol.rows import Row, parse_rows, scratch_network
 
@@ -234,7 +234,7 @@ def run_cell(cell: dict) -> dict:
     trained = time.perf_counter()
     run_workflow([bundle / "train.json", bundle / "evaluate.json"], **overrides)
     done = time.perf_counter()
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    metrics = read_json(folder / "metrics.json")
     run_settings = metrics.get("run", {}).get("settings", {})
     for key in PATH_OVERRIDES:
         if run_settings.get(key):
@@ -543,8 +543,11 @@ def run_protocol(
                 cell_settings = _json_ready({**settings, "method_options": method_info[method]["resolved_options"],
                                              "network": method_info[method].get("network"),
                                              "train_digest": _digest(train_rel)})
-                if path.is_file():
-                    stored = json.loads(path.read_text(encoding="utf-8"))
+                # A cell file that cannot be read (edited, torn by a full disk) is run again.
+                stored = read_json_or(path, None) if path.is_file() else None
+                if path.is_file() and not isinstance(stored, dict):
+                    echo(f"running cell {ident} again: {path} is not a readable cell record")
+                elif stored is not None:
                     if stored.get("settings") == cell_settings:
                         cells[(method, fraction, fold)] = stored
                         skipped.append(ident)
