@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import medadapt
 from medadapt.models.box_propagation import PRECISIONS, propagate_boxes
 
 HERE = Path(__file__).resolve().parent
@@ -73,6 +72,15 @@ class OneCallPerSlice(nn.Module):
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return self.model(images, boxes)
+
+
+def served_box_model() -> nn.Module:
+    """The 3D box model as the label server builds it (`Box3DModel.build_network`): LiteMedSAM
+    with its pretrained weights and fresh DKA adapters, convolution weights channels-last."""
+    from medadapt.monailabel.specs import Box3DModel
+
+    # No trained adapters are looked for: build_network(None) builds fresh ones.
+    return Box3DModel.default(runs=HERE / "results").build_network(None).eval()
 
 
 def reference_box(mask2d: np.ndarray) -> list[float] | None:
@@ -170,12 +178,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="one click on the brain's centre on the middle slice instead of the brain's box")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model = medadapt.create_model("box_segmentation", backbone="litemedsam").eval()
+    model = served_box_model()
     volume, brain = mni152_volume_and_brain(args.resolution)
     if args.pad:
         volume, brain = pad_to(volume, tuple(args.pad)), pad_to(brain, tuple(args.pad))
     path = "one call per slice, float32" if args.one_call else f"encoded apart, precision {args.precision}"
-    result = {"resolution_mm": args.resolution, "model": "litemedsam (pretrained) + fresh DKA", "path": path,
+    result = {"resolution_mm": args.resolution, "model": "litemedsam (pretrained) + fresh DKA, as served (channels-last)",
+              "path": path,
               **measure(OneCallPerSlice(model) if args.one_call else model, volume, brain, args.axis,
                         upper_bound=not args.no_upper_bound, click=args.click,
                         **({} if args.one_call else {"precision": args.precision}))}

@@ -324,8 +324,8 @@ def bench_box3d(quick: bool) -> list[dict]:
 
     Every run uses propagate_boxes' default stopping rules (docs/box3d.md, "Where a run
     stops"). --quick: 17 slices around the box."""
-    import medadapt
-    from box3d_mni152 import OneCallPerSlice, dice, middle_box, mni152_volume_and_brain, pad_to, slices_holding
+    from box3d_mni152 import (OneCallPerSlice, dice, middle_box, mni152_volume_and_brain, pad_to, served_box_model,
+                              slices_holding)
     from medadapt.models.box_propagation import EmbeddingCache, propagate_boxes
 
     shape = (128, 128, 100)
@@ -334,7 +334,7 @@ def bench_box3d(quick: bool) -> list[dict]:
     middle, box = middle_box(brain, axis=2)
     rules = {"slice_range": (middle - 8, middle + 8)} if quick else {}
     torch.manual_seed(0)
-    model = medadapt.create_model("box_segmentation", backbone="litemedsam").eval()
+    model = served_box_model()
     done = {}
 
     def first_request(name, network, **settings):
@@ -373,26 +373,48 @@ def bench_box3d(quick: bool) -> list[dict]:
          "note": f"slices {after.slices[0]}-{after.slices[-1]} of the brain's {brain_slices[0]}-{brain_slices[-1]}, default stopping "
                  f"rules, stops {after.stops}"},
         _encode_batch_row(model, volume, after.precision, quick),
+        _channels_last_row(model, volume, after.precision, quick),
     ]
+
+
+def _four_slices(volume: np.ndarray) -> torch.Tensor:
+    """Four axial slices through the brain as the box model's images, (4, 3, 128, 128)."""
+    slices = torch.from_numpy(np.ascontiguousarray(volume[:, :, 40:44].transpose(2, 0, 1)))
+    return (slices / slices.max())[:, None].expand(4, 3, *slices.shape[1:]).contiguous()
+
+
+def _encoding(model, images: torch.Tensor, batch: int, precision: str):
+    """A step that encodes ``images`` in batches of ``batch``, as propagation does in ``precision``."""
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            for i in range(0, len(images), batch):
+                model.encode(images[i:i + batch])
+    return run
 
 
 def _encode_batch_row(model, volume: np.ndarray, precision: str, quick: bool) -> dict:
     """The box model's encoder on four slices at once against the same four one by one (what
     ``propagate_boxes(encode_batch=4)`` would save), in the precision propagation used."""
-    slices = torch.from_numpy(np.ascontiguousarray(volume[:, :, 40:44].transpose(2, 0, 1)))
-    images = (slices / slices.max())[:, None].expand(4, 3, *slices.shape[1:]).contiguous()
-
-    def encode(batch: int):
-        def run():
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-                for i in range(0, 4, batch):
-                    model.encode(images[i:i + batch])
-        return run
-
-    ms = _median_alternating({"one by one": encode(1), "batch of 4": encode(4)}, repeats=1 if quick else 3)
+    images = _four_slices(volume)
+    ms = _median_alternating({"one by one": _encoding(model, images, 1, precision),
+                              "batch of 4": _encoding(model, images, 4, precision)}, repeats=1 if quick else 3)
     return _row("box3d", f"LiteMedSAM encoder, 4 slices of 128 x 128: one batch of 4 vs one by one ({precision}, "
                 "2 CPU threads)", ms["one by one"], ms["batch of 4"], "ms", None,
                 note="why propagate_boxes encodes one slice at a time on a CPU (encode_batch=1)")
+
+
+def _channels_last_row(model, volume: np.ndarray, precision: str, quick: bool) -> dict:
+    """The served box model's encoder (convolution weights channels-last, `BoxModel.build_network`)
+    against the same network with contiguous weights, four slices one by one."""
+    import copy
+
+    images = _four_slices(volume)
+    contiguous = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    ms = _median_alternating({"contiguous": _encoding(contiguous, images, 1, precision),
+                              "channels-last": _encoding(model, images, 1, precision)}, repeats=1 if quick else 5)
+    return _row("box3d", f"LiteMedSAM encoder, 4 slices of 128 x 128 one by one: weights contiguous vs "
+                f"channels-last, as served ({precision}, 2 CPU threads)", ms["contiguous"], ms["channels-last"],
+                "ms", None, note="why the label server builds its box models channels-last")
 
 
 def bench_demo(quick: bool) -> list[dict]:

@@ -361,9 +361,28 @@ def test_box_prompt_segmenter_encoded_apart_gives_what_it_gives_whole():
 
 # ---------------------------------------------------------------------------- real LiteMedSAM
 @pytest.fixture(scope="module")
-def litemedsam():
+def litemedsam(tmp_path_factory):
+    """The 3D box model as the label server builds it: pretrained LiteMedSAM, DKA = identity,
+    convolution weights channels-last."""
+    from medadapt.monailabel.specs import Box3DModel
+
     torch.manual_seed(0)
-    return medadapt.create_model("box_segmentation", backbone="litemedsam").eval()  # pretrained, DKA = identity
+    return Box3DModel.default(runs=tmp_path_factory.mktemp("runs")).build_network(None).eval()
+
+
+def test_the_served_box_model_runs_channels_last_and_encodes_as_the_contiguous_one(litemedsam):
+    """Channels-last weights spare oneDNN a reorder at each call (docs/box3d.md, "Speed"); in
+    float32 the embeddings are those of the contiguous model up to rounding."""
+    import copy
+
+    spatial = [m.weight for m in litemedsam.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[1] > 1
+               and m.weight.shape[-1] > 1]
+    assert spatial and all(w.is_contiguous(memory_format=torch.channels_last) for w in spatial)
+    assert not all(w.is_contiguous() for w in spatial)
+    contiguous = copy.deepcopy(litemedsam).to(memory_format=torch.contiguous_format)
+    images = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(litemedsam.encode(images), contiguous.encode(images), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
