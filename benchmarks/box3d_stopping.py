@@ -8,7 +8,8 @@ Only the whole measurement writes results/box3d_stopping.json; a part needs its 
 For each volume (nilearn's MNI152 T1 template at 4 mm, at 2 mm, and at 2 mm centred in a
 128 x 128 x 100 volume as `benchmarks/run.py --only box3d` uses it), slicing axis and encoder
 precision, the brain mask's bounding box on the brain's middle slice is propagated by
-`medadapt.propagate_boxes` with LiteMedSAM's pretrained weights (DKA injected, the identity):
+`medadapt.propagate_boxes` with the 3D box model as the label server builds it (LiteMedSAM's
+pretrained weights, DKA injected as the identity, convolution weights channels-last):
 
 1. with the unsure and vanished rules off, through everything the model finds, giving each
    slice's share of sure voxels (`BoxPropagation.confidence`): the lowest on the brain's own
@@ -36,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import medadapt
-from box3d_mni152 import dice, middle_box, mni152_volume_and_brain, pad_to, reference_box, slices_holding
+from box3d_mni152 import (dice, middle_box, mni152_volume_and_brain, pad_to, reference_box, served_box_model,
+                          slices_holding)
 from medadapt.models.box_propagation import EmbeddingCache, encoder_precision, propagate_boxes
 
 HERE = Path(__file__).resolve().parent
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.out is None and not whole:
         parser.error(f"--out: give a file for a part of the measurement ({RESULTS} holds the whole one)")
     torch.manual_seed(0)
-    model = medadapt.create_model("box_segmentation", backbone="litemedsam").eval()
+    model = served_box_model()
     precisions = [p for p in args.precisions
                   if p == "float32" or encoder_precision(p, torch.device("cpu")) != "float32"]
     if not precisions:
