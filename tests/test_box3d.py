@@ -43,7 +43,8 @@ MIN_PROPAGATED_DICE = 0.55
 # above the brain.
 MIN_TOP_DICE = 0.55
 # Over the 2 mm brain's slices 40-48 from a box on slice 40 (the test below): 0.570 measured
-# in float32, 0.568 with the bfloat16 encoder, either layout (LiteMedSAM misses much of the cortex there).
+# in float32, 0.568 with the bfloat16 encoder, either layout (LiteMedSAM misses much of the
+# cortex there).
 MIN_2MM_DICE = 0.5
 
 

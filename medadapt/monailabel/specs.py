@@ -314,8 +314,8 @@ class BoxModel(ServedModel):
         """The served network: LiteMedSAM with this model's adapters, its convolution weights
         channels-last. Served networks only infer, and on a CPU oneDNN runs TinyViT's
         convolutions channels-last without reordering the weights at each call: the encoder
-        takes a quarter less time under bfloat16 and about a tenth less in float32 (docs/box3d.md,
-        "Speed")."""
+        takes a fifth less time under bfloat16 on 2 CPU cores (`python benchmarks/run.py
+        --only box3d`; docs/box3d.md, "Speed")."""
         import torch
 
         from medadapt.models import create_model
